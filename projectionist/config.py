@@ -1,0 +1,76 @@
+"""Where Projectionist keeps its state, and the defaults every process agrees on.
+
+Everything generated at run time (SQLite file, disk caches, mitmproxy's CA, keys) lives under one
+config directory so that the proxy, the control plane and Datasette (and the docker-compose services
+sharing a volume) see the same files. Environment variables override each default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RULES = REPO_ROOT / "rules.yaml"
+DEFAULT_DATASETTE_METADATA = REPO_ROOT / "datasette_metadata.yml"
+
+
+def _env_path(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser() if value else default
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    rules_path: Path
+    datasette_metadata: Path
+    host: str = "127.0.0.1"
+    proxy_port: int = 8080
+    control_port: int = 3001
+    dashboard_port: int = 8001
+    # "name=url" pairs that send an upstream's traffic somewhere else (offline demo, tests).
+    upstream_overrides: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "projectionist.db"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def mitmproxy_confdir(self) -> Path:
+        """mitmproxy keeps its CA here (mitmproxy-ca-cert.pem is the one to trust)."""
+        return self.home / "mitmproxy"
+
+    @property
+    def ca_cert_path(self) -> Path:
+        return self.mitmproxy_confdir / "mitmproxy-ca-cert.pem"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.home, self.cache_dir, self.mitmproxy_confdir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_env(cls, **overrides) -> Config:
+        overrides_env = os.environ.get("PROJECTIONIST_UPSTREAMS", "")
+        values = dict(
+            home=_env_path("PROJECTIONIST_HOME", Path("~/.config/projectionist").expanduser()),
+            rules_path=_env_path("PROJECTIONIST_RULES", DEFAULT_RULES),
+            datasette_metadata=_env_path("PROJECTIONIST_DATASETTE_METADATA", DEFAULT_DATASETTE_METADATA),
+            host=os.environ.get("PROJECTIONIST_HOST", "127.0.0.1"),
+            proxy_port=_env_int("PROJECTIONIST_PROXY_PORT", 8080),
+            control_port=_env_int("PROJECTIONIST_CONTROL_PORT", 3001),
+            dashboard_port=_env_int("PROJECTIONIST_DASHBOARD_PORT", 8001),
+            upstream_overrides=tuple(p for p in overrides_env.split(",") if p.strip()),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,489 @@
+"""`rules.yaml`: its schema, its loader (errors carry line numbers), and the compiled matcher.
+
+This module is the only owner of the file's format. The proxy hot-reloads it; `projectionist
+check-rules` prints its errors. Shape:
+
+    version: 1
+    proxy:      {unknown_hosts: pass|refuse, stream_threshold: 1MB, ...}
+    cache:      {memory_max_bytes, disk_max_bytes}            # response cache sizing
+    images:     {max_bytes, ...}                              # image cache sizing
+    limits:     {NAME: {rate: 2/s, burst, per, when, max_wait}}   # named rate limiters
+    upstreams:  {NAME: {kind, hosts, base_url, listen, credentials, limits}}
+    routes:     [{name, upstream, methods, path, query, cache, limits, throttle, credentials, stream}]
+
+A request is first attributed to an upstream (by listener for reverse listeners, by host for the
+explicit proxy), then to the first route of that upstream whose method, path pattern and query
+conditions match. Requests to hosts no upstream names are not ours: passed through untouched and
+unrecorded (or refused, by `proxy.unknown_hosts`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+# --- value types -------------------------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.I)
+
+
+def _parse_size(value: Any) -> Any:
+    """Byte sizes may be written as integers or as "64MB", "1 GiB"."""
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if not m or m.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(f"not a size: {value!r} (use e.g. 512KB, 64MB, 1GiB or a byte count)")
+        return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
+
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*(?:\.\d+)?)\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_PER_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+def _parse_rate(value: Any) -> Any:
+    """Rates are written "2/s", "40/s", "100/min", "1/10s"; stored as requests per second."""
+    if isinstance(value, str):
+        m = _RATE_RE.match(value)
+        if not m:
+            raise ValueError(f"not a rate: {value!r} (use e.g. 2/s, 100/min, 1/10s)")
+        count, span, unit = float(m.group(1)), float(m.group(2) or 1), _PER_SECONDS[m.group(3)]
+        return count / (span * unit)
+    return value
+
+
+Rate = Annotated[float, BeforeValidator(_parse_rate), Field(gt=0)]
+Seconds = Annotated[float, Field(ge=0)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- schema ------------------------------------------------------------------------------------
+
+class ProxySettings(_Strict):
+    unknown_hosts: Literal["pass", "refuse"] = "pass"
+    # Responses bigger than this (or of unknown length with a media type) stream through.
+    stream_threshold: ByteSize = 1_000_000
+
+
+class CacheSettings(_Strict):
+    memory_max_bytes: ByteSize = 64_000_000
+    disk_max_bytes: ByteSize = 1_000_000_000
+
+
+class ImageSettings(_Strict):
+    max_bytes: ByteSize = 2_000_000_000
+    source_max_bytes: ByteSize = 25_000_000
+    source_max_pixels: int = Field(default=50_000_000, gt=0)
+    formats: list[Literal["webp", "avif"]] = ["webp"]
+
+
+class Limit(_Strict):
+    """A GCRA limiter: `rate` sustained, `burst` extra at once, requests over it queue up to `max_wait`."""
+
+    rate: Rate
+    burst: int = Field(default=1, ge=1)
+    per: Literal["credential", "user", "client", "upstream", "server", "global"] = "credential"
+    # Restricts the limiter to one kind of injected credential (e.g. the shared default TMDB key).
+    when_credential: Literal["default", "custom", "any"] = "any"
+    max_wait: Seconds = 5
+
+
+class CacheRule(_Strict):
+    ttl: Seconds
+    stale_while_revalidate: Seconds = 0
+    stale_if_error: Seconds = 0
+    vary: list[str] = []
+    scope: Literal["shared", "user"] = "user"
+    # Cache 404s this long (0: never cache errors).
+    negative_ttl: Seconds = 0
+    # Store even when the upstream says Cache-Control: no-store/private.
+    override_no_store: bool = False
+
+
+class Throttle(_Strict):
+    """Forward at most one request per `interval` per key; answer the rest locally."""
+
+    interval: Seconds
+    per: Literal["session", "user", "client"] = "session"
+    # Query parameters that identify the thing being throttled (e.g. ratingKey).
+    key_params: list[str] = []
+    # A change in any of these forwards at once (e.g. timeline `state`).
+    forward_on_change: list[str] = []
+
+
+CredentialKind = Literal["none", "tmdb", "plex", "trakt"]
+
+
+class Upstream(_Strict):
+    kind: Literal["plex-server", "plex-tv", "tmdb", "tmdb-images", "trakt", "other"]
+    # Host names (fnmatch wildcards allowed) this upstream answers to through the explicit proxy.
+    hosts: list[str] = []
+    # Where a reverse listener forwards to (and the scheme/port used for `hosts`).
+    base_url: str | None = None
+    # Port of a reverse listener for this upstream: the address a user types as "Plex URL".
+    listen: int | None = Field(default=None, ge=1, le=65535)
+    credentials: CredentialKind = "none"
+    limits: list[str] = []
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            parts = urlsplit(v)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"base_url must be an http(s) URL with a host, got {v!r}")
+        return v
+
+
+class Route(_Strict):
+    name: Name
+    upstream: str | list[str]
+    methods: list[str] = ["*"]
+    # Path pattern(s): `{name}` matches one segment, `*` any characters within a segment, `**`
+    # anything (a trailing `/**` also matches the bare prefix).
+    path: str | list[str] = "/**"
+    # Query conditions: parameter -> regular expression the value must fully match.
+    query: dict[str, str] = {}
+    cache: CacheRule | None = None
+    # Route names whose cached entries a matching request invalidates (for writes).
+    invalidates: list[str] = []
+    limits: list[str] = []
+    throttle: Throttle | None = None
+    credentials: CredentialKind | None = None  # None: the upstream's
+    stream: bool = False
+    record: bool = True
+
+    @field_validator("methods")
+    @classmethod
+    def _check_methods(cls, v: list[str]) -> list[str]:
+        upper = [m.upper() for m in v]
+        bad = [m for m in upper if m not in HTTP_METHODS]
+        if bad:
+            raise ValueError(f"unknown HTTP method(s): {', '.join(bad)}")
+        return upper
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, v: str | list[str]) -> str | list[str]:
+        for pattern in [v] if isinstance(v, str) else v:
+            if not pattern.startswith("/"):
+                raise ValueError(f"path pattern must start with '/', got {pattern!r}")
+        return v
+
+    @field_validator("query")
+    @classmethod
+    def _check_query(cls, v: dict[str, str]) -> dict[str, str]:
+        for param, pattern in v.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"query.{param}: invalid regular expression {pattern!r}: {exc}")
+        return v
+
+
+class RulesFile(_Strict):
+    version: Literal[1]
+    proxy: ProxySettings = ProxySettings()
+    cache: CacheSettings = CacheSettings()
+    images: ImageSettings = ImageSettings()
+    limits: dict[Name, Limit] = {}
+    upstreams: dict[Name, Upstream]
+    routes: list[Route] = []
+
+
+# --- errors with line numbers --------------------------------------------------------------------
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class RuleProblem:
+    source: str
+    line: int | None
+    column: int | None
+    loc: Loc
+    message: str
+
+    def __str__(self) -> str:
+        where = self.source
+        if self.line is not None:
+            where += f":{self.line}:{self.column}"
+        return f"{where}: {format_loc(self.loc) or '(top level)'}: {self.message}"
+
+
+class RulesError(ValueError):
+    def __init__(self, problems: list[RuleProblem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def format_loc(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class _MarkedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (YAML silently keeps the last one)."""
+
+
+def _compose_with_marks(text: str, source: str) -> tuple[Any, dict[Loc, yaml.Mark]]:
+    """Parse YAML into plain data plus a map from each key path to where it was written."""
+    try:
+        node = yaml.compose(text, Loader=_MarkedLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise RulesError([RuleProblem(
+            source, mark.line + 1 if mark else None, mark.column + 1 if mark else None, (),
+            f"not valid YAML: {getattr(exc, 'problem', None) or exc}",
+        )]) from None
+    marks: dict[Loc, yaml.Mark] = {}
+    problems: list[RuleProblem] = []
+    constructor = _MarkedLoader("")
+
+    def walk(n: yaml.Node | None, loc: Loc) -> Any:
+        if n is None:
+            return None
+        marks.setdefault(loc, n.start_mark)
+        if isinstance(n, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in n.value:
+                key = constructor.construct_object(key_node, deep=True)
+                if key in out:
+                    m = key_node.start_mark
+                    problems.append(RuleProblem(source, m.line + 1, m.column + 1, loc + (key,),
+                                                "duplicate key (each key may appear once)"))
+                marks[loc + (key,)] = key_node.start_mark
+                out[key] = walk(value_node, loc + (key,))
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [walk(item, loc + (i,)) for i, item in enumerate(n.value)]
+        return constructor.construct_object(n, deep=True)
+
+    data = walk(node, ())
+    if problems:
+        raise RulesError(problems)
+    return data, marks
+
+
+def _problem_at(source: str, marks: Mapping[Loc, yaml.Mark], loc: Loc, message: str) -> RuleProblem:
+    for end in range(len(loc), -1, -1):  # the deepest written key that contains the problem
+        mark = marks.get(loc[:end])
+        if mark is not None:
+            return RuleProblem(source, mark.line + 1, mark.column + 1, loc, message)
+    return RuleProblem(source, None, None, loc, message)
+
+
+def _pydantic_message(err: Mapping[str, Any]) -> str:
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return "unknown key (check its spelling and indentation)"
+    if err["type"] == "missing":
+        return "required key is missing"
+    if "input" in err and err["type"] not in ("model_type", "dict_type"):
+        value = err["input"]
+        shown = repr(value)
+        return f"{msg} (got {shown if len(shown) <= 60 else type(value).__name__})"
+    return msg
+
+
+def _cross_references(model: RulesFile) -> Iterator[tuple[Loc, str]]:
+    """Checks pydantic cannot make on one field: names that must exist, ports used once."""
+    ports: dict[int, str] = {}
+    for name, up in model.upstreams.items():
+        for i, limit in enumerate(up.limits):
+            if limit not in model.limits:
+                yield ("upstreams", name, "limits", i), f"no limit named {limit!r} in limits"
+        if up.listen is not None:
+            if up.listen in ports:
+                yield ("upstreams", name, "listen"), f"port {up.listen} is already used by upstream {ports[up.listen]!r}"
+            ports[up.listen] = name
+            if up.base_url is None:
+                yield ("upstreams", name, "listen"), "a reverse listener needs a base_url to forward to"
+        if not up.hosts and up.listen is None:
+            yield ("upstreams", name), "needs hosts (explicit proxy) or listen (reverse listener), or both"
+    seen: dict[str, int] = {}
+    for i, route in enumerate(model.routes):
+        if route.name in seen:
+            yield ("routes", i, "name"), f"route name {route.name!r} is already used by routes[{seen[route.name]}]"
+        seen.setdefault(route.name, i)
+        for up in [route.upstream] if isinstance(route.upstream, str) else route.upstream:
+            if up not in model.upstreams:
+                yield ("routes", i, "upstream"), f"no upstream named {up!r} in upstreams"
+        for j, limit in enumerate(route.limits):
+            if limit not in model.limits:
+                yield ("routes", i, "limits", j), f"no limit named {limit!r} in limits"
+    for i, route in enumerate(model.routes):
+        for j, target in enumerate(route.invalidates):
+            if target not in seen:
+                yield ("routes", i, "invalidates", j), f"no route named {target!r} to invalidate"
+
+
+def parse_rules(text: str, source: str = "rules.yaml") -> Rules:
+    data, marks = _compose_with_marks(text, source)
+    if not isinstance(data, dict):
+        raise RulesError([RuleProblem(source, 1, 1, (), "the file must be a mapping (version, upstreams, routes, ...)")])
+    try:
+        model = RulesFile.model_validate(data)
+    except ValidationError as exc:
+        problems = [_problem_at(source, marks, tuple(err["loc"]), _pydantic_message(err))
+                    for err in exc.errors()]
+        raise RulesError(sorted(problems, key=lambda p: (p.line or 0, p.column or 0))) from None
+    problems = [_problem_at(source, marks, loc, msg) for loc, msg in _cross_references(model)]
+    if problems:
+        raise RulesError(problems)
+    return Rules(model, source)
+
+
+def load_rules(path: Path | str) -> Rules:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RulesError([RuleProblem(str(path), None, None, (), f"cannot read: {exc.strerror}")]) from None
+    return parse_rules(text, str(path))
+
+
+# --- compiled matcher ----------------------------------------------------------------------------
+
+def _compile_path(pattern: str) -> str:
+    out = ""
+    for token in re.split(r"(/\*\*$|\*\*|\*|\{[A-Za-z_][A-Za-z0-9_]*\})", pattern):
+        if token == "/**":
+            out += "(?:/.*)?"
+        elif token == "**":
+            out += ".*"
+        elif token == "*":
+            out += "[^/]*"
+        elif token.startswith("{") and token.endswith("}"):
+            out += "[^/]+"
+        else:
+            out += re.escape(token)
+    return out
+
+
+def _compile_paths(patterns: str | list[str]) -> re.Pattern[str]:
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    return re.compile("|".join(f"(?:{_compile_path(p)})" for p in patterns) + r"\Z")
+
+
+@dataclass(frozen=True)
+class CompiledRoute:
+    rule: Route
+    path_re: re.Pattern[str]
+    query_res: tuple[tuple[str, re.Pattern[str]], ...]
+    methods: frozenset[str]
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    def matches(self, method: str, path: str, query: Mapping[str, str]) -> bool:
+        if "*" not in self.methods and method not in self.methods:
+            return False
+        if not self.path_re.match(path):
+            return False
+        return all(
+            (value := query.get(param)) is not None and regex.fullmatch(value)
+            for param, regex in self.query_res
+        )
+
+
+@dataclass(frozen=True)
+class Match:
+    upstream_name: str
+    upstream: Upstream
+    route: CompiledRoute | None  # None: the upstream's own, otherwise unclassified traffic
+
+    @property
+    def route_name(self) -> str:
+        return self.route.name if self.route else f"{self.upstream_name}:other"
+
+    @property
+    def credentials(self) -> CredentialKind:
+        if self.route and self.route.rule.credentials is not None:
+            return self.route.rule.credentials
+        return self.upstream.credentials
+
+
+@dataclass
+class Rules:
+    """The validated file plus lookup structures built once per load (matching never rescans)."""
+
+    model: RulesFile
+    source: str = "rules.yaml"
+    _exact_hosts: dict[str, str] = field(default_factory=dict)
+    _wildcard_hosts: list[tuple[str, str]] = field(default_factory=list)
+    _routes_by_upstream: dict[str, list[CompiledRoute]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, up in self.model.upstreams.items():
+            for host in up.hosts:
+                host = host.lower()
+                if any(c in host for c in "*?["):
+                    self._wildcard_hosts.append((host, name))
+                else:
+                    self._exact_hosts.setdefault(host, name)
+            self._routes_by_upstream[name] = []
+        for route in self.model.routes:
+            compiled = CompiledRoute(
+                rule=route,
+                path_re=_compile_paths(route.path),
+                query_res=tuple((k, re.compile(v)) for k, v in route.query.items()),
+                methods=frozenset(route.methods),
+            )
+            for up in [route.upstream] if isinstance(route.upstream, str) else route.upstream:
+                self._routes_by_upstream[up].append(compiled)
+
+    @property
+    def upstreams(self) -> dict[str, Upstream]:
+        return self.model.upstreams
+
+    @property
+    def routes(self) -> list[Route]:
+        return self.model.routes
+
+    def upstream_for_host(self, host: str) -> str | None:
+        host = host.lower().rstrip(".")
+        if (name := self._exact_hosts.get(host)) is not None:
+            return name
+        for pattern, name in self._wildcard_hosts:
+            if fnmatch.fnmatchcase(host, pattern):
+                return name
+        return None
+
+    def match(self, upstream_name: str, method: str, path: str, query: Mapping[str, str]) -> Match:
+        upstream = self.model.upstreams[upstream_name]
+        for route in self._routes_by_upstream.get(upstream_name, ()):
+            if route.matches(method, path, query):
+                return Match(upstream_name, upstream, route)
+        return Match(upstream_name, upstream, None)
+
+    def reverse_listeners(self) -> dict[int, str]:
+        """listen port -> upstream name."""
+        return {up.listen: name for name, up in self.model.upstreams.items() if up.listen is not None}

@@ -1,0 +1,358 @@
+"""The SQLite store: schema, numbered migrations, connections, and the batched usage writer.
+
+This module is the only owner of the schema. Every process (proxy, control plane, CLI, tests) opens
+the database through `open_db()`, which applies pending migrations. Migrations run inside
+`BEGIN IMMEDIATE`, so when two processes start at once the second waits on the busy timeout, then
+sees the migrations already applied and does nothing.
+
+Hot paths never write to SQLite themselves: they hand rows to a `UsageWriter`, whose thread
+commits them in batches (every ~100 ms or `batch_size` rows) and keeps the hourly rollup current.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlite_utils
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 10_000
+
+# Append only: a released migration is never edited, a change is a new entry.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (
+        1,
+        "initial schema",
+        """
+        CREATE TABLE users (
+            id INTEGER PRIMARY KEY,
+            plex_account_id TEXT UNIQUE,
+            username TEXT NOT NULL,
+            email TEXT,
+            thumb TEXT,
+            is_admin INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            last_seen_at TEXT
+        );
+        -- Session ids are stored only as hashes: the table leaks nothing usable.
+        CREATE TABLE sessions (
+            id_hash TEXT PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            csrf_hash TEXT,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            last_seen_at TEXT,
+            revoked_at TEXT,
+            user_agent TEXT,
+            ip TEXT
+        );
+        CREATE INDEX sessions_user ON sessions(user_id);
+        CREATE TABLE user_settings (
+            user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+            preferences TEXT NOT NULL DEFAULT '{}',
+            watchlist_provider TEXT,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE cache_entries (
+            key_hash TEXT PRIMARY KEY,
+            bucket TEXT NOT NULL,
+            route TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL,
+            hits INTEGER NOT NULL DEFAULT 0,
+            last_hit_at REAL
+        );
+        CREATE INDEX cache_entries_route ON cache_entries(bucket, route);
+        CREATE TABLE usage_events (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            listener TEXT NOT NULL,
+            upstream TEXT NOT NULL,
+            route TEXT NOT NULL,
+            method TEXT NOT NULL,
+            status INTEGER,
+            latency_ms REAL,
+            bytes_in INTEGER NOT NULL DEFAULT 0,
+            bytes_out INTEGER NOT NULL DEFAULT 0,
+            cache TEXT NOT NULL DEFAULT 'none',
+            user_id INTEGER REFERENCES users(id) ON DELETE SET NULL,
+            credential TEXT,
+            error TEXT
+        );
+        CREATE INDEX usage_events_ts ON usage_events(ts);
+        CREATE INDEX usage_events_user_ts ON usage_events(user_id, ts);
+        CREATE TABLE rate_limit_events (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            user_id INTEGER REFERENCES users(id) ON DELETE SET NULL,
+            client TEXT,
+            upstream TEXT,
+            rule TEXT NOT NULL,
+            waited_ms REAL NOT NULL DEFAULT 0,
+            outcome TEXT NOT NULL
+        );
+        CREATE INDEX rate_limit_events_ts ON rate_limit_events(ts);
+        -- Maintained by UsageWriter in the same transaction as the rows it summarises.
+        -- user_id 0 stands for "no known user" so that it can be part of the key.
+        CREATE TABLE usage_hourly (
+            hour TEXT NOT NULL,
+            upstream TEXT NOT NULL,
+            route TEXT NOT NULL,
+            user_id INTEGER NOT NULL DEFAULT 0,
+            requests INTEGER NOT NULL DEFAULT 0,
+            errors INTEGER NOT NULL DEFAULT 0,
+            bytes_out INTEGER NOT NULL DEFAULT 0,
+            cache_hits INTEGER NOT NULL DEFAULT 0,
+            cache_misses INTEGER NOT NULL DEFAULT 0,
+            cache_stale INTEGER NOT NULL DEFAULT 0,
+            latency_ms_sum REAL NOT NULL DEFAULT 0,
+            latency_ms_max REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (hour, upstream, route, user_id)
+        );
+        """,
+    ),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def connect(path: Path | str) -> sqlite3.Connection:
+    """A connection with the pragmas every user of the store needs (WAL, FKs, busy timeout)."""
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    # journal_mode is persistent in the file; setting it again is a cheap no-op.
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")  # durable at each WAL checkpoint; safe with WAL
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply pending migrations; returns the schema version. Safe to call from racing processes."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations "
+        "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+    )
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        for version, name, sql in MIGRATIONS:
+            if version in applied:
+                continue
+            log.info("applying migration %d: %s", version, name)
+            # executescript would COMMIT our transaction; run statement by statement instead.
+            for statement in _split_sql(sql):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (version, name, utcnow_iso()),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return schema_version(conn)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+    return row[0] or 0
+
+
+def open_db(path: Path | str) -> sqlite_utils.Database:
+    """Open (creating and migrating if needed) the store at `path`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = connect(path)
+    migrate(conn)
+    return sqlite_utils.Database(conn)
+
+
+def utcnow_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _split_sql(script: str) -> Iterable[str]:
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        statement += line
+        if sqlite3.complete_statement(statement):
+            if statement.strip():
+                yield statement.strip()
+            statement = ""
+    if statement.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {statement!r}")
+
+
+# --- usage -----------------------------------------------------------------------------------------
+
+USAGE_COLUMNS = (
+    "ts", "listener", "upstream", "route", "method", "status", "latency_ms",
+    "bytes_in", "bytes_out", "cache", "user_id", "credential", "error",
+)
+
+
+@dataclass(slots=True)
+class UsageEvent:
+    """One proxied request, as recorded. Holds no URL and no header: nothing here can be a secret."""
+
+    ts: float
+    listener: str
+    upstream: str
+    route: str
+    method: str
+    status: int | None
+    latency_ms: float | None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    cache: str = "none"
+    user_id: int | None = None
+    credential: str | None = None
+    error: str | None = None
+
+    def as_row(self) -> tuple:
+        return tuple(getattr(self, c) for c in USAGE_COLUMNS)
+
+
+_INSERT_USAGE = (
+    f"INSERT INTO usage_events ({', '.join(USAGE_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in USAGE_COLUMNS)})"
+)
+_UPSERT_HOURLY = """
+INSERT INTO usage_hourly (hour, upstream, route, user_id, requests, errors, bytes_out,
+                          cache_hits, cache_misses, cache_stale, latency_ms_sum, latency_ms_max)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (hour, upstream, route, user_id) DO UPDATE SET
+    requests = requests + excluded.requests,
+    errors = errors + excluded.errors,
+    bytes_out = bytes_out + excluded.bytes_out,
+    cache_hits = cache_hits + excluded.cache_hits,
+    cache_misses = cache_misses + excluded.cache_misses,
+    cache_stale = cache_stale + excluded.cache_stale,
+    latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum,
+    latency_ms_max = max(latency_ms_max, excluded.latency_ms_max)
+"""
+
+
+def hourly_rollup(events: Iterable[UsageEvent]) -> list[tuple]:
+    """Summarise events into usage_hourly rows (one per hour/upstream/route/user)."""
+    buckets: dict[tuple, list] = {}
+    for e in events:
+        hour = datetime.fromtimestamp(e.ts, UTC).strftime("%Y-%m-%dT%H:00")
+        key = (hour, e.upstream, e.route, e.user_id or 0)
+        b = buckets.setdefault(key, [0, 0, 0, 0, 0, 0, 0.0, 0.0])
+        b[0] += 1
+        b[1] += 1 if (e.error or (e.status or 0) >= 500 or e.status is None) else 0
+        b[2] += e.bytes_out
+        b[3] += e.cache == "hit"
+        b[4] += e.cache == "miss"
+        b[5] += e.cache == "stale"
+        b[6] += e.latency_ms or 0.0
+        b[7] = max(b[7], e.latency_ms or 0.0)
+    return [key + tuple(v) for key, v in buckets.items()]
+
+
+class UsageWriter:
+    """Commits usage rows in batches from its own thread, so a slow disk never slows a request.
+
+    `record()` only appends to a queue. The thread flushes every `interval` seconds or as soon as
+    `batch_size` rows are waiting; `close()` flushes whatever is left. A failed write (e.g. the
+    database is locked for longer than the busy timeout) keeps the batch and retries.
+    """
+
+    _STOP = object()
+
+    def __init__(self, db_path: Path | str, *, interval: float = 0.1, batch_size: int = 500):
+        self.db_path = Path(db_path)
+        self.interval = interval
+        self.batch_size = batch_size
+        self.written = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
+        self._started = False
+
+    def start(self) -> UsageWriter:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        return self
+
+    def record(self, event: UsageEvent) -> None:
+        self._queue.put(event)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._started and self._thread.is_alive():
+            self._queue.put(self._STOP)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        conn = connect(self.db_path)
+        pending: list[UsageEvent] = []
+        stopping = False
+        try:
+            while not stopping:
+                deadline = time.monotonic() + self.interval
+                while len(pending) < self.batch_size:
+                    timeout = deadline - time.monotonic()
+                    if timeout <= 0:
+                        break
+                    try:
+                        item = self._queue.get(timeout=timeout)
+                    except queue.Empty:
+                        break
+                    if item is self._STOP:
+                        stopping = True
+                        break
+                    pending.append(item)
+                if stopping:  # drain what arrived before the stop marker
+                    pending.extend(_drain(self._queue))
+                if pending and self._write(conn, pending):
+                    self.written += len(pending)
+                    pending = []
+            if pending:  # a last try on shutdown
+                if self._write(conn, pending):
+                    self.written += len(pending)
+                else:
+                    log.error("usage writer: %d rows could not be written at shutdown", len(pending))
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, events: list[UsageEvent]) -> bool:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(_INSERT_USAGE, [e.as_row() for e in events])
+            conn.executemany(_UPSERT_HOURLY, hourly_rollup(events))
+            conn.execute("COMMIT")
+            return True
+        except sqlite3.Error as exc:
+            log.warning("usage writer: batch of %d rows not written yet (%s); will retry",
+                        len(events), exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return False
+
+
+def _drain(q: queue.SimpleQueue) -> list:
+    items = []
+    while True:
+        try:
+            item = q.get_nowait()
+        except queue.Empty:
+            return items
+        if item is not UsageWriter._STOP:
+            items.append(item)
+

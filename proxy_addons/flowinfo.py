@@ -1,0 +1,42 @@
+"""What Projectionist knows about one flow, shared between its addons through `flow.metadata`.
+
+The router fills it in `requestheaders`; later addons (credentials, cache, limits) add the user,
+the credential kind and the cache outcome; the usage recorder turns it into a usage row. Flows
+without it are not ours: they pass through untouched and are not recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mitmproxy import http
+
+from projectionist.rules import Match
+
+METADATA_KEY = "projectionist"
+
+
+@dataclass(slots=True)
+class FlowInfo:
+    match: Match
+    listener: str  # "regular" (explicit proxy) or "reverse"
+    user_id: int | None = None
+    credential: str | None = None  # which kind was injected ("default", "custom", "vault"): never a value
+    cache: str = "none"  # none | miss | hit | stale | bypass
+    bytes_streamed: int = 0
+
+    @property
+    def upstream(self) -> str:
+        return self.match.upstream_name
+
+    @property
+    def route(self) -> str:
+        return self.match.route_name
+
+
+def get(flow: http.HTTPFlow) -> FlowInfo | None:
+    return flow.metadata.get(METADATA_KEY)
+
+
+def attach(flow: http.HTTPFlow, info: FlowInfo) -> None:
+    flow.metadata[METADATA_KEY] = info

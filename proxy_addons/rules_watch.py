@@ -1,0 +1,91 @@
+"""Loads rules.yaml and hot-reloads it when it changes on disk.
+
+The directory is watched, not the file: editors save by writing a temporary file and renaming it
+over the old one, which a watch on the file itself would lose. A valid edit replaces the rules in
+one assignment, so a request in flight keeps the match it was given; an invalid edit keeps the
+previous rules and logs every problem with its line number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import watchfiles
+from mitmproxy import ctx, exceptions
+
+from projectionist.rules import Rules, RulesError, load_rules
+
+log = logging.getLogger(__name__)
+
+
+class RulesWatcher:
+    def __init__(self) -> None:
+        self.rules: Rules | None = None
+        self.path: Path | None = None
+        self.reloads = 0
+        self._subscribers: list[Callable[[Rules], None]] = []
+        self._task: asyncio.Task | None = None
+
+    def subscribe(self, callback: Callable[[Rules], None]) -> None:
+        """Call `callback(rules)` after every successful reload (not the initial load)."""
+        self._subscribers.append(callback)
+
+    def load(self, loader) -> None:
+        loader.add_option("projectionist_rules", str, "", "Path of Projectionist's rules.yaml.")
+        loader.add_option("projectionist_rules_watch", bool, True, "Reload rules.yaml when it changes.")
+
+    def configure(self, updated) -> None:
+        if "projectionist_rules" not in updated:
+            return
+        if not ctx.options.projectionist_rules:
+            raise exceptions.OptionsError("projectionist_rules must name a rules.yaml file")
+        path = Path(ctx.options.projectionist_rules).expanduser().resolve()
+        try:
+            self.rules = load_rules(path)
+        except RulesError as exc:
+            raise exceptions.OptionsError(f"invalid rules file:\n{exc}") from None
+        self.path = path
+        if self._task is not None:  # a new path while running: watch that one instead
+            self._task.cancel()
+            self._task = asyncio.get_running_loop().create_task(self._watch(path))
+
+    def running(self) -> None:
+        # Synchronous on purpose: an async running() breaks mitmproxy's script hot reload.
+        if self.path is not None and ctx.options.projectionist_rules_watch and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch(self.path))
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _watch(self, path: Path) -> None:
+        def concerns_rules_file(_change: watchfiles.Change, changed: str) -> bool:
+            return Path(changed).name == path.name
+
+        # Small debounce: a valid edit must apply well within a second.
+        async for _ in watchfiles.awatch(path.parent, watch_filter=concerns_rules_file,
+                                         debounce=100, step=20, recursive=False):
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Re-read the file; keep the current rules if it is missing or invalid."""
+        assert self.path is not None
+        try:
+            rules = await asyncio.to_thread(load_rules, self.path)
+        except RulesError as exc:
+            log.error("rules.yaml not reloaded; keeping the previous rules:\n%s", exc)
+            return False
+        self.rules = rules
+        self.reloads += 1
+        log.info("rules reloaded from %s (%d upstreams, %d routes)",
+                 self.path, len(rules.upstreams), len(rules.routes))
+        for callback in self._subscribers:
+            try:
+                callback(rules)
+            except Exception:
+                log.exception("applying reloaded rules failed")
+        return True

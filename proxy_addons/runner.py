@@ -1,0 +1,131 @@
+"""Runs the proxy: an embedded mitmproxy `Master` with a minimal addon set plus ours.
+
+mitmdump's ~35 default addons cost about two thirds of its CPU per request (see
+shared/platform-notes.md), so the product embeds a `Master` with only what it needs. The same
+addons load into a stock mitmdump too: `mitmdump -s proxy_addons/script.py --set ...`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from dataclasses import dataclass, field
+
+from mitmproxy import options
+from mitmproxy.addons import block, core, next_layer, proxyserver, tlsconfig
+from mitmproxy.master import Master
+
+from projectionist.config import Config
+from projectionist.rules import load_rules
+
+from .router import Listeners, Router, listener_modes, parse_overrides
+from .rules_watch import RulesWatcher
+from .streaming import LargeBodies
+from .usage import UsageRecorder
+
+log = logging.getLogger(__name__)
+
+
+def projectionist_addons() -> list:
+    """Our addons, in hook order: classify first, record last."""
+    watcher = RulesWatcher()
+    router = Router(watcher)
+    return [watcher, router, Listeners(watcher, router), LargeBodies(watcher), UsageRecorder()]
+
+
+def mitmproxy_addons() -> list:
+    """The part of mitmproxy's default set a proxy needs (block keeps public clients out)."""
+    return [core.Core(), block.Block(), proxyserver.Proxyserver(), next_layer.NextLayer(),
+            tlsconfig.TlsConfig()]
+
+
+@dataclass
+class EmbeddedProxy:
+    """Starts and stops the proxy inside the current event loop (used by the CLI and the tests)."""
+
+    config: Config
+    master: Master | None = None
+    _task: asyncio.Task | None = None
+    addons: list = field(default_factory=list)
+
+    async def start(self, timeout: float = 15.0) -> EmbeddedProxy:
+        cfg = self.config
+        cfg.ensure_dirs()
+        rules = load_rules(cfg.rules_path)  # fail before binding anything
+        overrides = parse_overrides(cfg.upstream_overrides)
+        opts = options.Options()
+        self.master = Master(opts, event_loop=asyncio.get_running_loop())
+        self.addons = projectionist_addons()
+        self.master.addons.add(*mitmproxy_addons(), *self.addons)
+        opts.update(
+            confdir=str(cfg.mitmproxy_confdir),
+            listen_host=cfg.host,
+            mode=listener_modes(rules, cfg.proxy_port, overrides),
+            # Lazy: connect upstream only when a request needs it, so an addon can answer even
+            # when the upstream is dead.
+            connection_strategy="lazy",
+            projectionist_rules=str(cfg.rules_path),
+            projectionist_db=str(cfg.db_path),
+            projectionist_upstreams=list(cfg.upstream_overrides),
+            projectionist_proxy_port=cfg.proxy_port,
+            projectionist_manage_listeners=True,
+        )
+        self._task = asyncio.create_task(self.master.run(), name="mitmproxy-master")
+        await self._wait_listening(len(opts.mode), timeout)
+        return self
+
+    async def _wait_listening(self, expected: int, timeout: float) -> None:
+        ps = self.master.addons.get("proxyserver")
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            if self._task.done():
+                self._task.result()  # re-raise start-up errors
+                raise RuntimeError("mitmproxy stopped during start-up")
+            running = [s for s in ps.servers if s.is_running]
+            if len(running) >= expected and not ps.servers.is_updating:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"proxy listeners did not start: {[s.mode.full_spec for s in ps.servers]}")
+            await asyncio.sleep(0.02)
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Bound port per mode: {"regular": 8080, "reverse:http://...": 32401, ...}."""
+        ps = self.master.addons.get("proxyserver")
+        out = {}
+        for server in ps.servers:
+            key = "regular" if server.mode.type_name == "regular" else server.mode.full_spec.rsplit("@", 1)[0]
+            out[key] = server.listen_addrs[0][1]
+        return out
+
+    @property
+    def rules_watcher(self) -> RulesWatcher:
+        return self.addons[0]
+
+    async def stop(self) -> None:
+        if self.master is None:
+            return
+        ps = self.master.addons.get("proxyserver")
+        await ps.servers.update([])  # else the ports stay open after shutdown
+        self.master.shutdown()
+        if self._task is not None:
+            await self._task
+        self.master = None
+
+
+async def serve(config: Config) -> None:
+    """Run the proxy until SIGINT/SIGTERM."""
+    import signal
+
+    proxy = await EmbeddedProxy(config).start()
+    # Start-up garbage is long-lived; freezing it keeps the cyclic GC off the request path.
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("proxy listening: %s; trust %s", proxy.ports, config.ca_cert_path)
+    await stop.wait()
+    await proxy.stop()

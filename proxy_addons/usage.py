@@ -1,0 +1,82 @@
+"""Records one usage row per request that belongs to an upstream of rules.yaml.
+
+Rows hold the route *name*, never the URL, headers or body, so no token can reach them. They
+go to the store's `UsageWriter`, which commits them in batches from its own thread: this hook
+only appends to a queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions, http
+
+from projectionist.store import UsageEvent, UsageWriter, open_db
+
+from . import flowinfo
+
+log = logging.getLogger(__name__)
+
+_RECORDED = "projectionist.recorded"
+
+
+class UsageRecorder:
+    def __init__(self) -> None:
+        self.writer: UsageWriter | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option("projectionist_db", str, "", "Path of Projectionist's SQLite database.")
+
+    def configure(self, updated) -> None:
+        if "projectionist_db" not in updated:
+            return
+        if not ctx.options.projectionist_db:
+            raise exceptions.OptionsError("projectionist_db must name a SQLite file")
+        path = Path(ctx.options.projectionist_db).expanduser()
+        open_db(path).conn.close()  # create and migrate before the first request
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = UsageWriter(path).start()
+
+    def done(self) -> None:
+        if self.writer is not None:
+            self.writer.close()  # flushes what is queued
+            self.writer = None
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._record(flow, error=None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._record(flow, error=flow.error.msg if flow.error else "error")
+
+    def _record(self, flow: http.HTTPFlow, error: str | None) -> None:
+        info = flowinfo.get(flow)
+        rule = info.match.route.rule if info and info.match.route else None
+        if info is None or self.writer is None or (rule and not rule.record) or flow.metadata.get(_RECORDED):
+            return
+        flow.metadata[_RECORDED] = True
+        response = flow.response
+        end = response.timestamp_end if response and response.timestamp_end else time.time()
+        if response is None:
+            bytes_out = 0
+        elif response.stream:
+            bytes_out = info.bytes_streamed
+        else:
+            bytes_out = len(response.raw_content or b"")
+        self.writer.record(UsageEvent(
+            ts=flow.request.timestamp_start,
+            listener=info.listener,
+            upstream=info.upstream,
+            route=info.route,
+            method=flow.request.method,
+            status=response.status_code if response else (502 if error else None),
+            latency_ms=round((end - flow.request.timestamp_start) * 1000, 3),
+            bytes_in=len(flow.request.raw_content or b""),
+            bytes_out=bytes_out,
+            cache=info.cache,
+            user_id=info.user_id,
+            credential=info.credential,
+            error=error,
+        ))
