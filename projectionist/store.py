@@ -120,6 +120,9 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             latency_ms_max REAL NOT NULL DEFAULT 0,
             PRIMARY KEY (hour, upstream, route, user_id)
         );
+        -- What the dashboard may show of users: no e-mail, nothing secret.
+        CREATE VIEW user_directory AS
+            SELECT id, username, is_admin, created_at, last_seen_at FROM users;
         """,
     ),
 )
@@ -133,10 +136,24 @@ def connect(path: Path | str) -> sqlite3.Connection:
                            check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys = ON")
-    # journal_mode is persistent in the file; setting it again is a cheap no-op.
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")  # durable at each WAL checkpoint; safe with WAL
+    _enable_wal(conn)
+    conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: no corruption, commits survive a crash of the process
     return conn
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """WAL is persistent in the file. Switching to it takes a lock that SQLite does not retry on
+    its busy handler, so processes creating the file at once retry here."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def migrate(conn: sqlite3.Connection) -> int:

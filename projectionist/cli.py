@@ -1,0 +1,232 @@
+"""`projectionist`: run the whole system or one of its services, and check rules.yaml.
+
+    projectionist run [--demo]      proxy + control plane + dashboard (+ fake upstreams with --demo)
+    projectionist proxy | control | dashboard
+    projectionist check-rules [FILE]
+    projectionist migrate
+    projectionist test [PYTEST ARGS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from .config import REPO_ROOT, Config
+from .rules import RulesError, load_rules
+
+# Fake upstream names (fake_upstreams) -> upstream names in the shipped rules.yaml.
+DEMO_UPSTREAMS = {"plex": "plex", "plextv": "plextv", "tmdb": "tmdb",
+                  "tmdb_images": "tmdb-images", "trakt": "trakt"}
+
+
+def cmd_check_rules(args: argparse.Namespace) -> int:
+    path = Path(args.file) if args.file else Config.from_env().rules_path
+    try:
+        rules = load_rules(path)
+    except RulesError as exc:
+        print(exc, file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s) in {path}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK ({len(rules.upstreams)} upstreams, {len(rules.routes)} routes)")
+    return 0
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from .store import open_db, schema_version
+
+    config = Config.from_env()
+    db = open_db(config.db_path)
+    print(f"{config.db_path}: schema version {schema_version(db.conn)}")
+    return 0
+
+
+def cmd_proxy(_args: argparse.Namespace) -> int:
+    from proxy_addons.runner import serve
+
+    from .logs import setup_logging
+
+    setup_logging("proxy")
+    asyncio.run(serve(Config.from_env()))
+    return 0
+
+
+def cmd_control(_args: argparse.Namespace) -> int:
+    from control.app import serve
+
+    from .logs import setup_logging
+
+    setup_logging("control")
+    serve(Config.from_env())
+    return 0
+
+
+def cmd_dashboard(_args: argparse.Namespace) -> int:
+    from .dashboard import datasette_command
+    from .store import open_db
+
+    config = Config.from_env()
+    config.ensure_dirs()
+    open_db(config.db_path).conn.close()  # Datasette must find the schema, not an empty file
+    cmd = datasette_command(config)
+    os.execv(cmd[0], cmd)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    os.chdir(REPO_ROOT)
+    cmd = [sys.executable, "-m", "pytest", *args.pytest_args]
+    os.execv(cmd[0], cmd)
+
+
+# --- run: supervise every service ---------------------------------------------------------------
+
+def _wait_http(url: str, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status < 500:
+                    return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def _wait_port(host: str, port: int, deadline: float) -> bool:
+    import socket
+
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def _start_fakes(env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
+    fakes = subprocess.Popen([sys.executable, "-m", "fake_upstreams", "--base-port", "18100"],
+                             env=env, stdout=subprocess.PIPE, text=True)
+    overrides: dict[str, str] = {}
+    while len(overrides) < len(DEMO_UPSTREAMS):
+        line = fakes.stdout.readline()
+        if not line:
+            raise SystemExit("the fake upstreams did not start")
+        name, sep, url = line.strip().partition("=")
+        if sep and name in DEMO_UPSTREAMS:
+            overrides[DEMO_UPSTREAMS[name]] = url
+    return fakes, [f"{name}={url}" for name, url in overrides.items()]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .store import open_db
+
+    config = Config.from_env()
+    try:
+        load_rules(config.rules_path)
+    except RulesError as exc:
+        print(f"{exc}\nNot starting: fix {config.rules_path} first.", file=sys.stderr)
+        return 1
+    config.ensure_dirs()
+    open_db(config.db_path).conn.close()  # migrate once, before the services race for it
+
+    env = dict(os.environ, PROJECTIONIST_HOME=str(config.home))
+    children: dict[str, subprocess.Popen] = {}
+    if args.demo:
+        children["fakes"], overrides = _start_fakes(env)
+        env["PROJECTIONIST_UPSTREAMS"] = ",".join(overrides)
+    for service in ("proxy", "control", "dashboard"):
+        children[service] = subprocess.Popen([sys.executable, "-m", "projectionist", service], env=env)
+
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+    deadline = time.monotonic() + 60
+    host = config.host
+    ready = (_wait_port(host, config.proxy_port, deadline)
+             and _wait_http(f"http://{host}:{config.control_port}/health", deadline)
+             and _wait_http(f"http://{host}:{config.dashboard_port}/-/versions.json", deadline))
+    if ready:
+        print(_banner(config, demo=args.demo), flush=True)
+    else:
+        print("projectionist: a service did not become ready; stopping", file=sys.stderr)
+        stopping = True
+
+    exit_code = 0
+    while not stopping:
+        for name, child in children.items():
+            if child.poll() is not None:
+                print(f"projectionist: {name} exited with {child.returncode}; stopping", file=sys.stderr)
+                exit_code, stopping = 1, True
+                break
+        time.sleep(0.5)
+    _terminate(children.values())
+    return exit_code or (0 if ready else 1)
+
+
+def _terminate(children) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + 10
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def _banner(config: Config, demo: bool) -> str:
+    from .rules import load_rules
+
+    rules = load_rules(config.rules_path)
+    reverse = ", ".join(f"http://{config.host}:{port} ({name})"
+                        for port, name in rules.reverse_listeners().items())
+    return "\n".join([
+        "Projectionist is running" + (" in offline demo mode (fake upstreams)" if demo else "") + ":",
+        f"  explicit HTTPS proxy  http://{config.host}:{config.proxy_port}",
+        f"  Plex reverse proxy    {reverse or '(none declared in rules.yaml)'}",
+        f"  control plane         http://{config.host}:{config.control_port}/health",
+        f"  dashboard             http://{config.host}:{config.dashboard_port}/",
+        f"  state                 {config.home}",
+        f"  proxy CA to trust     {config.ca_cert_path}",
+        "Ctrl-C stops everything.",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="projectionist", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start proxy, control plane and dashboard")
+    run.add_argument("--demo", action="store_true", help="also start fake upstreams and route to them")
+    run.set_defaults(func=cmd_run)
+    for name, func, text in (("proxy", cmd_proxy, "run the proxy"),
+                             ("control", cmd_control, "run the control plane"),
+                             ("dashboard", cmd_dashboard, "run Datasette"),
+                             ("migrate", cmd_migrate, "create or migrate the database")):
+        sub.add_parser(name, help=text).set_defaults(func=func)
+    check = sub.add_parser("check-rules", help="validate rules.yaml; exit 1 with line-numbered errors")
+    check.add_argument("file", nargs="?")
+    check.set_defaults(func=cmd_check_rules)
+    test = sub.add_parser("test", help="run the test suite (arguments go to pytest)")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    test.set_defaults(func=cmd_test)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

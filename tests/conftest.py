@@ -1,0 +1,35 @@
+"""Shared fixtures. `stack` is the whole system as `projectionist run` starts it, on free ports,
+against the fake upstreams; see tests/support.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support import FakesThread, make_stack  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fakes():
+    with FakesThread() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def stack(fakes, tmp_path_factory):
+    stack = make_stack(tmp_path_factory.mktemp("stack"), fakes).start()
+    try:
+        yield stack
+    finally:
+        code = stack.stop()
+        assert code == 0, f"`projectionist run` exited with {code}:\n{stack.logs()}"
+
+
+@pytest.fixture
+def clean_fakes(fakes):
+    fakes.clear()
+    return fakes

@@ -1,0 +1,205 @@
+"""Helpers for the end-to-end tests: the real stack as the user runs it, fakes, real clients.
+
+`Stack` is `projectionist run` in a subprocess (proxy, control plane, Datasette), on free ports,
+with the shipped rules.yaml (only the reverse listener's port changed) and every upstream sent to
+the fake upstreams, which run in a thread of the test process so tests can read what they received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_TO_RULES = {"plex": "plex", "plextv": "plextv", "tmdb": "tmdb",
+                 "tmdb_images": "tmdb-images", "trakt": "trakt"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05,
+             what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class FakesThread:
+    """Runs `fake_upstreams.FakeUpstreams` on an event loop of its own thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fakes", daemon=True)
+        self.fakes = None
+
+    def __enter__(self):
+        from fake_upstreams import FakeUpstreams
+
+        self.thread.start()
+        self.fakes = FakeUpstreams()
+        asyncio.run_coroutine_threadsafe(self.fakes.__aenter__(), self.loop).result(30)
+        return self.fakes
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self.fakes.__aexit__(None, None, None), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def write_test_rules(path: Path, plex_listen: int, edit: Callable[[dict], None] | None = None) -> Path:
+    """The shipped rules.yaml with only the reverse listener's port changed (and `edit` applied)."""
+    rules = yaml.safe_load((REPO / "rules.yaml").read_text())
+    rules["upstreams"]["plex"]["listen"] = plex_listen
+    if edit:
+        edit(rules)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(rules, sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class Stack:
+    home: Path
+    rules_path: Path
+    proxy_port: int
+    plex_port: int
+    control_port: int
+    dashboard_port: int
+    fakes: object
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "projectionist.db"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.home / "mitmproxy" / "mitmproxy-ca-cert.pem"
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def plex_url(self) -> str:
+        """What a user types as the player's Plex URL: the reverse listener."""
+        return f"http://127.0.0.1:{self.plex_port}"
+
+    @property
+    def control_url(self) -> str:
+        return f"http://127.0.0.1:{self.control_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def client_env(self, **extra: str) -> dict[str, str]:
+        """Environment for a real client that reaches the hard-coded hosts through the proxy."""
+        env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+        env.update(HTTPS_PROXY=self.proxy_url, HTTP_PROXY=self.proxy_url,
+                   REQUESTS_CA_BUNDLE=str(self.ca_path), NO_PROXY="127.0.0.1,localhost")
+        env.update(extra)
+        return env
+
+    def run_client(self, code: str, **env: str) -> object:
+        """Run `code` in a fresh interpreter configured only by environment; return its JSON print."""
+        result = subprocess.run([sys.executable, "-c", code], env=self.client_env(**env),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"client failed:\n{result.stderr[-3000:]}"
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def usage(self, where: str = "1", params: tuple = ()) -> list[dict]:
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute(f"SELECT * FROM usage_events WHERE {where} ORDER BY id", params)]
+        finally:
+            conn.close()
+
+    def wait_usage(self, where: str, params: tuple = (), count: int = 1, timeout: float = 5.0) -> list[dict]:
+        return wait_for(lambda: (rows := self.usage(where, params)) and len(rows) >= count and rows,
+                        timeout, what=f"{count} usage row(s) where {where} {params}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")[-20000:] if self.log_path else ""
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, timeout: float = 90.0) -> Stack:
+        overrides = ",".join(f"{FAKE_TO_RULES[name]}={url}" for name, url in self.fakes.urls.items()
+                             if name in FAKE_TO_RULES)
+        self.env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+        self.env.update(
+            PROJECTIONIST_HOME=str(self.home),
+            PROJECTIONIST_RULES=str(self.rules_path),
+            PROJECTIONIST_PROXY_PORT=str(self.proxy_port),
+            PROJECTIONIST_CONTROL_PORT=str(self.control_port),
+            PROJECTIONIST_DASHBOARD_PORT=str(self.dashboard_port),
+            PROJECTIONIST_UPSTREAMS=overrides,
+        )
+        self.log_path = self.home / "stack.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "projectionist", "run"], env=self.env, cwd=REPO,
+            stdout=subprocess.PIPE, stderr=self.log_path.open("w"), text=True,
+            start_new_session=True,
+        )
+        banner: list[str] = []
+
+        def read_banner() -> None:
+            for line in self.process.stdout:
+                banner.append(line)
+                if line.startswith("Ctrl-C"):
+                    return
+
+        reader = threading.Thread(target=read_banner, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not any(line.startswith("Projectionist is running") for line in banner):
+            self.stop()
+            raise RuntimeError(f"the stack did not start.\nstdout: {''.join(banner)}\nlogs:\n{self.logs()}")
+        return self
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, as an operator's Ctrl-C would; returns the exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+            raise AssertionError(f"the stack did not stop within {timeout}s:\n{self.logs()}")
+
+
+def make_stack(home: Path, fakes) -> Stack:
+    home.mkdir(parents=True, exist_ok=True)
+    plex_port = free_port()
+    rules = write_test_rules(home / "rules.yaml", plex_port)
+    return Stack(home=home, rules_path=rules, proxy_port=free_port(), plex_port=plex_port,
+                 control_port=free_port(), dashboard_port=free_port(), fakes=fakes)

@@ -1,0 +1,120 @@
+"""rules.yaml: schema errors with line numbers, the check-rules command, route matching."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from projectionist.rules import RulesError, load_rules, parse_rules
+
+from support import REPO
+
+MINIMAL = """\
+version: 1
+upstreams:
+  tmdb: {kind: tmdb, hosts: [api.themoviedb.org], credentials: tmdb}
+  plex: {kind: plex-server, hosts: ["*.plex.direct"], base_url: "http://127.0.0.1:32400", listen: 32401}
+routes:
+  - {name: tmdb.season, upstream: tmdb, path: "/3/tv/{id}/season/{n}/**"}
+  - {name: tmdb.details, upstream: tmdb, methods: [GET], path: "/3/{media}/{id}/**"}
+  - {name: plex.timeline-stop, upstream: plex, path: "/:/timeline", query: {state: stopped}}
+  - {name: plex.timeline, upstream: plex, path: "/:/timeline"}
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(RulesError) as info:
+        parse_rules(textwrap.dedent(text), "r.yaml")
+    return [str(p) for p in info.value.problems]
+
+
+def test_shipped_rules_are_valid():
+    rules = load_rules(REPO / "rules.yaml")
+    assert rules.upstream_for_host("api.themoviedb.org") == "tmdb"
+    assert rules.upstream_for_host("192-168-1-10.0123abcd.plex.direct") == "plex"
+    assert rules.upstream_for_host("update.googleapis.com") is None
+
+
+@pytest.mark.parametrize("upstream, method, path, query, route", [
+    ("tmdb", "GET", "/3/movie/603", {}, "tmdb.details"),
+    ("tmdb", "GET", "/3/movie/603/credits", {}, "tmdb.details"),
+    ("tmdb", "GET", "/3/tv/1399/season/2", {}, "tmdb.season"),
+    ("tmdb", "POST", "/3/movie/603", {}, "tmdb:other"),
+    ("plex", "GET", "/:/timeline", {"state": "stopped"}, "plex.timeline-stop"),
+    ("plex", "GET", "/:/timeline", {"state": "playing"}, "plex.timeline"),
+])
+def test_first_matching_route_wins(upstream, method, path, query, route):
+    assert parse_rules(MINIMAL).match(upstream, method, path, query).route_name == route
+
+
+def test_errors_name_line_column_and_key():
+    found = problems("""\
+        version: 1
+        upstreams:
+          tmdb:
+            kind: tmdb
+            hosts: [api.themoviedb.org]
+            hots: [x]
+        routes:
+          - name: a
+            upstream: tmdb
+            cache: {ttl: soon, scope: world}
+            methods: [FETCH]
+        """)
+    assert found == [
+        "r.yaml:6:5: upstreams.tmdb.hots: unknown key (check its spelling and indentation)",
+        "r.yaml:10:13: routes[0].cache.ttl: Input should be a valid number, unable to parse string as a number (got 'soon')",
+        "r.yaml:10:24: routes[0].cache.scope: Input should be 'shared' or 'user' (got 'world')",
+        "r.yaml:11:5: routes[0].methods: unknown HTTP method(s): FETCH (got ['FETCH'])",
+    ]
+
+
+def test_cross_references_are_checked():
+    found = problems("""\
+        version: 1
+        upstreams:
+          a: {kind: tmdb, hosts: [x.example], limits: [nope]}
+          b: {kind: plex-server, listen: 9000}
+        routes:
+          - {name: r1, upstream: a}
+          - {name: r1, upstream: c, invalidates: [zzz]}
+        """)
+    assert found == [
+        "r.yaml:3:48: upstreams.a.limits[0]: no limit named 'nope' in limits",
+        "r.yaml:4:26: upstreams.b.listen: a reverse listener needs a base_url to forward to",
+        "r.yaml:7:6: routes[1].name: route name 'r1' is already used by routes[0]",
+        "r.yaml:7:16: routes[1].upstream: no upstream named 'c' in upstreams",
+        "r.yaml:7:43: routes[1].invalidates[0]: no route named 'zzz' to invalidate",
+    ]
+
+
+def test_yaml_syntax_and_duplicate_keys():
+    assert problems("version: 1\nupstreams: {a: [\n")[0].startswith("r.yaml:3:1: (top level): not valid YAML")
+    assert problems("version: 1\nversion: 1\n") == ["r.yaml:2:1: version: duplicate key (each key may appear once)"]
+    assert problems("- just\n- a list\n") == ["r.yaml:1:1: (top level): the file must be a mapping (version, upstreams, routes, ...)"]
+
+
+def test_sizes_and_rates_are_parsed():
+    rules = parse_rules(MINIMAL + "cache: {memory_max_bytes: 64MB, disk_max_bytes: 1GiB}\n"
+                        "limits:\n  tmdb-default: {rate: 1/10s, burst: 5}\n")
+    assert rules.model.cache.memory_max_bytes == 64_000_000
+    assert rules.model.cache.disk_max_bytes == 2**30
+    assert rules.model.limits["tmdb-default"].rate == pytest.approx(0.1)
+    assert problems(MINIMAL + "limits:\n  x: {rate: fast}\n") == [
+        "r.yaml:11:7: limits.x.rate: not a rate: 'fast' (use e.g. 2/s, 100/min, 1/10s) (got 'fast')"]
+
+
+def test_check_rules_command(tmp_path):
+    bad = tmp_path / "rules.yaml"
+    bad.write_text("version: 1\nupstreams:\n  t: {kind: tmdb, hosts: [a.b], colour: red}\n")
+    result = subprocess.run([sys.executable, "-m", "projectionist", "check-rules", str(bad)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"{bad}:3:33: upstreams.t.colour: unknown key" in result.stderr
+    good = subprocess.run([sys.executable, "-m", "projectionist", "check-rules", str(REPO / "rules.yaml")],
+                          capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    assert "OK" in good.stdout
