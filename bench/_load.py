@@ -1,0 +1,175 @@
+"""A small closed-loop HTTP load generator for the benchmarks (loopback only).
+
+`connections` workers share one aiohttp session whose connector allows exactly that many
+keep-alive connections; each worker sends its next request as soon as the previous answer is
+fully read. The run is bounded in time (`warmup + duration`, then in-flight requests drain within
+`request_timeout`) and in count (`max_requests`).
+
+    result = await run_load("http://127.0.0.1:8080/x", connections=10, duration=5, warmup=1)
+    result.rps, result.p50_ms, result.p99_ms, result.errors, result.count
+
+Accounting, so that a proxy's own bookkeeping (e.g. usage rows) can be checked against it:
+- `count`: responses that *completed* inside the measured window; `rps = count / window`;
+  the latency percentiles are over exactly these responses.
+- `completed`: every response received during the whole run (warm-up and drain included), any status.
+- `errors`: requests that failed (connection error, timeout) plus responses with a status >= 400.
+  `failed` is the first part only; `statuses` counts every status code received.
+No request is cancelled once sent: after the deadline workers stop *starting* requests and wait
+for the ones in flight, so every request a server received was either answered or timed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+
+__all__ = ["LoadResult", "run_load", "percentile"]
+
+_LOOPBACK_NAMES = {"localhost"}
+
+
+@dataclass
+class LoadResult:
+    url: str
+    proxy: str | None
+    connections: int
+    window_s: float  # measured window actually used (seconds)
+    count: int  # responses completed inside the window
+    rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    max_ms: float | None
+    errors: int  # failed requests + responses with status >= 400 (whole run)
+    failed: int  # requests that got no response (whole run)
+    completed: int  # responses received during the whole run, any status
+    statuses: dict[int, int] = field(default_factory=dict)
+    error_samples: list[str] = field(default_factory=list)  # first few failure messages
+    hit_max_requests: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of an already sorted list."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def _require_loopback(url: str, what: str) -> None:
+    host = urlsplit(url).hostname or ""
+    if host.lower() in _LOOPBACK_NAMES:
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise ValueError(f"{what} must be a loopback address (127.0.0.1), got {url!r}")
+
+
+async def run_load(
+    url: str,
+    *,
+    connections: int = 10,
+    duration: float = 5.0,
+    warmup: float = 1.0,
+    proxy: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    method: str = "GET",
+    max_requests: int = 2_000_000,
+    request_timeout: float = 10.0,
+) -> LoadResult:
+    """Hammer `url` with `connections` concurrent keep-alive connections; see the module doc.
+
+    With `proxy` (an http:// proxy on loopback) the URL may name any host: the request goes to
+    the proxy in absolute form and the client never resolves or contacts that host itself.
+    Without it the URL itself must be on loopback.
+    """
+    if connections < 1 or duration <= 0 or warmup < 0 or max_requests < 1:
+        raise ValueError("connections >= 1, duration > 0, warmup >= 0 and max_requests >= 1 are required")
+    if proxy is not None:
+        _require_loopback(proxy, "proxy")
+    else:
+        _require_loopback(url, "url")
+
+    latencies: list[float] = []  # seconds, responses completed inside the window
+    statuses: Counter[int] = Counter()
+    error_samples: list[str] = []
+    failed = 0
+    started = 0
+    request_headers = dict(headers or {})
+
+    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections, ttl_dns_cache=None)
+    timeout = aiohttp.ClientTimeout(total=request_timeout)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False,
+                                     auto_decompress=False) as session:
+        clock = time.perf_counter
+        t_start = clock()
+        window_start = t_start + warmup
+        window_end = window_start + duration
+
+        async def worker() -> None:
+            nonlocal failed, started
+            while True:
+                if clock() >= window_end or started >= max_requests:
+                    return
+                started += 1
+                t0 = clock()
+                try:
+                    async with session.request(method, url, proxy=proxy, headers=request_headers) as resp:
+                        await resp.read()
+                        status = resp.status
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    failed += 1
+                    if len(error_samples) < 5:
+                        error_samples.append(f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(0.01)  # a dead server must not turn this into a busy loop
+                    continue
+                t1 = clock()
+                statuses[status] += 1
+                if window_start <= t1 <= window_end:
+                    latencies.append(t1 - t0)
+
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        # If every worker stopped early (max_requests), the window is shorter than asked for.
+        measured = max(1e-9, min(clock(), window_end) - window_start)
+
+    latencies.sort()
+    count = len(latencies)
+    completed = sum(statuses.values())
+    bad_status = sum(n for s, n in statuses.items() if s >= 400)
+    ms = 1000.0
+    return LoadResult(
+        url=url,
+        proxy=proxy,
+        connections=connections,
+        window_s=round(measured, 4),
+        count=count,
+        rps=count / measured,
+        p50_ms=_scaled(percentile(latencies, 50), ms),
+        p99_ms=_scaled(percentile(latencies, 99), ms),
+        mean_ms=_scaled(sum(latencies) / count if count else None, ms),
+        max_ms=_scaled(latencies[-1] if latencies else None, ms),
+        errors=failed + bad_status,
+        failed=failed,
+        completed=completed,
+        statuses=dict(sorted(statuses.items())),
+        error_samples=error_samples,
+        hit_max_requests=started >= max_requests,
+    )
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor

@@ -1,0 +1,228 @@
+"""Processes a benchmark needs: the local upstream and the Projectionist proxy, each in its own process.
+
+On a 2-core box the load generator, the proxy and the upstream must not share an event loop, or
+the numbers measure the scheduler instead of the proxy. Both helpers are context managers that
+always stop what they started:
+
+    with UpstreamProcess() as up, ProxyProcess(rules, overrides={"plex": up.url}) as px:
+        px.reverse_port("plex"), px.proxy_port, px.db_path, px.cpu_seconds()
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+LOCALHOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (the proxy binds it itself; the race is harmless here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOCALHOST, 0))
+        return s.getsockname()[1]
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15 of stat)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, deadline: float) -> None:
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        try:
+            socket.create_connection((LOCALHOST, port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"port {port} did not open in time") from None
+            time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen | None, timeout: float = 15.0) -> int | None:
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+class UpstreamProcess:
+    """`bench/_upstream.py` in a child process on a free loopback port."""
+
+    def __init__(self, start_timeout: float = 20.0) -> None:
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.returncode: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOCALHOST}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float | None:
+        return process_cpu_seconds(self.proc.pid)
+
+    def start(self) -> UpstreamProcess:
+        self.proc = subprocess.Popen([sys.executable, str(BENCH_DIR / "_upstream.py"), "--port", "0"],
+                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        try:
+            ready, _, _ = select.select([self.proc.stdout], [], [], self.start_timeout)
+            line = self.proc.stdout.readline().strip() if ready else ""  # EOF if it died
+            if not line.startswith("READY "):
+                raise RuntimeError(f"upstream did not start (said {line!r}, exit {self.proc.poll()})")
+            self.port = int(line.split()[1])
+            _wait_port(self.port, self.proc, time.monotonic() + self.start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.returncode = _stop(self.proc)
+            if self.proc.stdout:
+                self.proc.stdout.close()
+
+    def __enter__(self) -> UpstreamProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ProxyProcess:
+    """`python -m projectionist proxy` with its own temporary home, rules and ports.
+
+    `rules_edit(rules_dict)` may change the repository's rules.yaml before it is written (a later
+    benchmark's cache or rate-limit settings); each reverse listener is moved to a free port.
+    `overrides` maps upstream names to local URLs (PROJECTIONIST_UPSTREAMS). The home directory,
+    with its SQLite file and the proxy's log, lives until `cleanup()` (called by `__exit__`)
+    so the caller can read the database after `stop()`.
+    """
+
+    def __init__(self, overrides: dict[str, str], rules_edit=None, start_timeout: float = 60.0,
+                 log_level: str | None = None) -> None:
+        self.overrides = overrides
+        self.rules_edit = rules_edit
+        self.start_timeout = start_timeout
+        self.log_level = log_level
+        self.home: Path | None = None
+        self.proc: subprocess.Popen | None = None
+        self.proxy_port: int | None = None
+        self.reverse_ports: dict[str, int] = {}
+        self.returncode: int | None = None
+        self._log = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "projectionist.db"
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "proxy.log"
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{LOCALHOST}:{self.proxy_port}"
+
+    def reverse_port(self, upstream: str) -> int:
+        return self.reverse_ports[upstream]
+
+    def cpu_seconds(self) -> float | None:
+        return process_cpu_seconds(self.proc.pid)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def start(self) -> ProxyProcess:
+        self.home = Path(tempfile.mkdtemp(prefix="projectionist-bench-"))
+        try:
+            rules = yaml.safe_load((REPO_ROOT / "rules.yaml").read_text())
+            if self.rules_edit is not None:
+                self.rules_edit(rules)
+            for name, upstream in rules.get("upstreams", {}).items():
+                if upstream.get("listen") is not None:
+                    upstream["listen"] = self.reverse_ports[name] = free_port()
+            rules_path = self.home / "rules.yaml"
+            rules_path.write_text(yaml.safe_dump(rules, sort_keys=False))
+            self.proxy_port = free_port()
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PROJECTIONIST_")}
+            env.update(
+                PROJECTIONIST_HOME=str(self.home),
+                PROJECTIONIST_RULES=str(rules_path),
+                PROJECTIONIST_HOST=LOCALHOST,
+                PROJECTIONIST_PROXY_PORT=str(self.proxy_port),
+                PROJECTIONIST_UPSTREAMS=",".join(f"{k}={v}" for k, v in self.overrides.items()),
+            )
+            if self.log_level:  # default: the shipped level (INFO logs connections, not requests)
+                env["PROJECTIONIST_LOG_LEVEL"] = self.log_level
+            self._log = open(self.log_path, "wb")
+            self.proc = subprocess.Popen([sys.executable, "-m", "projectionist", "proxy"], env=env,
+                                         cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=self._log,
+                                         stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + self.start_timeout
+            for port in (self.proxy_port, *self.reverse_ports.values()):
+                _wait_port(port, self.proc, deadline)
+        except BaseException as exc:
+            tail = self.log_tail()
+            self.stop()
+            self.cleanup()
+            if isinstance(exc, RuntimeError) and tail:
+                raise RuntimeError(f"{exc}; proxy log:\n{tail}") from exc
+            raise
+        return self
+
+    def stop(self) -> int | None:
+        """SIGTERM, so the proxy flushes its usage rows; returns its exit code."""
+        if self.proc is not None and self.returncode is None:
+            self.returncode = _stop(self.proc)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.returncode
+
+    def cleanup(self) -> None:
+        if self.home is not None:
+            shutil.rmtree(self.home, ignore_errors=True)
+            self.home = None
+
+    def __enter__(self) -> ProxyProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        finally:
+            self.cleanup()
