@@ -69,13 +69,17 @@ def cmd_control(_args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(_args: argparse.Namespace) -> int:
-    from .dashboard import datasette_command
+    from .dashboard import UnsafeMetadata, datasette_command
     from .store import open_db
 
     config = Config.from_env()
+    try:
+        cmd = datasette_command(config)
+    except UnsafeMetadata as exc:
+        print(exc, file=sys.stderr)
+        return 1
     config.ensure_dirs()
     open_db(config.db_path).conn.close()  # Datasette must find the schema, not an empty file
-    cmd = datasette_command(config)
     os.execv(cmd[0], cmd)
 
 
@@ -111,7 +115,8 @@ def _wait_port(host: str, port: int, deadline: float) -> bool:
 
 
 def _start_fakes(env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
-    fakes = subprocess.Popen([sys.executable, "-m", "fake_upstreams", "--base-port", "18100"],
+    base_port = env.get("PROJECTIONIST_DEMO_PORT", "18100")
+    fakes = subprocess.Popen([sys.executable, "-m", "fake_upstreams", "--base-port", base_port],
                              env=env, stdout=subprocess.PIPE, text=True)
     overrides: dict[str, str] = {}
     while len(overrides) < len(DEMO_UPSTREAMS):

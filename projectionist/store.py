@@ -129,6 +129,10 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
+# Tables holding secrets, hashes of secrets or personal data: the dashboard must deny them.
+# A migration that adds such a table adds it here too.
+SECRET_TABLES: tuple[str, ...] = ("users", "sessions", "user_settings")
+
 
 def connect(path: Path | str) -> sqlite3.Connection:
     """A connection with the pragmas every user of the store needs (WAL, FKs, busy timeout)."""
