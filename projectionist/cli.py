@@ -147,7 +147,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         children["fakes"], overrides = _start_fakes(env)
         env["PROJECTIONIST_UPSTREAMS"] = ",".join(overrides)
     for service in ("proxy", "control", "dashboard"):
-        children[service] = subprocess.Popen([sys.executable, "-m", "projectionist", service], env=env)
+        # Services log to stderr (Datasette's server logs to stdout): stdout carries only the banner.
+        children[service] = subprocess.Popen([sys.executable, "-m", "projectionist", service], env=env,
+                                             stdout=sys.stderr)
 
     stopping = False
 
@@ -226,10 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-rules", help="validate rules.yaml; exit 1 with line-numbered errors")
     check.add_argument("file", nargs="?")
     check.set_defaults(func=cmd_check_rules)
-    test = sub.add_parser("test", help="run the test suite (arguments go to pytest)")
-    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    test = sub.add_parser("test", help="run the test suite (other arguments go to pytest)")
     test.set_defaults(func=cmd_test)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "test":
+        args.pytest_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 
