@@ -4,6 +4,7 @@
     projectionist proxy | control | dashboard
     projectionist check-rules [FILE]
     projectionist migrate
+    projectionist rotate-key
     projectionist test [PYTEST ARGS]
 """
 
@@ -45,6 +46,17 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
     config = Config.from_env()
     db = open_db(config.db_path)
     print(f"{config.db_path}: schema version {schema_version(db.conn)}")
+    return 0
+
+
+def cmd_rotate_key(_args: argparse.Namespace) -> int:
+    from .vault import KEY_ENV, rotate_key
+
+    config = Config.from_env()
+    count = rotate_key(config.home, config.db_path)
+    where = f"the key(s) in {KEY_ENV} (the first one is now the only one needed)" if os.environ.get(KEY_ENV) \
+        else f"a new key in {config.home / 'secret.key'}"
+    print(f"re-encrypted {count} secret(s) with {where}")
     return 0
 
 
@@ -223,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, func, text in (("proxy", cmd_proxy, "run the proxy"),
                              ("control", cmd_control, "run the control plane"),
                              ("dashboard", cmd_dashboard, "run Datasette"),
-                             ("migrate", cmd_migrate, "create or migrate the database")):
+                             ("migrate", cmd_migrate, "create or migrate the database"),
+                             ("rotate-key", cmd_rotate_key, "re-encrypt every stored secret under a new key")):
         sub.add_parser(name, help=text).set_defaults(func=func)
     check = sub.add_parser("check-rules", help="validate rules.yaml; exit 1 with line-numbered errors")
     check.add_argument("file", nargs="?")

@@ -74,3 +74,31 @@ class Config:
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+# The public default key the player ships with; operators override it.
+DEFAULT_TMDB_API_KEY = "db55323b8d3e4154498498a75642b381"
+
+
+@dataclass(frozen=True)
+class ServerCredentials:
+    """Credentials the server injects on the clients' behalf. Read from the environment only, so
+    they never sit in a file that is committed or shown by the dashboard."""
+
+    tmdb_api_key: str = DEFAULT_TMDB_API_KEY  # v3, sent as api_key=
+    tmdb_read_token: str | None = None  # v4, sent as Authorization: Bearer (preferred when set)
+    trakt_client_id: str | None = None
+    trakt_client_secret: str | None = None
+
+    @classmethod
+    def from_env(cls) -> ServerCredentials:
+        env = os.environ
+        return cls(
+            tmdb_api_key=env.get("PROJECTIONIST_TMDB_API_KEY") or DEFAULT_TMDB_API_KEY,
+            tmdb_read_token=env.get("PROJECTIONIST_TMDB_READ_TOKEN") or None,
+            trakt_client_id=env.get("PROJECTIONIST_TRAKT_CLIENT_ID") or None,
+            trakt_client_secret=env.get("PROJECTIONIST_TRAKT_CLIENT_SECRET") or None,
+        )
+
+    def __repr__(self) -> str:  # never print a secret, even in a traceback
+        return "ServerCredentials(<redacted>)"

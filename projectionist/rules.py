@@ -146,16 +146,18 @@ class Upstream(_Strict):
     base_url: str | None = None
     # Port of a reverse listener for this upstream: the address a user types as "Plex URL".
     listen: int | None = Field(default=None, ge=1, le=65535)
+    # How players reach that listener (written into plex.tv resources); default http://<host>:<listen>.
+    public_url: str | None = None
     credentials: CredentialKind = "none"
     limits: list[str] = []
 
-    @field_validator("base_url")
+    @field_validator("base_url", "public_url")
     @classmethod
     def _check_base_url(cls, v: str | None) -> str | None:
         if v is not None:
             parts = urlsplit(v)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"base_url must be an http(s) URL with a host, got {v!r}")
+                raise ValueError(f"must be an http(s) URL with a host, got {v!r}")
         return v
 
 

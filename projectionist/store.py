@@ -125,13 +125,44 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             SELECT id, username, is_admin, created_at, last_seen_at FROM users;
         """,
     ),
+    (
+        2,
+        "token vault and per-user credentials",
+        """
+        -- Real upstream tokens, encrypted; clients only ever hold the surrogate. The surrogate is
+        -- stored hashed (for look-up) and encrypted (to hand the same one out again); real_hmac is
+        -- a keyed hash of the real token, to recognise it when a client presents it again.
+        CREATE TABLE vault_tokens (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            user_id INTEGER REFERENCES users(id) ON DELETE CASCADE,
+            surrogate_hash TEXT NOT NULL UNIQUE,
+            surrogate_enc BLOB NOT NULL,
+            real_hmac TEXT NOT NULL,
+            secret_enc BLOB NOT NULL,
+            server_id TEXT,
+            created_at TEXT NOT NULL,
+            expires_at TEXT,
+            revoked_at TEXT
+        );
+        CREATE INDEX vault_tokens_real ON vault_tokens(real_hmac, kind);
+        CREATE INDEX vault_tokens_user ON vault_tokens(user_id);
+        CREATE TABLE user_credentials (
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            secret_enc BLOB NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (user_id, name)
+        );
+        """,
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 # Tables holding secrets, hashes of secrets or personal data: the dashboard must deny them.
 # A migration that adds such a table adds it here too.
-SECRET_TABLES: tuple[str, ...] = ("users", "sessions", "user_settings")
+SECRET_TABLES: tuple[str, ...] = ("users", "sessions", "user_settings", "vault_tokens", "user_credentials")
 
 
 def connect(path: Path | str) -> sqlite3.Connection:

@@ -19,19 +19,24 @@ from mitmproxy.master import Master
 from projectionist.config import Config
 from projectionist.rules import load_rules
 
+from .credentials import CredentialStore
+from .plex_tokens import PlexTokens
 from .router import Listeners, Router, listener_modes, parse_overrides
 from .rules_watch import RulesWatcher
 from .streaming import LargeBodies
+from .tmdb_key import TmdbKey
 from .usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 
 
 def projectionist_addons() -> list:
-    """Our addons, in hook order: classify first, record last."""
+    """Our addons, in hook order: classify first, then credentials, record last."""
     watcher = RulesWatcher()
     router = Router(watcher)
-    return [watcher, router, Listeners(watcher, router), LargeBodies(watcher), UsageRecorder()]
+    store = CredentialStore()
+    return [watcher, router, Listeners(watcher, router), store, PlexTokens(store, watcher, router),
+            TmdbKey(store), LargeBodies(watcher), UsageRecorder()]
 
 
 def mitmproxy_addons() -> list:
@@ -67,6 +72,7 @@ class EmbeddedProxy:
             connection_strategy="lazy",
             projectionist_rules=str(cfg.rules_path),
             projectionist_db=str(cfg.db_path),
+            projectionist_home=str(cfg.home),
             projectionist_upstreams=list(cfg.upstream_overrides),
             projectionist_proxy_port=cfg.proxy_port,
             projectionist_manage_listeners=True,

@@ -29,7 +29,7 @@ import yaml
 
 from projectionist.config import Config
 from projectionist.dashboard import datasette_command
-from projectionist.store import open_db
+from projectionist.store import SECRET_TABLES, open_db
 
 REPO = Path(__file__).resolve().parent.parent
 DB = "projectionist"
@@ -52,7 +52,7 @@ MARKERS = {name: (re.search(r"zq5ecret[a-z]+", value) or re.search(".+", value))
 # Visible in user_directory by design; anywhere else it is a leak through a join or a label.
 USERNAME = "leaky-username-zq5ecretname"
 USER_ID = 4242
-DENIED = ("sessions", "users", "user_settings")
+DENIED = SECRET_TABLES  # every table the store declares secret
 VISIBLE = ("usage_events", "usage_hourly", "cache_entries", "rate_limit_events", "user_directory")
 
 

@@ -44,7 +44,9 @@ async def proxy(tmp_path, upstream):
     plex_port = free_port()
     rules = write_test_rules(tmp_path / "rules.yaml", plex_port)
     config = Config(home=tmp_path, rules_path=rules, datasette_metadata=tmp_path / "unused.yml",
-                    proxy_port=0, upstream_overrides=(f"plex={upstream}",))
+                    proxy_port=0,
+                    # plex.tv too: the proxy asks it whose a newly seen real token is.
+                    upstream_overrides=(f"plex={upstream}", f"plextv={upstream}"))
     proxy = await EmbeddedProxy(config).start()
     proxy.plex_port = plex_port
     yield proxy
@@ -73,16 +75,16 @@ async def test_valid_edit_applies_without_dropping_in_flight_requests(proxy, tmp
     base = f"http://127.0.0.1:{proxy.plex_port}"
     rules_path = tmp_path / "rules.yaml"
     async with aiohttp.ClientSession() as client:
-        async with client.get(f"{base}/library/sections") as r:
+        async with client.get(f"{base}/library/sections?X-Plex-Token=real-token-of-an-old-client") as r:
             assert r.status == 200
-        in_flight = asyncio.create_task(client.get(f"{base}/library/metadata/slow?s=1.5"))
+        in_flight = asyncio.create_task(client.get(f"{base}/library/metadata/slow?s=1.5&X-Plex-Token=real-token-of-an-old-client"))
         await asyncio.sleep(0.2)
         # Editors save by writing a new file and renaming it over the old one.
         write_test_rules(rules_path, proxy.plex_port,
                          lambda rules: rename_route(rules, "plex.sections", "plex.libraries"))
         took = await wait_reloads(proxy.rules_watcher, 1)
         logging.getLogger(__name__).info("rules reload applied %.3f s after the rename", took)
-        async with client.get(f"{base}/library/sections") as r:
+        async with client.get(f"{base}/library/sections?X-Plex-Token=real-token-of-an-old-client") as r:
             assert r.status == 200
         response = await in_flight
         assert response.status == 200 and await response.text() == "slow done"
@@ -106,7 +108,7 @@ async def test_invalid_edit_keeps_previous_rules_and_logs_where(proxy, tmp_path,
     assert proxy.rules_watcher.reloads == 0
     assert f"{rules_path}:" in caplog.text and "upstreams.tmdb.kind" in caplog.text
     async with aiohttp.ClientSession() as client:  # still serving with the old rules
-        async with client.get(f"http://127.0.0.1:{proxy.plex_port}/library/sections") as r:
+        async with client.get(f"http://127.0.0.1:{proxy.plex_port}/library/sections?X-Plex-Token=real-token-of-an-old-client") as r:
             assert r.status == 200
 
 
@@ -117,7 +119,7 @@ async def test_reverse_listener_follows_rules(proxy, tmp_path):
     async with aiohttp.ClientSession() as client:
         for _ in range(100):  # the listener set is updated asynchronously after the reload
             try:
-                async with client.get(f"http://127.0.0.1:{new_port}/library/sections") as r:
+                async with client.get(f"http://127.0.0.1:{new_port}/library/sections?X-Plex-Token=real-token-of-an-old-client") as r:
                     assert r.status == 200
                     break
             except aiohttp.ClientConnectionError:
@@ -125,5 +127,5 @@ async def test_reverse_listener_follows_rules(proxy, tmp_path):
         else:
             pytest.fail("the new reverse listener never answered")
         with pytest.raises(aiohttp.ClientConnectionError):
-            async with client.get(f"http://127.0.0.1:{proxy.plex_port}/library/sections"):
+            async with client.get(f"http://127.0.0.1:{proxy.plex_port}/library/sections?X-Plex-Token=real-token-of-an-old-client"):
                 pass

@@ -1,0 +1,46 @@
+"""Answers the proxy makes itself, shaped like the upstream's own.
+
+Whatever the proxy answers without asking the upstream (a refused credential here; cache hits
+and rate-limit answers later) must look like the upstream's answer, so that the frontend's error
+handling works, and must carry the CORS headers the upstream would send for this `Origin`, or the
+browser hides the answer from the page.
+"""
+
+from __future__ import annotations
+
+import json
+
+from mitmproxy import http
+
+PLEX_SERVER_401 = b"<html><head><title>Unauthorized</title></head><body><h1>401 Unauthorized</h1></body></html>"
+PLEX_TV_ERROR_JSON = {"errors": [{"code": 1001, "message": "User could not be authenticated", "status": 401}]}
+PLEX_TV_ERROR_XML = (b'<?xml version="1.0" encoding="UTF-8"?>\n<errors>\n'
+                     b'  <error code="1001" message="User could not be authenticated" status="401"/>\n</errors>\n')
+TMDB_401 = {"status_code": 7, "status_message": "Invalid API key: You must be granted a valid key.", "success": False}
+TRAKT_401 = {"error": "invalid_grant", "error_description": "The access token provided is invalid or has been revoked."}
+
+
+def cors_headers(request: http.Request, upstream_kind: str) -> dict[str, str]:
+    origin = request.headers.get("Origin")
+    if not origin:
+        return {}
+    if upstream_kind in ("tmdb", "tmdb-images"):
+        return {"Access-Control-Allow-Origin": "*"}
+    # Plex and Trakt echo the requesting origin.
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+            "Access-Control-Expose-Headers": "*"}
+
+
+def unauthorized(request: http.Request, upstream_kind: str) -> http.Response:
+    """401 in the upstream's own format, for a missing, unknown, revoked or mismatched credential."""
+    wants_json = "json" in request.headers.get("Accept", "")
+    if upstream_kind == "plex-server":
+        body, content_type = PLEX_SERVER_401, "text/html"
+    elif upstream_kind == "plex-tv":
+        body, content_type = ((json.dumps(PLEX_TV_ERROR_JSON).encode(), "application/json") if wants_json
+                              else (PLEX_TV_ERROR_XML, "application/xml"))
+    elif upstream_kind == "tmdb":
+        body, content_type = json.dumps(TMDB_401).encode(), "application/json;charset=utf-8"
+    else:
+        body, content_type = json.dumps(TRAKT_401).encode(), "application/json"
+    return http.Response.make(401, body, {"Content-Type": content_type, **cors_headers(request, upstream_kind)})

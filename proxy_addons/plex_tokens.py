@@ -1,0 +1,260 @@
+"""The Plex token vault in the traffic: the browser holds surrogates, upstreams get real tokens.
+
+Requests to plex.tv, discover.provider.plex.tv and Plex servers: every `X-Plex-Token` (query or
+header) that is a surrogate is swapped for the real token; an unknown, revoked or expired one is
+answered 401 in the upstream's own format without calling it. Transcode segments carry no token
+in the real player; they get the token of the decision/start request of the same `session`.
+
+Responses from plex.tv: every `authToken` / `accessToken` (PIN poll, user, resources; JSON or XML)
+is vaulted and replaced by a surrogate, and the servers' connection URIs point at the proxy's
+reverse listener, so the frontend keeps using the proxy and never holds a real token.
+
+A real token sent by a client from before Projectionist passes through once and is vaulted, so
+that the responses it receives from then on carry surrogates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import aiohttp
+from mitmproxy import ctx, http
+
+from projectionist.vault import SURROGATE_PREFIX, VaultEntry, is_surrogate, upsert_plex_user
+
+from . import flowinfo
+from .credentials import CredentialStore
+from .local_responses import unauthorized
+from .router import Router
+from .rules_watch import RulesWatcher
+
+log = logging.getLogger(__name__)
+
+PLEX = "plex"  # vault kind of Plex account and server tokens
+TOKEN = "X-Plex-Token"
+_SEGMENT = re.compile(r"^/video/:/transcode/universal/session/(?P<sid>[^/]+)/")
+_SESSION_START = re.compile(r"^/video/:/transcode/universal/(decision|start\.mpd|start\.m3u8)$")
+_XML_TOKEN_ATTR = re.compile(rb'\b(authToken|accessToken)="([^"]+)"')
+_XML_CONNECTION_URI = re.compile(rb'(<connection\b[^>]*?\buri=")([^"]+)(")')
+_TOKEN_FIELDS = ("authToken", "accessToken")
+_EMBEDDED_SURROGATE = re.compile(re.escape(SURROGATE_PREFIX) + r"[A-Za-z0-9_-]{20,}")
+
+
+@dataclass(frozen=True)
+class TranscodeSession:
+    real: str
+    user_id: int | None
+
+
+class PlexTokens:
+    def __init__(self, store: CredentialStore, watcher: RulesWatcher, router: Router) -> None:
+        self.store = store
+        self.watcher = watcher
+        self.router = router
+        # Transcode session id -> the token its decision/start request carried (bounded LRU).
+        self.sessions: OrderedDict[str, TranscodeSession] = OrderedDict()
+        self.max_sessions = 10_000
+
+    def load(self, loader) -> None:
+        loader.add_option("projectionist_rewrite_plex_connections", bool, True,
+                          "Point plex.tv resources' connection URIs at the proxy's reverse listener.")
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        info = flowinfo.get(flow)
+        if info is None or info.match.credentials != PLEX or flow.response is not None:
+            return
+        request = flow.request
+        kind = info.match.upstream.kind
+        presented = [("query", request.query.get(TOKEN)), ("header", request.headers.get(TOKEN))]
+        presented = [(where, value) for where, value in presented if value]
+        if not presented:
+            self._token_for_segment(flow, info) or self._refuse_if_required(flow, info)
+            return
+        users: set[int | None] = set()
+        for where, value in presented:
+            if is_surrogate(value):
+                entry = await self.store.call(self.store.vault.resolve, value)
+                if entry is None or entry.kind != PLEX:
+                    flow.response = unauthorized(request, kind)
+                    return
+                real, users_entry = entry.real, entry.user_id
+                info.credential = "vault"
+            else:
+                entry = await self._adopt_real_token(value)
+                real, users_entry = value, entry.user_id if entry else None
+                info.credential = info.credential or "client"
+            users.add(users_entry)
+            if where == "query":
+                request.query[TOKEN] = real
+            else:
+                request.headers[TOKEN] = real
+        # Surrogates inside other parameters, e.g. the image URL of /photo/:/transcode?url=...
+        for name, value in list(request.query.items(multi=True)):
+            for surrogate in set(_EMBEDDED_SURROGATE.findall(value)) if name != TOKEN else ():
+                entry = await self.store.call(self.store.vault.resolve, surrogate)
+                if entry is None or entry.kind != PLEX:
+                    flow.response = unauthorized(request, kind)
+                    return
+                users.add(entry.user_id)
+                request.query[name] = request.query[name].replace(surrogate, entry.real)
+        if len(users) > 1:  # surrogates of two different users in one request
+            flow.response = unauthorized(request, kind)
+            return
+        info.user_id = users.pop()
+        self._remember_session(flow, info)
+
+    def _refuse_if_required(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> bool:
+        # Preflights carry no credentials by design; the upstream answers them.
+        if flow.request.method != "OPTIONS":
+            flow.response = unauthorized(flow.request, info.match.upstream.kind)
+        return True
+
+    def _token_for_segment(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> bool:
+        m = _SEGMENT.match(flow.request.path.split("?", 1)[0])
+        session = self.sessions.get(m.group("sid")) if m else None
+        if session is None:
+            return False
+        flow.request.query[TOKEN] = session.real
+        info.user_id, info.credential = session.user_id, "vault"
+        return True
+
+    def _remember_session(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> None:
+        request = flow.request
+        sid = request.query.get("session")
+        if sid and _SESSION_START.match(request.path.split("?", 1)[0]):
+            self.sessions[sid] = TranscodeSession(request.query.get(TOKEN) or request.headers.get(TOKEN), info.user_id)
+            self.sessions.move_to_end(sid)
+            while len(self.sessions) > self.max_sessions:
+                self.sessions.popitem(last=False)
+
+    async def _adopt_real_token(self, real: str) -> VaultEntry | None:
+        """A real token from a client: known already, or vaulted now for the responses to come."""
+        entry = await self.store.call(self.store.vault.find_real, PLEX, real)
+        if entry is None:
+            user_id = await self._user_for_account_token(real)
+            await self.store.call(self.store.vault.surrogate_for, PLEX, real, user_id)
+            entry = await self.store.call(self.store.vault.find_real, PLEX, real)
+        return entry
+
+    # --- responses --------------------------------------------------------------------------------
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        info = flowinfo.get(flow)
+        response = flow.response
+        if (info is None or response is None or response.stream or info.match.upstream.kind != "plex-tv"
+                or not response.raw_content):
+            return
+        content_type = response.headers.get("content-type", "")
+        if "json" in content_type:
+            await self._rewrite_json(flow, info)
+        elif "xml" in content_type:
+            await self._rewrite_xml(flow, info)
+
+    async def _rewrite_json(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> None:
+        try:
+            body = json.loads(flow.response.content)
+        except ValueError:
+            return
+        if not _has_token_field(body):
+            return
+        owner = await self._owner(body, info)
+        for node in _walk(body):
+            for field in _TOKEN_FIELDS:
+                if isinstance(node.get(field), str) and node[field] and not is_surrogate(node[field]):
+                    node[field] = await self._surrogate(node[field], owner, field, node)
+            if self._rewrites_connections(node):
+                for connection in node.get("connections") or []:
+                    if isinstance(connection, dict) and "uri" in connection:
+                        connection["uri"] = self._public_url()
+        flow.response.content = json.dumps(body, separators=(",", ":")).encode()
+
+    async def _rewrite_xml(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> None:
+        raw = flow.response.content
+        tokens = {m.group(2).decode() for m in _XML_TOKEN_ATTR.finditer(raw)}
+        tokens = {t for t in tokens if not is_surrogate(t)}
+        if not tokens:
+            return
+        owner = info.user_id
+        if owner is None:  # /api/v2/user in XML: the account is the one whose token it is
+            owner = await self._user_for_account_token(next(iter(tokens)))
+        surrogates = {t: await self._surrogate(t, owner, "accessToken", {}) for t in tokens}
+        raw = _XML_TOKEN_ATTR.sub(lambda m: m.group(1) + b'="' + surrogates.get(
+            m.group(2).decode(), m.group(2).decode()).encode() + b'"', raw)
+        if ctx.options.projectionist_rewrite_plex_connections and (public := self._public_url()):
+            raw = _XML_CONNECTION_URI.sub(lambda m: m.group(1) + public.encode() + m.group(3), raw)
+        flow.response.content = raw
+
+    async def _owner(self, body, info: flowinfo.FlowInfo) -> int | None:
+        """Whose tokens these are: the account described by the body (user, PIN), else the requester."""
+        if isinstance(body, dict) and body.get("authToken") and (body.get("id") and body.get("username")):
+            return await self.store.call(self._upsert_user, body)
+        if isinstance(body, dict) and body.get("authToken") and "code" in body:  # a linked PIN
+            return await self._user_for_account_token(body["authToken"])
+        return info.user_id
+
+    def _upsert_user(self, account: dict) -> int:
+        return upsert_plex_user(self.store.vault.conn, str(account["id"]), account.get("username") or account.get("title") or "",
+                                account.get("email"), account.get("thumb"))
+
+    async def _surrogate(self, real: str, owner: int | None, field: str, node: dict) -> str:
+        server_id = node.get("clientIdentifier") if field == "accessToken" else None
+        return await self.store.call(self.store.vault.surrogate_for, PLEX, real, owner, server_id)
+
+    async def _user_for_account_token(self, token: str) -> int | None:
+        """Ask plex.tv whose account token this is (best effort: None when it cannot say)."""
+        base = self.router.overrides.get(self._plextv_upstream() or "", "https://plex.tv")
+        headers = {TOKEN: token, "Accept": "application/json", "X-Plex-Client-Identifier": "projectionist",
+                   "X-Plex-Product": "Projectionist"}
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+                async with session.get(f"{base}/api/v2/user", headers=headers) as r:
+                    if r.status != 200:
+                        return None
+                    account = await r.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.warning("plex.tv account look-up failed: %s", type(exc).__name__)
+            return None
+        return await self.store.call(self._upsert_user, account)
+
+    # --- where the player should connect ----------------------------------------------------------
+
+    def _plextv_upstream(self) -> str | None:
+        rules = self.watcher.rules
+        return next((n for n, u in rules.upstreams.items() if u.kind == "plex-tv"), None) if rules else None
+
+    def _public_url(self) -> str | None:
+        """The address of the first Plex reverse listener, as the player should reach it."""
+        rules = self.watcher.rules
+        for name, upstream in (rules.upstreams.items() if rules else ()):
+            if upstream.kind == "plex-server" and upstream.listen:
+                if upstream.public_url:
+                    return upstream.public_url.rstrip("/")
+                host = ctx.options.listen_host or "127.0.0.1"
+                return f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{upstream.listen}"
+        return None
+
+    def _rewrites_connections(self, node: dict) -> bool:
+        return (ctx.options.projectionist_rewrite_plex_connections and "connections" in node
+                and "server" in str(node.get("provides", "")) and self._public_url() is not None)
+
+
+def _has_token_field(body) -> bool:
+    return any(isinstance(node.get(f), str) and node.get(f) for node in _walk(body) for f in _TOKEN_FIELDS)
+
+
+def _walk(value):
+    """Every dict inside a JSON document."""
+    if isinstance(value, dict):
+        yield value
+        for child in value.values():
+            yield from _walk(child)
+    elif isinstance(value, list):
+        for child in value:
+            yield from _walk(child)
+
