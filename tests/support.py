@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from fake_upstreams.data import TRAKT_CLIENT_ID, TRAKT_CLIENT_SECRET
+
 REPO = Path(__file__).resolve().parent.parent
 FAKE_TO_RULES = {"plex": "plex", "plextv": "plextv", "tmdb": "tmdb",
                  "tmdb_images": "tmdb-images", "trakt": "trakt"}
@@ -161,6 +163,9 @@ class Stack:
             PROJECTIONIST_CONTROL_PORT=str(self.control_port),
             PROJECTIONIST_DASHBOARD_PORT=str(self.dashboard_port),
             PROJECTIONIST_UPSTREAMS=overrides,
+            # The server's own Trakt app credentials (the frontend's hard-coded ones are replaced).
+            PROJECTIONIST_TRAKT_CLIENT_ID=TRAKT_CLIENT_ID,
+            PROJECTIONIST_TRAKT_CLIENT_SECRET=TRAKT_CLIENT_SECRET,
         )
         self.log_path = self.home / "stack.log"
         self.process = subprocess.Popen(
