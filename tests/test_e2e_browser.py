@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -134,13 +135,10 @@ class FrontendOrigin:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def test_frontend_request_shapes_in_chromium(stack, tmp_path):
+def run_page(stack, tmp_path, page: str, while_running=None, timeout: float = 60) -> dict:
+    """Load `page` in headless Chromium configured like a user's browser; return its report."""
     assert CHROMIUM, "Chromium is missing: apt-get install chromium (.ci/run does)"
-    config = {"plexUrl": stack.plex_url, "plexToken": PLEX_SERVER_TOKEN,
-              "accountToken": PLEX_ACCOUNT_TOKEN, "tmdbBearer": TMDB_V4_TOKEN}
-    artifacts = REPO / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    with FrontendOrigin(PAGE % {"config": json.dumps(config)}) as origin:
+    with FrontendOrigin(page) as origin:
         browser = subprocess.Popen([
             CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -151,11 +149,25 @@ def test_frontend_request_shapes_in_chromium(stack, tmp_path):
             f"http://127.0.0.1:{origin.port}/",
         ], stdout=subprocess.DEVNULL, stderr=(tmp_path / "chromium.log").open("w"))
         try:
-            report = origin.wait_report(60)
+            if while_running:
+                while_running()
+            return origin.wait_report(timeout)
         finally:
             browser.terminate()
             browser.wait(10)
-    (artifacts / "browser-report.json").write_text(json.dumps(report, indent=2))
+
+
+def save_artifact(name: str, report: dict) -> None:
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    (artifacts / name).write_text(json.dumps(report, indent=2))
+
+
+def test_frontend_request_shapes_in_chromium(stack, tmp_path):
+    config = {"plexUrl": stack.plex_url, "plexToken": PLEX_SERVER_TOKEN,
+              "accountToken": PLEX_ACCOUNT_TOKEN, "tmdbBearer": TMDB_V4_TOKEN}
+    report = run_page(stack, tmp_path, PAGE % {"config": json.dumps(config)})
+    save_artifact("browser-report.json", report)
 
     assert report["tmdbTrending"]["status"] == 200 and report["tmdbTrending"]["count"] > 0
     assert report["tmdbMovie"] == {"status": 200, "title": "The Matrix"}
@@ -171,3 +183,84 @@ def test_frontend_request_shapes_in_chromium(stack, tmp_path):
             "tmdb.image"} <= routes
     # The CORS preflights went through the proxy to the upstreams too.
     assert stack.usage("method = 'OPTIONS' AND upstream = 'tmdb' AND status < 300")
+
+
+LOGIN_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>login flow</title></head><body><script>
+// What the player does, with nothing but placeholders of its own: PIN login, resources, library,
+// playback start. Everything it keeps goes to localStorage, as the real frontend does.
+const headers = {Accept: "application/json", "X-Plex-Client-Identifier": "chromium-e2e", "X-Plex-Product": "Player"};
+const report = {seen: []};
+async function json(url, options) {
+  const r = await fetch(url, options);
+  const text = await r.text();
+  report.seen.push(r.status + " " + [...r.headers].map(h => h.join(": ")).join("\\n") + "\\n" + text);
+  return {status: r.status, body: text.startsWith("{") || text.startsWith("[") ? JSON.parse(text) : text};
+}
+async function main() {
+  try {
+    const pin = (await json("https://plex.tv/api/v2/pins?strong=true", {method: "POST", headers})).body;
+    let token = null;
+    for (let i = 0; i < 100 && !token; i++) {
+      token = (await json(`https://plex.tv/api/v2/pins/${pin.id}`, {headers})).body.authToken;
+      if (!token) await new Promise(r => setTimeout(r, 100));
+    }
+    localStorage.setItem("app.settings.v1", JSON.stringify({plexAccountToken: token, tmdbBearer: "placeholder"}));
+    const resources = (await json("https://plex.tv/api/v2/resources?includeHttps=1&includeRelay=1",
+                                  {headers: {...headers, "X-Plex-Token": token}})).body;
+    const server = resources.find(r => r.provides.includes("server"));
+    const settings = {plexAccountToken: token, plexBaseUrl: server.connections[0].uri,
+                      plexToken: server.accessToken, tmdbBearer: "placeholder"};
+    localStorage.setItem("app.settings.v1", JSON.stringify(settings));
+    const q = "X-Plex-Token=" + settings.plexToken;
+    const sections = await json(`${settings.plexBaseUrl}/library/sections?${q}`, {headers: {Accept: "application/json"}});
+    report.sections = sections.body.MediaContainer.Directory.map(d => d.title);
+    const sid = "chromium-session-1";
+    const start = `path=%2Flibrary%2Fmetadata%2F1001&session=${sid}&protocol=dash&${q}`;
+    report.decision = (await json(`${settings.plexBaseUrl}/video/:/transcode/universal/decision?${start}`,
+                                  {headers: {Accept: "application/json", "X-Plex-Token": settings.plexToken}})).status;
+    report.manifest = (await json(`${settings.plexBaseUrl}/video/:/transcode/universal/start.mpd?${start}`)).status;
+    const segment = await fetch(`${settings.plexBaseUrl}/video/:/transcode/universal/session/${sid}/0/header`);
+    report.segment = segment.status;
+    const trending = await json("https://api.themoviedb.org/3/trending/movie/week",
+                                {headers: {Authorization: "Bearer " + settings.tmdbBearer}});
+    report.trending = trending.status;
+    report.localStorage = localStorage.getItem("app.settings.v1");
+  } catch (e) { report.error = String(e); }
+  await fetch("/report", {method: "POST", body: JSON.stringify(report)});
+}
+main();
+</script></body></html>
+"""
+
+
+def test_login_to_playback_in_chromium_holds_only_surrogates(stack, tmp_path, clean_fakes):
+    from fake_upstreams.data import PLEX_ACCOUNT_TOKEN_2, PLEX_SERVER_TOKEN_2, TMDB_V3_KEY
+
+    def link_the_pin_when_created() -> None:  # the user signing in on app.plex.tv
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pins = [p for p in list(stack.fakes.plextv.pins.values()) if p["clientIdentifier"] == "chromium-e2e"]
+            if pins:
+                stack.fakes.plextv.link_pin(pins[-1]["id"], account_token=PLEX_ACCOUNT_TOKEN)
+                return
+            time.sleep(0.05)
+        raise AssertionError("the page never created a PIN")
+
+    report = run_page(stack, tmp_path, LOGIN_PAGE, while_running=link_the_pin_when_created)
+    save_artifact("browser-login-report.json", report)
+    assert "error" not in report, report.get("error")
+    assert "Films" in report["sections"]
+    assert (report["decision"], report["manifest"], report["segment"], report["trending"]) == (200, 200, 200, 200)
+    settings = json.loads(report["localStorage"])
+    assert settings["plexAccountToken"].startswith("pj_") and settings["plexToken"].startswith("pj_")
+    assert settings["plexBaseUrl"] == stack.plex_url
+    # Every byte the page received, and what it stored, is free of real credentials.
+    seen = "\n".join(report["seen"]) + report["localStorage"]
+    for secret in (PLEX_ACCOUNT_TOKEN, PLEX_SERVER_TOKEN, PLEX_ACCOUNT_TOKEN_2, PLEX_SERVER_TOKEN_2,
+                   TMDB_V3_KEY, TMDB_V4_TOKEN):
+        assert secret not in seen
+    # ... while the upstreams received the real ones.
+    assert any(r.query.get("X-Plex-Token") == [PLEX_SERVER_TOKEN] and "/session/" in r.path
+               for r in clean_fakes.requests["plex"])
+    assert clean_fakes.requests["tmdb"][-1].query.get("api_key") == [TMDB_V3_KEY]
