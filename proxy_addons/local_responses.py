@@ -24,9 +24,9 @@ def cors_headers(request: http.Request, upstream_kind: str) -> dict[str, str]:
     origin = request.headers.get("Origin")
     if not origin:
         return {}
-    if upstream_kind in ("tmdb", "tmdb-images"):
+    if upstream_kind in ("tmdb", "tmdb-images", "trakt"):
         return {"Access-Control-Allow-Origin": "*"}
-    # Plex and Trakt echo the requesting origin.
+    # Plex servers and plex.tv echo the requesting origin.
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
             "Access-Control-Expose-Headers": "*"}
 

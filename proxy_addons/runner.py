@@ -25,6 +25,7 @@ from .router import Listeners, Router, listener_modes, parse_overrides
 from .rules_watch import RulesWatcher
 from .streaming import LargeBodies
 from .tmdb_key import TmdbKey
+from .trakt_credentials import TraktCredentials
 from .usage import UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def projectionist_addons() -> list:
     router = Router(watcher)
     store = CredentialStore()
     return [watcher, router, Listeners(watcher, router), store, PlexTokens(store, watcher, router),
-            TmdbKey(store), LargeBodies(watcher), UsageRecorder()]
+            TmdbKey(store), TraktCredentials(store), LargeBodies(watcher), UsageRecorder()]
 
 
 def mitmproxy_addons() -> list:
