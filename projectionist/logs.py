@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from .redact import RedactSecrets
+
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, service: str) -> None:
@@ -24,14 +26,19 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in getattr(record, "fields", {}).items():
             entry[key] = value
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:  # set (and redacted) by RedactSecrets when it ran
+            entry["exc"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, default=str)
 
 
 def setup_logging(service: str, level: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
+    handler.addFilter(RedactSecrets())  # second line of defence: no credential reaches the log
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level or os.environ.get("PROJECTIONIST_LOG_LEVEL", "INFO"))

@@ -13,6 +13,7 @@ All methods are blocking SQLite/crypto calls: async callers run them in a thread
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import os
@@ -44,15 +45,30 @@ def _read_keys(home: Path, create: bool) -> list[bytes]:
     if not path.exists():
         if not create:
             raise VaultKeyError(f"no key: set {KEY_ENV} or create {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # O_EXCL: two processes starting at once must not write two different keys
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        _create_key_file(path)
+    keys = [line.strip() for line in path.read_bytes().splitlines() if line.strip()]
+    if not keys:
+        raise VaultKeyError(f"{path} is empty: restore the key, or delete the file to start a new vault")
+    return keys
+
+
+def _create_key_file(path: Path) -> None:
+    """Write a new key to a private temporary file, then link it into place: the key file never
+    exists half-written, and when two processes race the first link wins and both use its key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(Fernet.generate_key() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
         except FileExistsError:
             pass
-        else:
-            with os.fdopen(fd, "wb") as f:
-                f.write(Fernet.generate_key() + b"\n")
-    return [line.strip() for line in path.read_bytes().splitlines() if line.strip()]
+    finally:
+        tmp.unlink()
 
 
 def write_key_file(home: Path, keys: list[bytes]) -> None:
@@ -68,35 +84,66 @@ def write_key_file(home: Path, keys: list[bytes]) -> None:
 
 
 class SecretBox:
-    def __init__(self, keys: list[bytes]) -> None:
+    def __init__(self, keys: list[bytes], home: Path | None = None) -> None:
+        self.home = home  # the key file's directory, when keys come from it: to follow rotations
+        self._use(keys)
+
+    def _use(self, keys: list[bytes]) -> None:
         if not keys:
             raise VaultKeyError("no encryption key configured")
         try:
-            self._fernet = MultiFernet([Fernet(k) for k in keys])
+            fernet = MultiFernet([Fernet(k) for k in keys])
         except ValueError:
             raise VaultKeyError("an encryption key is malformed (expected 32 url-safe base64 bytes)") from None
-        # Look-up hashes use a key derived from the newest encryption key, never the key itself.
-        self._hmac_key = hashlib.sha256(b"projectionist-lookup\0" + keys[0]).digest()
+        self._fernet = fernet
+        # Look-up hashes use keys derived from the encryption keys, never the keys themselves;
+        # one per key, so that rows hashed before a rotation are still found during it.
+        self._hmac_keys = [hashlib.sha256(b"projectionist-lookup\0" + k).digest() for k in keys]
         self.keys = keys
+        self._key_file_mtime = self._key_file_stamp()
 
     @classmethod
     def load(cls, home: Path, create: bool = True) -> SecretBox:
-        return cls(_read_keys(home, create))
+        return cls(_read_keys(home, create), None if os.environ.get(KEY_ENV) else home)
+
+    def _key_file_stamp(self) -> int | None:
+        if self.home is None:
+            return None
+        try:
+            return key_file(self.home).stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def _follow_rotation(self) -> bool:
+        """Re-read the key file if `rotate-key` replaced it since we loaded it."""
+        if self.home is None or self._key_file_stamp() == self._key_file_mtime:
+            return False
+        path = key_file(self.home)
+        self._use([line.strip() for line in path.read_bytes().splitlines() if line.strip()])
+        return True
 
     def encrypt(self, plaintext: str) -> bytes:
+        self._follow_rotation()  # never write under a key that a finished rotation dropped
         return self._fernet.encrypt(plaintext.encode())
 
     def decrypt(self, token: bytes) -> str:
         try:
             return self._fernet.decrypt(token).decode()
         except InvalidToken:
+            if self._follow_rotation():
+                return self.decrypt(token)
             raise VaultKeyError("a stored secret does not decrypt with the configured key(s)") from None
 
     def rotate(self, token: bytes) -> bytes:
         return self._fernet.rotate(token)
 
+    def lookup_hashes(self, value: str) -> list[str]:
+        self._follow_rotation()
+        return [hmac.new(k, value.encode(), hashlib.sha256).hexdigest() for k in self._hmac_keys]
+
     def lookup_hash(self, value: str) -> str:
-        return hmac.new(self._hmac_key, value.encode(), hashlib.sha256).hexdigest()
+        """The hash new rows are stored under (the newest key's)."""
+        return self.lookup_hashes(value)[0]
 
 
 def surrogate_hash(surrogate: str) -> str:
@@ -131,11 +178,12 @@ class Vault:
     def surrogate_for(self, kind: str, real: str, user_id: int | None, server_id: str | None = None,
                       expires_at: str | None = None) -> str:
         """The surrogate standing for `real`: the existing one for this user, or a new one."""
-        real_hmac = self.box.lookup_hash(real)
+        hashes = self.box.lookup_hashes(real)
         row = self.conn.execute(
-            "SELECT surrogate_enc FROM vault_tokens WHERE real_hmac = ? AND kind = ? AND user_id IS ? "
-            "AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?) ORDER BY id DESC LIMIT 1",
-            (real_hmac, kind, user_id, utcnow_iso()),
+            f"SELECT surrogate_enc FROM vault_tokens WHERE real_hmac IN ({_marks(hashes)}) AND kind = ? "
+            "AND user_id IS ? AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?) "
+            "ORDER BY id DESC LIMIT 1",
+            (*hashes, kind, user_id, utcnow_iso()),
         ).fetchone()
         if row:
             return self.box.decrypt(row[0])
@@ -143,7 +191,7 @@ class Vault:
         self.conn.execute(
             "INSERT INTO vault_tokens (kind, user_id, surrogate_hash, surrogate_enc, real_hmac, secret_enc,"
             " server_id, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (kind, user_id, surrogate_hash(surrogate), self.box.encrypt(surrogate), real_hmac,
+            (kind, user_id, surrogate_hash(surrogate), self.box.encrypt(surrogate), hashes[0],
              self.box.encrypt(real), server_id, utcnow_iso(), expires_at),
         )
         return surrogate
@@ -161,10 +209,11 @@ class Vault:
 
     def find_real(self, kind: str, real: str) -> VaultEntry | None:
         """The newest live entry for a real token a client presented (a pre-Projectionist client)."""
+        hashes = self.box.lookup_hashes(real)
         row = self.conn.execute(
-            "SELECT id, kind, user_id, secret_enc, server_id FROM vault_tokens WHERE real_hmac = ? "
-            "AND kind = ? AND revoked_at IS NULL ORDER BY id DESC LIMIT 1",
-            (self.box.lookup_hash(real), kind),
+            f"SELECT id, kind, user_id, secret_enc, server_id FROM vault_tokens WHERE real_hmac IN ({_marks(hashes)}) "
+            "AND kind = ? AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?) ORDER BY id DESC LIMIT 1",
+            (*hashes, kind, utcnow_iso()),
         ).fetchone()
         return VaultEntry(row[0], row[1], row[2], self.box.decrypt(row[3]), row[4]) if row else None
 
@@ -198,6 +247,10 @@ class Vault:
                                  (user_id, name)).rowcount == 1
 
 
+def _marks(values: list) -> str:
+    return ", ".join("?" for _ in values)
+
+
 def upsert_plex_user(conn: sqlite3.Connection, account_id: str, username: str, email: str | None = None,
                      thumb: str | None = None) -> int:
     """The users row for a Plex account (created on first sight); returns its id."""
@@ -214,13 +267,21 @@ def upsert_plex_user(conn: sqlite3.Connection, account_id: str, username: str, e
 
 def rotate_key(home: Path, db_path: Path) -> int:
     """Re-encrypt every secret under a new key. Crash-safe at every step: the key file holds the
-    new and the old key (newest first) until every row is re-encrypted and committed."""
+    new and the old key (newest first) until every row is re-encrypted and committed. Running
+    services follow: they re-read the key file when it changes."""
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "secret.key.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one rotation at a time
+        return _rotate_key_locked(home, db_path)
+
+
+def _rotate_key_locked(home: Path, db_path: Path) -> int:
     from_env = bool(os.environ.get(KEY_ENV))
     old_keys = _read_keys(home, create=True)
     keys = old_keys if from_env else [Fernet.generate_key(), *old_keys]
     if not from_env:
         write_key_file(home, keys)
-    box = SecretBox(keys)
+    box = SecretBox(keys)  # not following the file: this function is the one changing it
     conn = connect(db_path)
     migrate(conn)
     count = 0

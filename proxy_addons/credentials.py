@@ -15,6 +15,7 @@ from typing import TypeVar
 from mitmproxy import ctx, exceptions
 
 from projectionist.config import ServerCredentials
+from projectionist.redact import RedactSecrets
 from projectionist.vault import SecretBox, Vault, VaultKeyError
 
 T = TypeVar("T")
@@ -24,6 +25,9 @@ class CredentialStore:
     def __init__(self) -> None:
         self.vault: Vault | None = None
         self.server = ServerCredentials.from_env()
+        for secret in (self.server.tmdb_api_key, self.server.tmdb_read_token,
+                       self.server.trakt_client_id, self.server.trakt_client_secret):
+            RedactSecrets.register(secret)  # logs never show them, even by mistake
         self._executor: ThreadPoolExecutor | None = None
 
     def load(self, loader) -> None:
