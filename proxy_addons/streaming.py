@@ -1,8 +1,10 @@
 """Streams large bodies (media parts, transcode segments) instead of buffering them.
 
 mitmproxy buffers a whole response before the `response` hook by default; a 500 MB film part
-would sit in memory. Our routes' responses stream when the rule says so, when they are larger
-than `proxy.stream_threshold`, or when their length is unknown and they are not an API document.
+would sit in memory. Our routes' responses stream when the rule says so, or when they are not an
+API document (JSON, XML, text) and are larger than `proxy.stream_threshold` or of unknown length.
+API documents are always buffered: addons rewrite them (tokens in plex.tv answers) and they are
+small; a streamed document would slip past those addons.
 Range requests and 206 answers pass through unchanged. Streamed bytes are counted for usage.
 """
 
@@ -34,11 +36,10 @@ class LargeBodies:
 
     @staticmethod
     def _is_large(response: http.Response, threshold: int) -> bool:
+        if response.headers.get("content-type", "").lower().startswith(_DOCUMENT_TYPES):
+            return False
         length = response.headers.get("content-length")
-        if length is not None:
-            return length.isdigit() and int(length) > threshold
-        content_type = response.headers.get("content-type", "").lower()
-        return not content_type.startswith(_DOCUMENT_TYPES)
+        return length is None or (length.isdigit() and int(length) > threshold)
 
 
 def _counter(info: flowinfo.FlowInfo) -> Callable[[bytes], bytes]:
