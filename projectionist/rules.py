@@ -87,6 +87,8 @@ class ProxySettings(_Strict):
     unknown_hosts: Literal["pass", "refuse"] = "pass"
     # Responses bigger than this (or of unknown length with a media type) stream through.
     stream_threshold: ByteSize = 1_000_000
+    # Seconds the cache waits for an upstream before answering stale or a clean 504.
+    upstream_timeout: Seconds = Field(default=15, gt=0)
 
 
 class CacheSettings(_Strict):
@@ -122,6 +124,8 @@ class CacheRule(_Strict):
     negative_ttl: Seconds = 0
     # Store even when the upstream says Cache-Control: no-store/private.
     override_no_store: bool = False
+    # Keep entries in memory only: for answers holding per-user surrogates (plex.tv user, resources).
+    memory_only: bool = False
 
 
 class Throttle(_Strict):

@@ -156,9 +156,34 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        5,
+        "response cache administration",
+        """
+        -- Which partition an entry belongs to ("shared" or "u<user id>"): flush and invalidation
+        -- select on it. Never a URL, never a token.
+        ALTER TABLE cache_entries ADD COLUMN partition TEXT NOT NULL DEFAULT 'shared';
+        -- The control plane asks, the proxy (which owns the memory layer) carries out.
+        CREATE TABLE cache_flush_requests (
+            id INTEGER PRIMARY KEY,
+            target TEXT NOT NULL,
+            value TEXT,
+            requested_at TEXT NOT NULL,
+            requested_by INTEGER REFERENCES users(id) ON DELETE SET NULL,
+            applied_at TEXT,
+            flushed INTEGER
+        );
+        CREATE TABLE cache_evictions (
+            bucket TEXT NOT NULL,
+            route TEXT NOT NULL,
+            evictions INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (bucket, route)
+        );
+        """,
+    ),
 )
 
-SCHEMA_VERSION = MIGRATIONS[-1][0]
+SCHEMA_VERSION = max(version for version, _, _ in MIGRATIONS)
 
 # Tables holding secrets, hashes of secrets or personal data: the dashboard must deny them.
 # A migration that adds such a table adds it here too.

@@ -22,6 +22,7 @@ class FlowInfo:
     listener: str  # "regular" (explicit proxy) or "reverse"
     user_id: int | None = None
     credential: str | None = None  # which kind was injected ("default", "custom", "vault"): never a value
+    credential_ref: int | None = None  # the vault row of the surrogate presented, if any
     cache: str = "none"  # none | miss | hit | stale | bypass
     bytes_streamed: int = 0
 

@@ -84,7 +84,7 @@ class PlexTokens:
                     flow.response = unauthorized(request, kind)
                     return
                 real, users_entry = entry.real, entry.user_id
-                info.credential = "vault"
+                info.credential, info.credential_ref = "vault", entry.id
             else:
                 entry = await self._adopt_real_token(value)
                 real, users_entry = value, entry.user_id if entry else None

@@ -21,6 +21,7 @@ from projectionist.rules import load_rules
 
 from .credentials import CredentialStore
 from .plex_tokens import PlexTokens
+from .response_cache import ResponseCache
 from .router import Listeners, Router, listener_modes, parse_overrides
 from .rules_watch import RulesWatcher
 from .streaming import LargeBodies
@@ -32,12 +33,14 @@ log = logging.getLogger(__name__)
 
 
 def projectionist_addons() -> list:
-    """Our addons, in hook order: classify first, then credentials, record last."""
+    """Our addons, in hook order: classify first, then credentials, then the cache (which must see
+    real credentials and rewritten answers), record last."""
     watcher = RulesWatcher()
     router = Router(watcher)
     store = CredentialStore()
     return [watcher, router, Listeners(watcher, router), store, PlexTokens(store, watcher, router),
-            TmdbKey(store), TraktCredentials(store), LargeBodies(watcher), UsageRecorder()]
+            TmdbKey(store), TraktCredentials(store), ResponseCache(watcher), LargeBodies(watcher),
+            UsageRecorder()]
 
 
 def mitmproxy_addons() -> list:

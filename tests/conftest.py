@@ -30,6 +30,9 @@ def stack(fakes, tmp_path_factory):
 
 
 @pytest.fixture
-def clean_fakes(fakes):
+def clean_fakes(fakes, stack):
+    """The fakes with no requests recorded, behind an empty response cache: what a test then sees
+    at the fakes is what its own requests caused."""
+    stack.flush_cache()
     fakes.clear()
     return fakes

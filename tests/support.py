@@ -147,6 +147,21 @@ class Stack:
         return wait_for(lambda: (rows := self.usage(where, params)) and len(rows) >= count and rows,
                         timeout, what=f"{count} usage row(s) where {where} {params}")
 
+    def flush_cache(self, target: str = "all", value: str | None = None, timeout: float = 10.0) -> int:
+        """Ask the proxy to flush its response cache, as the control plane does; wait until done."""
+        conn = sqlite3.connect(self.db_path, timeout=10)
+        try:
+            with conn:
+                request_id = conn.execute(
+                    "INSERT INTO cache_flush_requests (target, value, requested_at) VALUES (?, ?, datetime('now'))",
+                    (target, value)).lastrowid
+            applied = wait_for(lambda: conn.execute(
+                "SELECT flushed FROM cache_flush_requests WHERE id = ? AND applied_at IS NOT NULL",
+                (request_id,)).fetchone(), timeout, what="the proxy to apply a cache flush")
+            return applied[0]
+        finally:
+            conn.close()
+
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:] if self.log_path else ""
 

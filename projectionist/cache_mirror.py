@@ -1,0 +1,119 @@
+"""Mirrors the caches into SQLite (`cache_entries`, `cache_evictions`) for the dashboard and the
+control plane, and carries the control plane's flush requests to the proxy.
+
+The proxy never writes SQLite on a request: it queues operations, and a thread applies them in
+batches (every ~100 ms). Rows hold a key hash, the route and the partition: no URL, no token.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from contextlib import closing
+from pathlib import Path
+
+from .cache_store import Entry
+from .store import connect, utcnow_iso
+
+log = logging.getLogger(__name__)
+
+
+class CacheMirror:
+    _STOP = object()
+
+    def __init__(self, db_path: Path, interval: float = 0.1) -> None:
+        self.db_path = db_path
+        self.interval = interval
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="cache-mirror", daemon=True)
+
+    def start(self) -> CacheMirror:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(self._STOP)
+            self._thread.join(10)
+
+    # --- queued from the event loop (cheap) -----------------------------------------------------
+
+    def stored(self, key: str, bucket: str, entry: Entry) -> None:
+        expires = entry.stored_at + entry.ttl
+        self._queue.put(("stored", (key, bucket, entry.route, "user" if entry.partition != "shared" else "shared",
+                                    entry.partition, entry.size, entry.stored_at, expires)))
+
+    def hit(self, key: str, ts: float) -> None:
+        self._queue.put(("hit", (ts, key)))
+
+    def deleted(self, keys: list[str], evicted: bool = False) -> None:
+        if keys:
+            self._queue.put(("evicted" if evicted else "deleted", tuple(keys)))
+
+    # --- blocking reads (call from a thread) ----------------------------------------------------
+
+    def index_rows(self, bucket: str) -> list[tuple[str, str, str]]:
+        with closing(connect(self.db_path)) as conn:
+            return conn.execute("SELECT key_hash, route, partition FROM cache_entries WHERE bucket = ?",
+                                (bucket,)).fetchall()
+
+    def pending_flushes(self) -> list[tuple[int, str, str | None]]:
+        with closing(connect(self.db_path)) as conn:
+            return conn.execute("SELECT id, target, value FROM cache_flush_requests WHERE applied_at IS NULL "
+                                "ORDER BY id").fetchall()
+
+    def flush_applied(self, request_id: int, count: int) -> None:
+        with closing(connect(self.db_path)) as conn:
+            conn.execute("UPDATE cache_flush_requests SET applied_at = ?, flushed = ? WHERE id = ?",
+                         (utcnow_iso(), count, request_id))
+
+    # --- the writer thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        conn = connect(self.db_path)
+        stopping = False
+        while not stopping:
+            ops = []
+            try:
+                ops.append(self._queue.get(timeout=self.interval))
+                while len(ops) < 2000:
+                    ops.append(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            if self._STOP in ops:
+                stopping = True
+                ops = [op for op in ops if op is not self._STOP]
+            if ops:
+                try:
+                    self._apply(conn, ops)
+                except sqlite3.Error as exc:  # the mirror is advisory: log and go on
+                    log.warning("cache mirror: %d operations not written (%s)", len(ops), exc)
+        conn.close()
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, ops: list) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for kind, args in ops:
+                if kind == "stored":
+                    conn.execute(
+                        "INSERT INTO cache_entries (key_hash, bucket, route, scope, partition, size, created_at,"
+                        " expires_at, hits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (key_hash) DO UPDATE SET"
+                        " size = excluded.size, created_at = excluded.created_at, expires_at = excluded.expires_at",
+                        args)
+                elif kind == "hit":
+                    conn.execute("UPDATE cache_entries SET hits = hits + 1, last_hit_at = ? WHERE key_hash = ?", args)
+                else:
+                    if kind == "evicted":
+                        conn.executemany(
+                            "INSERT INTO cache_evictions (bucket, route, evictions) SELECT bucket, route, 1 "
+                            "FROM cache_entries WHERE key_hash = ? ON CONFLICT (bucket, route) "
+                            "DO UPDATE SET evictions = evictions + 1", [(k,) for k in args])
+                    conn.executemany("DELETE FROM cache_entries WHERE key_hash = ?", [(k,) for k in args])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+

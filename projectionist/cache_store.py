@@ -1,0 +1,137 @@
+"""The response cache's storage: cache keys, entries, and two layers (memory LRU over diskcache).
+
+Entries keep the upstream's body exactly as received (still content-encoded), so a hit is served
+without re-encoding. The memory layer is bounded in bytes and answers in the event loop; the disk
+layer (diskcache: SQLite index + files, safe across processes, bounded in bytes with LRU culling)
+is blocking and is only touched from a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlencode
+
+import diskcache
+
+# Query parameters that carry credentials: never part of a key (the scope partition is).
+CREDENTIAL_PARAMS = frozenset({"x-plex-token", "api_key", "access_token"})
+
+
+def cache_key(upstream: str, method: str, path: str, query: Iterable[tuple[str, str]],
+              vary: Mapping[str, str], partition: str) -> str:
+    """method + upstream + path + sorted query without credentials + declared vary headers +
+    scope partition ("shared", or "u<user id>" for user-scoped routes), hashed."""
+    q = sorted((k, v) for k, v in query if k.lower() not in CREDENTIAL_PARAMS)
+    varied = "&".join(f"{k.lower()}={v}" for k, v in sorted(vary.items()))
+    raw = f"{method} {upstream} {path}?{urlencode(q)}\n{varied}\n{partition}"
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+@dataclass
+class Entry:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes  # as received: still gzip/br if the upstream compressed it
+    stored_at: float
+    ttl: float
+    stale_while_revalidate: float
+    stale_if_error: float
+    route: str
+    partition: str
+    hits: int = 0
+    memory_only: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + sum(len(k) + len(v) for k, v in self.headers) + 200
+
+    def age(self, now: float | None = None) -> float:
+        return (now or time.time()) - self.stored_at
+
+    def fresh(self, now: float | None = None) -> bool:
+        return self.age(now) < self.ttl
+
+    def usable_stale(self, window: float, now: float | None = None) -> bool:
+        return self.age(now) < self.ttl + window
+
+    def expired_for_good(self, now: float | None = None) -> bool:
+        return self.age(now) >= self.ttl + max(self.stale_while_revalidate, self.stale_if_error)
+
+
+class MemoryLRU:
+    """Least-recently-used entries, bounded by their total size in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.evictions = 0
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+
+    def get(self, key: str) -> Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: Entry) -> list[tuple[str, Entry]]:
+        """Store; returns the entries evicted to make room."""
+        self.pop(key)
+        if entry.size > self.max_bytes:
+            return []
+        self._entries[key] = entry
+        self.bytes += entry.size
+        evicted = []
+        while self.bytes > self.max_bytes:
+            old_key, old = self._entries.popitem(last=False)
+            self.bytes -= old.size
+            self.evictions += 1
+            evicted.append((old_key, old))
+        return evicted
+
+    def pop(self, key: str) -> Entry | None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry.size
+        return entry
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class DiskLayer:
+    """diskcache, bounded in bytes, least-recently-used culling. Blocking: call from a thread."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.cache = diskcache.Cache(str(directory), size_limit=max_bytes,
+                                     eviction_policy="least-recently-used", cull_limit=10)
+
+    def get(self, key: str) -> Entry | None:
+        return self.cache.get(key)
+
+    def put(self, key: str, entry: Entry) -> None:
+        expire = entry.ttl + max(entry.stale_while_revalidate, entry.stale_if_error)
+        self.cache.set(key, entry, expire=max(expire - entry.age(), 1))
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self.cache.delete(key)
+
+    def contains(self, keys: Iterable[str]) -> set[str]:
+        return {k for k in keys if k in self.cache}
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+    def volume(self) -> int:
+        return self.cache.volume()
+
+    def close(self) -> None:
+        self.cache.close()

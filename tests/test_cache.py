@@ -1,0 +1,229 @@
+"""The response cache through the real proxy (embedded, as `projectionist proxy` runs it) against a
+local upstream whose speed, failures and headers each test controls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from projectionist.config import Config
+from proxy_addons.runner import EmbeddedProxy
+
+from support import free_port, write_test_rules
+
+TMDB_PATH = "/3/movie/603"
+
+
+class Upstream:
+    """Counts requests per path; `delay`, `status`, `cache_control` and `down` are per test."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.delay = 0.0
+        self.status = 200
+        self.cache_control: str | None = None
+        self.runner: web.AppRunner | None = None
+        self.port = free_port()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.calls[request.path] = self.calls.get(request.path, 0) + 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        headers = {"Access-Control-Allow-Origin": "*"}
+        if self.cache_control:
+            headers["Cache-Control"] = self.cache_control
+        return web.json_response({"path": request.path, "n": self.calls[request.path],
+                                  "accept": request.headers.get("Accept", "")}, status=self.status, headers=headers)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+def short_ttls(rules: dict) -> None:
+    """tmdb.details: fresh 1 s, then stale-while-revalidate for 2 s; stale-if-error for 30 s."""
+    for route in rules["routes"]:
+        if route["name"] == "tmdb.details":
+            route["cache"] = {"ttl": 1, "stale_while_revalidate": 2, "stale_if_error": 30, "scope": "shared",
+                              "negative_ttl": 30}
+        if route["name"] == "tmdb.search":
+            route["cache"] = {"ttl": 1, "stale_if_error": 30, "scope": "shared"}
+    rules["proxy"]["upstream_timeout"] = 1
+
+
+@pytest.fixture
+async def upstream():
+    up = Upstream()
+    await up.start()
+    yield up
+    await up.stop()
+
+
+async def start_proxy(tmp_path, upstream: Upstream) -> EmbeddedProxy:
+    rules = tmp_path / "rules.yaml"
+    if not rules.exists():
+        write_test_rules(rules, free_port(), short_ttls)
+    config = Config(home=tmp_path, rules_path=rules, datasette_metadata=tmp_path / "unused.yml", proxy_port=0,
+                    upstream_overrides=(f"tmdb=http://127.0.0.1:{upstream.port}",))
+    return await EmbeddedProxy(config).start()
+
+
+@pytest.fixture
+async def proxy(tmp_path, upstream):
+    p = await start_proxy(tmp_path, upstream)
+    yield p
+    await p.stop()
+
+
+class Client:
+    def __init__(self, proxy: EmbeddedProxy) -> None:
+        self.proxy_url = f"http://127.0.0.1:{proxy.ports['regular']}"
+        self.session = aiohttp.ClientSession()
+
+    async def get(self, path: str, **headers) -> tuple[int, dict, dict]:
+        async with self.session.get(f"http://api.themoviedb.org{path}", proxy=self.proxy_url,
+                                    headers=headers) as r:
+            text = await r.text()
+            return r.status, dict(r.headers), (json.loads(text) if text.startswith("{") else text)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+@pytest.fixture
+async def client(proxy):
+    c = Client(proxy)
+    yield c
+    await c.close()
+
+
+async def test_miss_then_hit_with_cache_status_and_age(client, upstream):
+    status, headers, body = await client.get(TMDB_PATH)
+    assert status == 200 and headers["Cache-Status"] == "Projectionist; fwd=miss; stored"
+    status, headers, again = await client.get(TMDB_PATH)
+    assert status == 200 and again == body
+    assert headers["Cache-Status"].startswith("Projectionist; hit; ttl=")
+    assert int(headers["Age"]) >= 0
+    assert upstream.calls[TMDB_PATH] == 1
+
+
+async def test_credentials_are_not_part_of_the_key(client, upstream):
+    await client.get(f"{TMDB_PATH}?api_key=one")
+    _, headers, _ = await client.get(f"{TMDB_PATH}?api_key=two")
+    assert "hit" in headers["Cache-Status"] and upstream.calls[TMDB_PATH] == 1
+
+
+async def test_concurrent_identical_misses_make_one_upstream_request(client, upstream):
+    upstream.delay = 0.5
+    results = await asyncio.gather(*(client.get(TMDB_PATH) for _ in range(100)))
+    assert upstream.calls[TMDB_PATH] == 1
+    assert all(status == 200 and body["n"] == 1 for status, _, body in results)
+    statuses = [headers["Cache-Status"] for _, headers, _ in results]
+    assert statuses.count("Projectionist; fwd=miss; stored") == 1
+    assert statuses.count("Projectionist; fwd=miss; collapsed") == 99
+
+
+async def test_stale_while_revalidate_answers_at_once_and_refreshes_once(client, upstream):
+    await client.get(TMDB_PATH)
+    await asyncio.sleep(1.1)  # past the 1 s ttl, inside the 2 s stale window
+    upstream.delay = 0.5
+    started = time.monotonic()
+    results = await asyncio.gather(*(client.get(TMDB_PATH) for _ in range(10)))
+    assert time.monotonic() - started < 0.4  # nobody waited for the 0.5 s upstream
+    assert all("fwd=stale" in headers["Cache-Status"] and body["n"] == 1 for _, headers, body in results)
+    await asyncio.sleep(0.8)
+    assert upstream.calls[TMDB_PATH] == 2  # exactly one background refresh
+    _, headers, body = await client.get(TMDB_PATH)
+    assert "hit" in headers["Cache-Status"] and body["n"] == 2
+
+
+@pytest.mark.parametrize("failure", ["down", "timeout", "500", "429"])
+async def test_stale_if_error(client, upstream, failure):
+    path = "/3/search/movie?query=matrix"
+    await client.get(path)
+    await asyncio.sleep(1.1)  # stale (no stale-while-revalidate on search)
+    if failure == "down":
+        await upstream.stop()
+    elif failure == "timeout":
+        upstream.delay = 5
+    else:
+        upstream.status = int(failure)
+    started = time.monotonic()
+    status, headers, body = await client.get(path)
+    assert status == 200 and body["n"] == 1
+    assert "fwd=stale" in headers["Cache-Status"] and "stale-if-error" in headers["Cache-Status"]
+    assert time.monotonic() - started < 2  # the 1 s upstream deadline, not a hang
+    if failure == "down":
+        await upstream.start()
+
+
+async def test_dead_upstream_without_stale_is_a_quick_clean_error(client, upstream):
+    upstream.delay = 5
+    started = time.monotonic()
+    status, headers, _ = await client.get("/3/movie/550")
+    assert status == 504 and time.monotonic() - started < 2
+    await upstream.stop()
+    status, _, _ = await client.get("/3/movie/551")
+    assert status == 502
+    await upstream.start()
+
+
+async def test_no_store_and_errors_are_not_cached_but_404_briefly_is(client, upstream):
+    upstream.cache_control = "private, max-age=0"
+    await client.get("/3/movie/1")
+    await client.get("/3/movie/1")
+    assert upstream.calls["/3/movie/1"] == 2
+    upstream.cache_control, upstream.status = None, 500
+    await client.get("/3/movie/2")
+    await client.get("/3/movie/2")
+    assert upstream.calls["/3/movie/2"] == 2
+    upstream.status = 404
+    await client.get("/3/movie/3")
+    status, headers, _ = await client.get("/3/movie/3")
+    assert status == 404 and "hit" in headers["Cache-Status"] and upstream.calls["/3/movie/3"] == 1
+
+
+async def test_hits_carry_cors_for_the_requesting_origin(client, upstream):
+    await client.get(TMDB_PATH)  # stored from a request without Origin
+    _, headers, _ = await client.get(TMDB_PATH, Origin="http://player.example")
+    assert "hit" in headers["Cache-Status"] and headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_entries_survive_a_restart_and_are_mirrored_without_urls(tmp_path, upstream):
+    proxy = await start_proxy(tmp_path, upstream)
+    client = Client(proxy)
+    await client.get(f"{TMDB_PATH}?api_key=secret-looking-value")
+    await client.close()
+    await proxy.stop()
+    proxy = await start_proxy(tmp_path, upstream)  # a new process would do the same: memory is empty
+    client = Client(proxy)
+    try:
+        for _ in range(50):  # the key index is reloaded in the background at start-up
+            _, headers, _ = await client.get(TMDB_PATH)
+            if "hit" in headers["Cache-Status"]:
+                break
+            await asyncio.sleep(0.05)
+        assert "hit" in headers["Cache-Status"] and upstream.calls[TMDB_PATH] == 1
+    finally:
+        await client.close()
+        await proxy.stop()
+    rows = sqlite3.connect(tmp_path / "projectionist.db").execute(
+        "SELECT key_hash, bucket, route, scope, partition, size, hits FROM cache_entries").fetchall()
+    assert len(rows) == 1
+    key_hash, bucket, route, scope, partition, size, hits = rows[0]
+    assert (bucket, route, scope, partition) == ("api", "tmdb.details", "shared", "shared")
+    assert len(key_hash) == 64 and size > 0 and hits >= 1
+    db_bytes = (tmp_path / "projectionist.db").read_bytes()
+    assert b"secret-looking-value" not in db_bytes and b"/3/movie" not in db_bytes
