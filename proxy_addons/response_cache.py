@@ -52,6 +52,10 @@ _INVALIDATES = "projectionist.cache.invalidates"
 _TOKEN_BEARING = ("plex-tv",)  # answers rewritten by the credential addons: refreshed only in-flow
 
 
+class UpstreamFailed(Exception):
+    """The upstream answered 5xx/429 where a stale entry can stand in."""
+
+
 @dataclass(frozen=True)
 class Fetched:
     """An upstream answer as followers of a collapsed miss receive it."""
@@ -113,8 +117,9 @@ class ResponseCache:
         rule = info.match.route.rule if info.match.route else None
         if rule is None:
             return
-        if rule.invalidates and flow.request.method != "OPTIONS":  # routes that invalidate are writes
-            flow.metadata[_INVALIDATES] = (rule.invalidates, self._partition(rule.cache, info) or f"u{info.user_id}")
+        if rule.invalidates and flow.request.method != "OPTIONS" and info.user_id is not None:
+            # Routes that invalidate are writes; they change what this user's entries say.
+            flow.metadata[_INVALIDATES] = (rule.invalidates, f"u{info.user_id}")
         if rule.cache is None or flow.request.method not in ("GET", "HEAD"):
             return
         partition = self._partition(rule.cache, info)
@@ -133,17 +138,19 @@ class ResponseCache:
             self._serve(flow, info, key, entry, "stale", now, detail="fwd=stale")
             if key not in self._refreshing:
                 self._refreshing.add(key)
-                self._spawn(self._refresh(key, flow.copy(), cache, info.match.route_name, partition))
+                self._spawn(self._refresh(key, flow.copy()))
             return
         if (leader := self._inflight.get(key)) is not None:
             try:
-                fetched = await asyncio.wait_for(asyncio.shield(leader), self._timeout())
-            except Exception:
-                fetched = None
-            if isinstance(fetched, Fetched):
-                flow.response = self._response(flow, info, fetched, "fwd=miss; collapsed")
+                outcome = await asyncio.wait_for(asyncio.shield(leader), self._timeout())
+            except TimeoutError as exc:
+                outcome = exc
+            if isinstance(outcome, Fetched):
+                flow.response = self._response(flow, info, outcome, "fwd=miss; collapsed")
                 info.cache = "miss"
                 return
+            if isinstance(outcome, Exception):  # the leader's upstream failed: so would ours
+                return self._answer_failure(flow, info, key, entry, outcome)
         await self._fetch_as_leader(flow, info, key, entry)
 
     async def _fetch_as_leader(self, flow: http.HTTPFlow, info, key: str, stale: Entry | None) -> None:
@@ -154,23 +161,26 @@ class ResponseCache:
         try:
             fetched = await self._fetch(flow)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            self._finish(key, None)
+            self._finish(key, exc)
             flow.metadata.pop(_LEADER, None)  # nothing of this answer is stored
-            if stale is not None and stale.usable_stale(rule.stale_if_error):
-                return self._serve(flow, info, key, stale, "stale", detail="fwd=stale; detail=stale-if-error")
-            gateway = 504 if isinstance(exc, TimeoutError) else 502
-            flow.response = http.Response.make(
-                gateway, f"{'Gateway Timeout' if gateway == 504 else 'Bad Gateway'}: the upstream did not answer\n",
-                {"Content-Type": "text/plain; charset=utf-8", "Cache-Status": f"Projectionist; fwd=miss; fwd-status={gateway}",
-                 **cors_headers(flow.request, info.match.upstream.kind)})
-            info.cache = "miss"
-            return
+            return self._answer_failure(flow, info, key, stale, exc)
         if (fetched.status >= 500 or fetched.status == 429) and stale is not None and stale.usable_stale(rule.stale_if_error):
-            self._finish(key, None)
+            self._finish(key, UpstreamFailed(fetched.status))
             flow.metadata.pop(_LEADER, None)
             return self._serve(flow, info, key, stale, "stale",
                                detail=f"fwd=stale; fwd-status={fetched.status}; detail=stale-if-error")
         flow.response = _to_response(fetched)
+        info.cache = "miss"
+
+    def _answer_failure(self, flow: http.HTTPFlow, info, key: str, stale: Entry | None, exc: Exception) -> None:
+        """No upstream answer: stale inside stale_if_error, else a quick clean 504 or 502."""
+        if stale is not None and stale.usable_stale(info.match.route.rule.cache.stale_if_error):
+            return self._serve(flow, info, key, stale, "stale", detail="fwd=stale; detail=stale-if-error")
+        gateway = 504 if isinstance(exc, TimeoutError) else 502
+        flow.response = http.Response.make(
+            gateway, f"{'Gateway Timeout' if gateway == 504 else 'Bad Gateway'}: the upstream did not answer\n",
+            {"Content-Type": "text/plain; charset=utf-8", "Cache-Status": f"Projectionist; fwd=miss; fwd-status={gateway}",
+             **cors_headers(flow.request, info.match.upstream.kind)})
         info.cache = "miss"
 
     async def _fetch(self, flow: http.HTTPFlow) -> Fetched:
@@ -195,6 +205,11 @@ class ResponseCache:
             flow.response.headers["Cache-Status"] = f"Projectionist; fwd=miss{'; stored' if stored else ''}"
         if (invalidates := flow.metadata.pop(_INVALIDATES, None)) and flow.response.status_code < 400:
             await self.invalidate(*invalidates)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        # The client went away (or the flow was killed) before the answer: release the followers.
+        if (key := flow.metadata.pop(_LEADER, None)) is not None:
+            self._finish(key, None)
 
     def _store(self, key: str, flow: http.HTTPFlow, info, fetched: Fetched, now: float | None = None) -> bool:
         rule: CacheRule = info.match.route.rule.cache
@@ -252,15 +267,15 @@ class ResponseCache:
 
     # --- background work ----------------------------------------------------------------------
 
-    async def _refresh(self, key: str, flow: http.HTTPFlow, rule: CacheRule, route: str, partition: str) -> None:
+    async def _refresh(self, key: str, flow: http.HTTPFlow) -> None:
         """Stale-while-revalidate: fetch again and store, while clients get the stale entry."""
+        info = flowinfo.get(flow)
         try:
             fetched = await self._fetch(flow)
             if fetched.status < 500 and fetched.status != 429:
-                info = flowinfo.get(flow)
                 self._store(key, flow, info, fetched)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.info("background refresh of %s failed: %s", route, type(exc).__name__)
+            log.info("background refresh of %s failed: %s", info.route, type(exc).__name__)
         finally:
             self._refreshing.discard(key)
 
@@ -351,10 +366,11 @@ class ResponseCache:
         return cache_key(info.upstream, request.method if request.method != "HEAD" else "GET",
                          request.path.split("?", 1)[0], request.query.items(multi=True), vary, partition)
 
-    def _finish(self, key: str, fetched: Fetched | None) -> None:
+    def _finish(self, key: str, outcome: Fetched | Exception | None) -> None:
+        """Hand the leader's outcome to the followers (None: they fetch for themselves)."""
         future = self._inflight.pop(key, None)
         if future is not None and not future.done():
-            future.set_result(fetched)
+            future.set_result(outcome)
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
