@@ -1,7 +1,11 @@
 """The control plane: an aiohttp app that owns identity, settings and administration.
 
-This skeleton serves `/health`; the auth, settings, cache and admin APIs plug into the same
-factory as route tables of their own modules.
+`/health`, the settings page (`/`), and the JSON API under `/api/`: sign-in and sessions
+(auth.py), Trakt (trakt.py), per-user settings and the localStorage import (settings.py), usage
+(usage.py), administration (admin.py), the response cache (cache_api.py), and the OpenAPI
+document of all of it (openapi.py). Each module brings its route table; this factory wires them
+with the security middlewares (security.py) and the resources they share, opened and closed by
+cleanup contexts: the read connection to the store, the vault's worker thread, the HTTP client.
 """
 
 from __future__ import annotations
@@ -14,16 +18,23 @@ import time
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 
+import aiohttp
 from aiohttp import web
 
 from projectionist.config import Config
+from projectionist.redact import RedactSecrets
 from projectionist.store import connect, migrate, schema_version
+
+from . import admin, auth, cache_api, openapi, page, security, settings, trakt, usage
+from .keys import AUTH_RATE_LIMITER, CONFIG, DB, DB_LOCK, HTTP, OPERATIONS, OPTIONS, PLEX_CLIENT_ID, UPSTREAMS, VAULT
+from .options import ControlOptions
+from .sessions import purge_expired
+from .upstreams import Upstreams
+from .vault_executor import VaultExecutor
 
 log = logging.getLogger("control")
 
-CONFIG = web.AppKey("config", Config)
-DB = web.AppKey("db", sqlite3.Connection)
-DB_LOCK = web.AppKey("db_lock", asyncio.Lock)
+__all__ = ["CONFIG", "DB", "DB_LOCK", "create_app", "serve"]
 
 routes = web.RouteTableDef()
 
@@ -78,11 +89,29 @@ async def access_log(request: web.Request, handler) -> web.StreamResponse:
         }})
 
 
-def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[access_log])
+def create_app(config: Config, options: ControlOptions | None = None) -> web.Application:
+    options = options or ControlOptions.from_env()
+    for secret in (options.server.trakt_client_secret, options.server.tmdb_read_token):
+        RedactSecrets.register(secret)  # logs never show them, even by mistake
+    app = web.Application(middlewares=[security.json_errors, access_log, security.same_origin_writes,
+                                       security.auth_rate_limit], client_max_size=openapi.MAX_BODY_BYTES)
     app[CONFIG] = config
+    app[OPTIONS] = options
     app[DB_LOCK] = asyncio.Lock()
+    app[UPSTREAMS] = Upstreams(config.upstream_overrides)
+    app[AUTH_RATE_LIMITER] = security.RateLimiter(*options.auth_rate)
+    app[VAULT] = VaultExecutor(config.db_path, config.home)
+    app[OPERATIONS] = []
+    app[trakt.REFRESH_LOCKS] = {}
     app.add_routes(routes)
+    app.add_routes(page.routes)
+    app.add_routes(openapi.routes)
+    openapi.register(app, auth.api, settings.api, usage.api, admin.api, trakt.api)
+    if isinstance(getattr(cache_api, "api", None), openapi.Api):  # documented from its models too
+        openapi.register(app, cache_api.api)
+    else:
+        app.add_routes(cache_api.routes)
+    app.on_response_prepare.append(security.security_headers)
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         config.ensure_dirs()
@@ -92,7 +121,21 @@ def create_app(config: Config) -> web.Application:
         yield
         conn.close()
 
-    app.cleanup_ctx.append(database)
+    async def vault(app: web.Application) -> AsyncIterator[None]:
+        await app[VAULT].start()
+        app[PLEX_CLIENT_ID] = await app[VAULT].run(auth.plex_client_identifier)
+        await app[VAULT].run(purge_expired)  # sessions long expired or revoked: nothing to keep them for
+        yield
+        await app[VAULT].close()
+
+    async def http_client(app: web.Application) -> AsyncIterator[None]:
+        # trust_env=False: the control plane talks to upstreams directly, never through a system proxy
+        # (which could be our own mitmproxy).
+        async with aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=15)) as session:
+            app[HTTP] = session
+            yield
+
+    app.cleanup_ctx.extend([database, vault, http_client, trakt.refresh_sweeper])
     return app
 
 

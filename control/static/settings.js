@@ -1,0 +1,177 @@
+// The settings page: everything through the JSON API; state-changing calls carry the CSRF token.
+"use strict";
+
+const state = { csrf: null };
+const $ = (id) => document.getElementById(id);
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (method !== "GET" && state.csrf) headers["X-CSRF-Token"] = state.csrf;
+  const response = await fetch(path, {
+    method, headers, credentials: "same-origin",
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  let data = null;
+  try { data = await response.json(); } catch (e) { data = null; }
+  return { status: response.status, ok: response.ok, data };
+}
+
+function say(text) {
+  const box = $("message");
+  box.textContent = text;
+  box.hidden = !text;
+}
+
+function errorText(result) {
+  return (result.data && result.data.message) || `request failed (${result.status})`;
+}
+
+async function loadSession() {
+  const result = await api("GET", "/api/auth/session");
+  if (!result.ok) {
+    state.csrf = null;
+    $("signed-in").hidden = true;
+    $("signed-out").hidden = false;
+    return false;
+  }
+  state.csrf = result.data.csrf_token;
+  $("username").textContent = result.data.user.username;
+  $("admin-badge").hidden = !result.data.user.is_admin;
+  $("session-expires").textContent = new Date(result.data.session.expires_at).toLocaleString();
+  $("signed-out").hidden = true;
+  $("signed-in").hidden = false;
+  return true;
+}
+
+async function loadSettings() {
+  const result = await api("GET", "/api/settings");
+  if (!result.ok) return;
+  const tmdb = result.data.tmdb;
+  $("tmdb-status").textContent = tmdb.custom_key ? "your own key" : "the server's key";
+  $("tmdb-bearer").textContent = tmdb.bearer;
+  $("trakt-status").textContent = result.data.trakt_connected ? "connected" : "not connected";
+}
+
+async function loadUsage() {
+  const result = await api("GET", "/api/usage?days=30");
+  if (!result.ok) return;
+  $("usage-total").textContent = String(result.data.requests);
+  $("usage-default").textContent = String(result.data.tmdb.default);
+  $("usage-custom").textContent = String(result.data.tmdb.custom);
+  const body = $("usage-table");
+  body.replaceChildren();
+  for (const route of result.data.routes) {
+    const row = document.createElement("tr");
+    for (const value of [route.upstream, route.route, route.requests, route.errors, route.avg_latency_ms ?? ""]) {
+      const cell = document.createElement("td");
+      cell.textContent = String(value);
+      row.appendChild(cell);
+    }
+    body.appendChild(row);
+  }
+  body.dataset.loaded = String(Date.now());
+}
+
+async function refreshAll() {
+  if (await loadSession()) {
+    await Promise.all([loadSettings(), loadUsage()]);
+  }
+}
+
+async function login() {
+  const result = await api("POST", "/api/auth/plex");
+  if (!result.ok) { say(errorText(result)); return; }
+  window.location.assign(result.data.auth_url);
+}
+
+async function pollLogin(pin) {
+  for (let i = 0; i < 60; i++) {
+    const result = await api("GET", `/api/auth/plex/${encodeURIComponent(pin)}`);
+    if (result.ok && result.data.status === "complete") { say(""); await refreshAll(); return; }
+    if (!result.ok) { say(errorText(result)); return; }
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+  }
+  say("Plex did not confirm the sign-in; try again.");
+}
+
+async function logout(everywhere) {
+  const result = await api("POST", everywhere ? "/api/auth/logout-everywhere" : "/api/auth/logout");
+  say(result.ok ? "Signed out." : errorText(result));
+  await refreshAll();
+}
+
+async function saveTmdbKey() {
+  const key = $("tmdb-key-input").value.trim();
+  $("tmdb-message").textContent = "Checking the key with TMDB…";
+  const result = await api("PUT", "/api/settings/tmdb-key", { key });
+  $("tmdb-message").textContent = result.ok ? "Saved: your TMDB calls now use your key." : errorText(result);
+  if (result.ok) $("tmdb-key-input").value = "";
+  await loadSettings();
+}
+
+async function removeTmdbKey() {
+  const result = await api("DELETE", "/api/settings/tmdb-key");
+  $("tmdb-message").textContent = result.ok ? "Removed: the server's key is used again." : errorText(result);
+  await loadSettings();
+}
+
+async function importSettings() {
+  let parsed;
+  try { parsed = JSON.parse($("import-input").value); } catch (e) {
+    $("import-message").textContent = "That is not JSON.";
+    return;
+  }
+  const result = await api("POST", "/api/import/local-storage", parsed);
+  $("import-message").textContent = result.ok ? "Imported. Copy this back into the player:" : errorText(result);
+  $("import-output").value = result.ok ? JSON.stringify(result.data) : "";
+  if (result.ok) { $("import-input").value = ""; await loadSettings(); }
+}
+
+async function connectTrakt() {
+  const start = await api("POST", "/api/trakt/device");
+  if (!start.ok) { $("trakt-code").textContent = errorText(start); return; }
+  $("trakt-code").textContent = `Go to ${start.data.verification_url} and enter ${start.data.user_code}`;
+  const deadline = Date.now() + start.data.expires_in * 1000;
+  while (Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, start.data.interval * 1000));
+    const poll = await api("POST", "/api/trakt/device/poll");
+    if (!poll.ok) { $("trakt-code").textContent = errorText(poll); return; }
+    if (poll.data.status === "connected") { $("trakt-code").textContent = "Connected."; break; }
+    if (poll.data.status === "denied" || poll.data.status === "expired") {
+      $("trakt-code").textContent = `Not connected (${poll.data.status}).`;
+      break;
+    }
+  }
+  await loadSettings();
+}
+
+async function disconnectTrakt() {
+  const result = await api("DELETE", "/api/trakt");
+  $("trakt-code").textContent = result.ok ? "Disconnected." : errorText(result);
+  await loadSettings();
+}
+
+async function start() {
+  $("login-button").addEventListener("click", login);
+  $("logout-button").addEventListener("click", () => logout(false));
+  $("logout-everywhere-button").addEventListener("click", () => logout(true));
+  $("tmdb-save").addEventListener("click", saveTmdbKey);
+  $("tmdb-remove").addEventListener("click", removeTmdbKey);
+  $("usage-refresh").addEventListener("click", loadUsage);
+  $("import-button").addEventListener("click", importSettings);
+  $("trakt-connect").addEventListener("click", connectTrakt);
+  $("trakt-disconnect").addEventListener("click", disconnectTrakt);
+
+  const params = new URLSearchParams(window.location.search);
+  const outcome = params.get("login");
+  const pin = params.get("pin");
+  if (outcome) window.history.replaceState(null, "", "/");
+  if (outcome === "failed") say("The sign-in could not be completed in this browser; try again.");
+  if (outcome === "expired") say("The Plex sign-in expired; try again.");
+  await refreshAll();
+  if (outcome === "pending" && pin) await pollLogin(pin);
+  document.body.dataset.ready = "true";
+}
+
+start();

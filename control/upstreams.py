@@ -1,0 +1,37 @@
+"""Where the control plane reaches plex.tv, TMDB and Trakt.
+
+The same `PROJECTIONIST_UPSTREAMS` overrides ("name=url") that the proxy applies send these calls
+elsewhere (tests, the offline demo), so no code path here can reach the real services by accident
+when an override is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from proxy_addons.router import parse_overrides
+
+# Upstream names as rules.yaml declares them -> their real base URLs.
+DEFAULT_BASES = {
+    "plextv": "https://plex.tv",
+    "tmdb": "https://api.themoviedb.org",
+    "trakt": "https://api.trakt.tv",
+}
+# Where a user approves a Plex PIN. Not an API the server calls: the browser is sent there.
+PLEX_APP_AUTH = "https://app.plex.tv/auth/#!?"
+
+PRODUCT = "Projectionist"
+try:
+    PRODUCT_VERSION = version("projectionist")
+except PackageNotFoundError:  # running from a checkout that was never installed
+    PRODUCT_VERSION = "0"
+
+
+class Upstreams:
+    def __init__(self, overrides: Sequence[str] = ()) -> None:
+        self.bases = dict(DEFAULT_BASES)
+        self.bases.update({name: url for name, url in parse_overrides(overrides).items() if name in DEFAULT_BASES})
+
+    def url(self, name: str, path: str) -> str:
+        return self.bases[name] + path
