@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -81,18 +82,19 @@ def cmd_control(_args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(_args: argparse.Namespace) -> int:
-    from .dashboard import UnsafeMetadata, datasette_command
+    from .dashboard import UnsafeMetadata, datasette_command, datasette_env
     from .store import open_db
 
     config = Config.from_env()
     try:
         cmd = datasette_command(config)
+        config.ensure_dirs()
+        env = datasette_env(config)  # the admin password's hash, for the Basic auth plugin
     except UnsafeMetadata as exc:
         print(exc, file=sys.stderr)
         return 1
-    config.ensure_dirs()
     open_db(config.db_path).conn.close()  # Datasette must find the schema, not an empty file
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, env)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -109,6 +111,10 @@ def _wait_http(url: str, deadline: float) -> bool:
             with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status < 500:
                     return True
+        except urllib.error.HTTPError as exc:  # the dashboard answers 401 to anyone but the admin: it is up
+            if exc.code == 401:
+                return True
+            time.sleep(0.2)
         except OSError:
             time.sleep(0.2)
     return False
@@ -209,6 +215,7 @@ def _terminate(children) -> None:
 
 def _banner(config: Config, demo: bool) -> str:
     from .rules import load_rules
+    from .dashboard import login_hint
 
     rules = load_rules(config.rules_path)
     reverse = ", ".join(f"http://{config.host}:{port} ({name})"
@@ -219,6 +226,7 @@ def _banner(config: Config, demo: bool) -> str:
         f"  Plex reverse proxy    {reverse or '(none declared in rules.yaml)'}",
         f"  control plane         http://{config.host}:{config.control_port}/health",
         f"  dashboard             http://{config.host}:{config.dashboard_port}/",
+        f"  dashboard login       {login_hint(config)}",
         f"  state                 {config.home}",
         f"  proxy CA to trust     {config.ca_cert_path}",
         "Ctrl-C stops everything.",

@@ -181,13 +181,182 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        4,
+        "analytics: richer hourly rollups, latency histogram, viewing history",
+        """
+        -- What the dashboard charts, kept per hour/upstream/route/user by UsageWriter: 4xx and 429
+        -- answers, bytes in, bytes answered from the cache (the upstream did not send them), and a
+        -- cumulative latency histogram: lat_le_N = requests answered within N ms, out of
+        -- latency_count timed ones. Sums of any group of rows stay a histogram, so p50/p95 of an
+        -- upstream, a route or a user over any time range are interpolated from it (see
+        -- projectionist/analytics.py) without touching usage_events.
+        ALTER TABLE usage_hourly ADD COLUMN client_errors INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN rate_limited INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN bytes_in INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN cache_bytes INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN latency_count INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN lat_le_1 INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN lat_le_2 INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN lat_le_5 INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN lat_le_10 INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN lat_le_25 INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN lat_le_50 INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN lat_le_100 INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN lat_le_250 INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN lat_le_500 INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN lat_le_1000 INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN lat_le_2500 INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN lat_le_5000 INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_hourly ADD COLUMN lat_le_10000 INTEGER NOT NULL DEFAULT 0;
+        -- Which kind of credential was injected (default / custom / vault / client), per hour.
+        CREATE TABLE credential_hourly (
+            hour TEXT NOT NULL,
+            upstream TEXT NOT NULL,
+            credential TEXT NOT NULL,
+            user_id INTEGER NOT NULL DEFAULT 0,
+            requests INTEGER NOT NULL DEFAULT 0,
+            errors INTEGER NOT NULL DEFAULT 0,
+            rate_limited INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (hour, upstream, credential, user_id)
+        );
+        -- Queued/refused requests per hour, kept by a trigger whoever writes rate_limit_events.
+        CREATE TABLE rate_limit_hourly (
+            hour TEXT NOT NULL,
+            upstream TEXT NOT NULL,
+            rule TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            user_id INTEGER NOT NULL DEFAULT 0,
+            events INTEGER NOT NULL DEFAULT 0,
+            waited_ms_sum REAL NOT NULL DEFAULT 0,
+            waited_ms_max REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (hour, upstream, rule, outcome, user_id)
+        );
+        INSERT INTO rate_limit_hourly (hour, upstream, rule, outcome, user_id, events, waited_ms_sum, waited_ms_max)
+            SELECT strftime('%Y-%m-%dT%H:00', ts, 'unixepoch'), coalesce(upstream, ''), rule, outcome,
+                   coalesce(user_id, 0), count(*), sum(waited_ms), max(waited_ms)
+            FROM rate_limit_events GROUP BY 1, 2, 3, 4, 5;
+        CREATE TRIGGER rate_limit_events_rollup AFTER INSERT ON rate_limit_events BEGIN
+            INSERT INTO rate_limit_hourly (hour, upstream, rule, outcome, user_id, events, waited_ms_sum, waited_ms_max)
+            VALUES (strftime('%Y-%m-%dT%H:00', NEW.ts, 'unixepoch'), coalesce(NEW.upstream, ''), NEW.rule,
+                    NEW.outcome, coalesce(NEW.user_id, 0), 1, NEW.waited_ms, NEW.waited_ms)
+            ON CONFLICT (hour, upstream, rule, outcome, user_id) DO UPDATE SET
+                events = events + 1,
+                waited_ms_sum = waited_ms_sum + excluded.waited_ms_sum,
+                waited_ms_max = max(waited_ms_max, excluded.waited_ms_max);
+        END;
+        -- Viewing history, derived from the player's timeline/scrobble traffic
+        -- (proxy_addons/viewing_history.py). Titles come from the metadata answers that pass.
+        CREATE TABLE media_items (
+            rating_key TEXT PRIMARY KEY,
+            type TEXT,
+            title TEXT,
+            grandparent_title TEXT,
+            parent_index INTEGER,
+            item_index INTEGER,
+            year INTEGER,
+            duration_ms INTEGER,
+            updated_at REAL NOT NULL
+        );
+        -- One row per play session. client_hash tells a user's devices apart (a hash of the client
+        -- identifier, never the identifier); no transcode session id, no token.
+        CREATE TABLE plays (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER REFERENCES users(id) ON DELETE SET NULL,
+            rating_key TEXT NOT NULL,
+            player TEXT,
+            client_hash TEXT,
+            source TEXT NOT NULL DEFAULT 'timeline',
+            started_at REAL NOT NULL,
+            last_seen_at REAL NOT NULL,
+            stopped_at REAL,
+            state TEXT NOT NULL,
+            position_ms INTEGER,
+            duration_ms INTEGER,
+            watched_ms INTEGER NOT NULL DEFAULT 0,
+            paused_ms INTEGER NOT NULL DEFAULT 0,
+            watched INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX plays_started ON plays(started_at);
+        CREATE INDEX plays_user ON plays(user_id, started_at);
+        CREATE INDEX plays_open ON plays(stopped_at, last_seen_at);
+        CREATE VIEW play_history AS
+            SELECT p.id, p.user_id, coalesce(u.username, '(unknown)') AS username,
+                   coalesce(CASE WHEN m.type = 'episode'
+                                 THEN coalesce(m.grandparent_title, '?') || ' - S' || coalesce(m.parent_index, '?')
+                                      || 'E' || coalesce(m.item_index, '?') || ' - ' || coalesce(m.title, '')
+                                 ELSE m.title || coalesce(' (' || m.year || ')', '') END,
+                            'item ' || p.rating_key) AS title,
+                   m.type AS media_type, p.player, p.source,
+                   datetime(p.started_at, 'unixepoch') AS started_utc,
+                   datetime(coalesce(p.stopped_at, p.last_seen_at), 'unixepoch') AS ended_utc,
+                   p.stopped_at IS NULL AS active, p.state,
+                   round(p.watched_ms / 60000.0, 1) AS watched_min,
+                   round(p.paused_ms / 60000.0, 1) AS paused_min,
+                   CASE WHEN p.duration_ms > 0 THEN round(100.0 * p.position_ms / p.duration_ms) END AS progress_pct,
+                   p.watched, p.rating_key
+            FROM plays p
+            LEFT JOIN user_directory u ON u.id = p.user_id
+            LEFT JOIN media_items m ON m.rating_key = p.rating_key;
+        -- Per user, all time: usage and viewing, nothing from users but the directory's columns.
+        CREATE VIEW user_activity AS
+            WITH h AS (
+                SELECT user_id, sum(requests) AS requests, sum(errors) AS errors, sum(bytes_out) AS bytes_out,
+                       sum(cache_hits) AS hits, sum(cache_hits + cache_misses + cache_stale) AS lookups,
+                       max(hour) AS last_hour
+                FROM usage_hourly GROUP BY user_id),
+            p AS (
+                SELECT user_id, count(*) AS plays, sum(watched_ms) AS watched_ms, max(started_at) AS last_play
+                FROM plays WHERE source = 'timeline' GROUP BY user_id)
+            SELECT u.id AS user_id, u.username, u.is_admin, u.created_at, u.last_seen_at,
+                   coalesce(h.requests, 0) AS requests, coalesce(h.errors, 0) AS errors,
+                   round(coalesce(h.bytes_out, 0) / 1048576.0, 1) AS mb_out,
+                   CASE WHEN h.lookups > 0 THEN round(100.0 * h.hits / h.lookups, 1) END AS cache_hit_pct,
+                   h.last_hour AS last_request_hour,
+                   coalesce(p.plays, 0) AS plays, round(coalesce(p.watched_ms, 0) / 3600000.0, 2) AS watch_hours,
+                   datetime(p.last_play, 'unixepoch') AS last_play_utc
+            FROM user_directory u
+            LEFT JOIN h ON h.user_id = u.id
+            LEFT JOIN p ON p.user_id = u.id;
+        """,
+    ),
+    (
+        3,
+        "control plane: sign-in flows, Plex servers per user, server identity",
+        """
+        -- Sign-ins in progress: a Plex PIN (bound to the browser that started it by a hashed
+        -- nonce cookie) or a Trakt device code (bound to the signed-in user). The PIN code and
+        -- the device code are encrypted; external_id is the PIN id or a hash of the device code.
+        CREATE TABLE auth_flows (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            external_id TEXT NOT NULL,
+            binding_hash TEXT,
+            user_id INTEGER REFERENCES users(id) ON DELETE CASCADE,
+            secret_enc BLOB,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            completed_at TEXT,
+            UNIQUE (kind, external_id)
+        );
+        CREATE INDEX auth_flows_expiry ON auth_flows(expires_at);
+        -- The Plex servers a user picked (names and URLs; their tokens live in the vault).
+        ALTER TABLE user_settings ADD COLUMN plex_servers TEXT NOT NULL DEFAULT '[]';
+        -- Values the control plane keeps about itself, e.g. its stable Plex client identifier.
+        CREATE TABLE control_state (
+            name TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+        """,
+    ),
 )
 
 SCHEMA_VERSION = max(version for version, _, _ in MIGRATIONS)
 
 # Tables holding secrets, hashes of secrets or personal data: the dashboard must deny them.
 # A migration that adds such a table adds it here too.
-SECRET_TABLES: tuple[str, ...] = ("users", "sessions", "user_settings", "vault_tokens", "user_credentials")
+SECRET_TABLES: tuple[str, ...] = ("users", "sessions", "user_settings", "vault_tokens", "user_credentials",
+                                  "auth_flows", "control_state")
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
@@ -225,7 +394,7 @@ def migrate(conn: sqlite3.Connection) -> int:
     conn.execute("BEGIN IMMEDIATE")
     try:
         applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
-        for version, name, sql in MIGRATIONS:
+        for version, name, sql in sorted(MIGRATIONS):
             if version in applied:
                 continue
             log.info("applying migration %d: %s", version, name)
@@ -308,37 +477,87 @@ _INSERT_USAGE = (
     f"INSERT INTO usage_events ({', '.join(USAGE_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in USAGE_COLUMNS)})"
 )
-_UPSERT_HOURLY = """
-INSERT INTO usage_hourly (hour, upstream, route, user_id, requests, errors, bytes_out,
-                          cache_hits, cache_misses, cache_stale, latency_ms_sum, latency_ms_max)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (hour, upstream, route, user_id) DO UPDATE SET
+# Upper bounds (ms) of the cumulative latency histogram in usage_hourly (lat_le_N columns, migration 4).
+LATENCY_BOUNDS_MS: tuple[int, ...] = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+_HOURLY_COLUMNS = (
+    "requests", "errors", "bytes_out", "cache_hits", "cache_misses", "cache_stale", "latency_ms_sum",
+    "latency_ms_max", "client_errors", "rate_limited", "bytes_in", "cache_bytes", "latency_count",
+    *(f"lat_le_{b}" for b in LATENCY_BOUNDS_MS),
+)
+_UPSERT_HOURLY = (
+    f"INSERT INTO usage_hourly (hour, upstream, route, user_id, {', '.join(_HOURLY_COLUMNS)}) "
+    f"VALUES (?, ?, ?, ?, {', '.join('?' for _ in _HOURLY_COLUMNS)}) "
+    "ON CONFLICT (hour, upstream, route, user_id) DO UPDATE SET "
+    + ", ".join(f"{c} = max({c}, excluded.{c})" if c == "latency_ms_max" else f"{c} = {c} + excluded.{c}"
+                for c in _HOURLY_COLUMNS)
+)
+_UPSERT_CREDENTIAL = """
+INSERT INTO credential_hourly (hour, upstream, credential, user_id, requests, errors, rate_limited)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (hour, upstream, credential, user_id) DO UPDATE SET
     requests = requests + excluded.requests,
     errors = errors + excluded.errors,
-    bytes_out = bytes_out + excluded.bytes_out,
-    cache_hits = cache_hits + excluded.cache_hits,
-    cache_misses = cache_misses + excluded.cache_misses,
-    cache_stale = cache_stale + excluded.cache_stale,
-    latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum,
-    latency_ms_max = max(latency_ms_max, excluded.latency_ms_max)
+    rate_limited = rate_limited + excluded.rate_limited
 """
+
+
+def _is_error(e: UsageEvent) -> bool:
+    return bool(e.error or (e.status or 0) >= 500 or e.status is None)
 
 
 def hourly_rollup(events: Iterable[UsageEvent]) -> list[tuple]:
     """Summarise events into usage_hourly rows (one per hour/upstream/route/user)."""
+    from bisect import bisect_left
+
     buckets: dict[tuple, list] = {}
+    n_bounds = len(LATENCY_BOUNDS_MS)
+    hours: dict[int, str] = {}
     for e in events:
-        hour = datetime.fromtimestamp(e.ts, UTC).strftime("%Y-%m-%dT%H:00")
+        hour_ts = int(e.ts // 3600)
+        hour = hours.get(hour_ts)
+        if hour is None:
+            hour = hours[hour_ts] = datetime.fromtimestamp(hour_ts * 3600, UTC).strftime("%Y-%m-%dT%H:00")
         key = (hour, e.upstream, e.route, e.user_id or 0)
-        b = buckets.setdefault(key, [0, 0, 0, 0, 0, 0, 0.0, 0.0])
+        b = buckets.get(key)
+        if b is None:
+            b = buckets[key] = [0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, 0, 0, 0] + [0] * (n_bounds + 1)
+        status = e.status or 0
         b[0] += 1
-        b[1] += 1 if (e.error or (e.status or 0) >= 500 or e.status is None) else 0
+        b[1] += _is_error(e)
         b[2] += e.bytes_out
         b[3] += e.cache == "hit"
         b[4] += e.cache == "miss"
         b[5] += e.cache == "stale"
         b[6] += e.latency_ms or 0.0
         b[7] = max(b[7], e.latency_ms or 0.0)
+        b[8] += 400 <= status < 500
+        b[9] += status == 429
+        b[10] += e.bytes_in
+        b[11] += e.bytes_out if e.cache in ("hit", "stale") else 0
+        if e.latency_ms is not None:
+            b[12] += 1
+            b[13 + bisect_left(LATENCY_BOUNDS_MS, e.latency_ms)] += 1  # per bucket; cumulated below
+    rows = []
+    for key, b in buckets.items():
+        cumulative, running = [], 0
+        for count in b[13:13 + n_bounds]:
+            running += count
+            cumulative.append(running)
+        rows.append(key + tuple(b[:13]) + tuple(cumulative))
+    return rows
+
+
+def credential_rollup(events: Iterable[UsageEvent]) -> list[tuple]:
+    """credential_hourly rows: requests per hour/upstream/credential kind/user (credentialed ones only)."""
+    buckets: dict[tuple, list] = {}
+    for e in events:
+        if not e.credential:
+            continue
+        hour = datetime.fromtimestamp(e.ts, UTC).strftime("%Y-%m-%dT%H:00")
+        b = buckets.setdefault((hour, e.upstream, e.credential, e.user_id or 0), [0, 0, 0])
+        b[0] += 1
+        b[1] += _is_error(e)
+        b[2] += e.status == 429
     return [key + tuple(v) for key, v in buckets.items()]
 
 
@@ -413,6 +632,7 @@ class UsageWriter:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(_INSERT_USAGE, [e.as_row() for e in events])
             conn.executemany(_UPSERT_HOURLY, hourly_rollup(events))
+            conn.executemany(_UPSERT_CREDENTIAL, credential_rollup(events))
             conn.execute("COMMIT")
             return True
         except sqlite3.Error as exc:

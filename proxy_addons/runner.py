@@ -28,6 +28,7 @@ from .streaming import LargeBodies
 from .tmdb_key import TmdbKey
 from .trakt_credentials import TraktCredentials
 from .usage import UsageRecorder
+from .viewing_history import ViewingHistory
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def projectionist_addons() -> list:
     store = CredentialStore()
     return [watcher, router, Listeners(watcher, router), store, PlexTokens(store, watcher, router),
             TmdbKey(store), TraktCredentials(store), ResponseCache(watcher), LargeBodies(watcher),
-            UsageRecorder()]
+            UsageRecorder(), ViewingHistory()]
 
 
 def mitmproxy_addons() -> list:

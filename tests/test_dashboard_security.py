@@ -1,15 +1,21 @@
 """The dashboard's lock-down, attacked for real.
 
-Datasette runs exactly as the product starts it (`projectionist.dashboard.datasette_command` with the
-shipped datasette_metadata.yml) over a store holding recognisable fake secrets in every
-secret-bearing place. Every Datasette route that could reach them is then tried: table, row, JSON
-and CSV pages of the denied tables, arbitrary SQL, `_where=`, `_through=`, facets, foreign-key label
-expansion, the instance and database pages and the database download. No response body or header may
-contain a secret, the denied resources must be refused, and the visible tables must still work.
+Datasette runs exactly as the product starts it (`projectionist.dashboard.datasette_command` and
+`datasette_env` with the shipped datasette_metadata.yml) over a store holding recognisable fake
+secrets in every secret-bearing place: session ids and CSRF hashes, e-mails, vault rows (surrogate
+hashes, encrypted tokens, keyed hashes) made by the real Vault, a user's encrypted custom key, the
+vault key file, the dashboard password and its hash, a player's client identifier. Every Datasette
+route that could reach them is then tried, as the admin: table, row, blob, JSON and CSV pages of
+the denied tables, arbitrary SQL, `_where=`, `_through=`, facets, foreign-key label expansion, the
+instance and database pages, `/-/` endpoints, the database download, and every canned query with
+crafted parameters. No response body or header may contain a secret, the denied resources must be
+refused, and the visible tables must still work. Without the admin's credentials every route
+answers 401 and nothing else.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -27,9 +33,18 @@ import pytest
 import requests
 import yaml
 
+from projectionist.analytics import MetadataBody, PlaybackReport, PlaybackWriter
 from projectionist.config import Config
-from projectionist.dashboard import datasette_command
-from projectionist.store import SECRET_TABLES, open_db
+from projectionist.dashboard import (
+    ADMIN_USER,
+    PASSWORD_HASH_ENV,
+    admin_password,
+    datasette_command,
+    datasette_env,
+    password_path,
+)
+from projectionist.store import SECRET_TABLES, UsageEvent, UsageWriter, open_db
+from projectionist.vault import SecretBox, Vault, key_file
 
 REPO = Path(__file__).resolve().parent.parent
 DB = "projectionist"
@@ -46,14 +61,26 @@ SECRETS = {
     "users.thumb": "https://plex.invalid/users/zq5ecretthumb/avatar.png",
     "user_settings.preferences token": "plextoken-zq5ecrettoken-Q9xW2vK7",
     "user_settings.watchlist_provider": "provider-zq5ecretprov",
+    "vault_tokens.surrogate_hash": "surrhash-zq5ecretsurrhash",
+    "vault_tokens.real_hmac": "realhmac-zq5ecretrealhmac",
+    "vault_tokens.server_id": "serverid-zq5ecretserverid",
+    "user_credentials.name": "credname-zq5ecretcredname",
+    "plays client identifier": "clientid-zq5ecretclientid",
+    "real Plex token (vaulted)": "plexreal-zq5ecretplexreal-9f8e7d",
 }
+# Secrets that only exist once the store is seeded (the vault's own hashes, ciphertexts and key,
+# the surrogate it hands out, the dashboard's password and hash): filled in by the fixture.
+DYNAMIC: dict[str, str] = {}
 MARKERS = {name: (re.search(r"zq5ecret[a-z]+", value) or re.search(".+", value)).group(0)
            for name, value in SECRETS.items()}
 # Visible in user_directory by design; anywhere else it is a leak through a join or a label.
 USERNAME = "leaky-username-zq5ecretname"
 USER_ID = 4242
 DENIED = SECRET_TABLES  # every table the store declares secret
-VISIBLE = ("usage_events", "usage_hourly", "cache_entries", "rate_limit_events", "user_directory")
+VISIBLE = ("usage_events", "usage_hourly", "cache_entries", "rate_limit_events", "user_directory",
+           "credential_hourly", "rate_limit_hourly", "plays", "media_items", "play_history", "user_activity")
+# Visible by design with user names in them: the views and canned queries about users.
+SHOWS_USERNAMES = ("user_directory", "play_history", "user_activity")
 
 
 def _free_port() -> int:
@@ -97,15 +124,52 @@ def _seed(config: Config) -> None:
     conn.execute(
         "INSERT INTO rate_limit_events (ts, user_id, client, upstream, rule, waited_ms, outcome) "
         "VALUES (?, ?, '10.0.0.5', 'tmdb', 'tmdb-per-ip', 120.0, 'queued')", (now, USER_ID))
+    conn.execute(
+        "INSERT INTO vault_tokens (kind, user_id, surrogate_hash, surrogate_enc, real_hmac, secret_enc, server_id, "
+        "created_at) VALUES ('plex', ?, ?, ?, ?, ?, ?, '2024-01-01T00:00:00+00:00')",
+        (USER_ID, SECRETS["vault_tokens.surrogate_hash"], b"surrenc-zq5ecretsurrenc",
+         SECRETS["vault_tokens.real_hmac"], b"secretenc-zq5ecretsecretenc", SECRETS["vault_tokens.server_id"]))
+    conn.execute(
+        "INSERT INTO user_credentials (user_id, name, secret_enc, updated_at) VALUES (?, ?, ?, '2024-01-01')",
+        (USER_ID, SECRETS["user_credentials.name"], b"credenc-zq5ecretcredenc"))
     conn.execute("COMMIT")
+    # Through the product's own code: the vault (real hashes and ciphertexts), the usage writer
+    # (rollups), the playback writer (plays from a player whose client identifier is secret).
+    vault = Vault(config.db_path, SecretBox.load(config.home))
+    surrogate = vault.surrogate_for("plex", SECRETS["real Plex token (vaulted)"], USER_ID, "server-1")
+    vault.set_user_credential(USER_ID, "tmdb", "0123456789abcdef0123456789abcdef")
+    row = conn.execute("SELECT surrogate_hash, real_hmac, hex(surrogate_enc), hex(secret_enc) FROM vault_tokens "
+                       "WHERE server_id = 'server-1'").fetchone()
+    DYNAMIC.update({"surrogate": surrogate, "surrogate_hash": row[0], "real_hmac": row[1],
+                    "surrogate_enc (hex)": row[2], "secret_enc (hex)": row[3],
+                    "custom TMDB key": "0123456789abcdef0123456789abcdef"})
+    if key_file(config.home).exists():
+        DYNAMIC["vault key file"] = key_file(config.home).read_text().strip().splitlines()[0]
+    vault.close()
+    assert UsageWriter._write(conn, [
+        UsageEvent(ts=now - i, listener="regular", upstream="tmdb", route="tmdb.details", method="GET",
+                   status=200 if i else 429, latency_ms=5.0 + i, bytes_out=100, cache="hit" if i % 2 else "miss",
+                   user_id=USER_ID, credential="custom" if i % 3 else "default") for i in range(6)])
+    client = SECRETS["plays client identifier"]
+    writer = PlaybackWriter(config.db_path, clock=lambda: now)
+    assert writer._write(conn, [
+        MetadataBody(ts=now - 100, raw=json.dumps({"MediaContainer": {"Metadata": [
+            {"ratingKey": "1001", "type": "movie", "title": "The Matrix", "year": 1999, "duration": 8160000}]}}).encode()),
+        *(PlaybackReport(ts=now - 90 + i * 10, kind="timeline", rating_key="1001", user_id=USER_ID, client=client,
+                         player="Plex Web / Chrome", state="playing", position_ms=i * 10_000, duration_ms=8160000)
+          for i in range(5)),
+        PlaybackReport(ts=now - 30, kind="timeline", rating_key="1001", user_id=USER_ID, client=client,
+                       state="stopped", position_ms=60_000, duration_ms=8160000),
+    ])
     conn.close()
 
 
 @dataclass
 class Dashboard:
     base: str
-    session: requests.Session
+    session: requests.Session  # logged in as the admin
     config: Config
+    anonymous: requests.Session
 
     def get(self, path: str, **kw) -> requests.Response:
         return self.session.get(self.base + path, timeout=10, **kw)
@@ -121,10 +185,16 @@ def _running_dashboard(metadata: Path):
         config.ensure_dirs()
         _seed(config)
         log_path = home / "datasette.log"
+        env = datasette_env(config)
+        DYNAMIC.update({"dashboard password": admin_password(config),
+                        "dashboard password hash": env[PASSWORD_HASH_ENV].rsplit("$", 1)[-1]})
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(datasette_command(config), stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(datasette_command(config), env=env, stdout=log, stderr=subprocess.STDOUT)
         session = requests.Session()
         session.trust_env = False  # never through a proxy from the environment
+        session.auth = (ADMIN_USER, admin_password(config))
+        anonymous = requests.Session()
+        anonymous.trust_env = False
         base = f"http://{config.host}:{config.dashboard_port}"
         try:
             deadline = time.monotonic() + 15
@@ -139,9 +209,10 @@ def _running_dashboard(metadata: Path):
                 if time.monotonic() > deadline:
                     pytest.fail(f"datasette did not answer within 15 s:\n{log_path.read_text()}")
                 time.sleep(0.1)
-            yield Dashboard(base, session, config)
+            yield Dashboard(base, session, config, anonymous)
         finally:
             session.close()
+            anonymous.close()
             proc.terminate()
             try:
                 proc.wait(5)
@@ -166,6 +237,12 @@ def _leaks(response: requests.Response, *, username_allowed: bool = False) -> li
             for name, value in SECRETS.items():
                 if value in blob or MARKERS[name] in blob:
                     found.append(f"{r.request.method} {r.url} -> {r.status_code}: {name} in {where}")
+            for name, value in DYNAMIC.items():
+                if value in blob or value.lower() in blob.lower():
+                    found.append(f"{r.request.method} {r.url} -> {r.status_code}: {name} in {where}")
+            if "zq5ecret" in blob and not (username_allowed and "zq5ecretname" in blob
+                                           and blob.count("zq5ecret") == blob.count("zq5ecretname")):
+                found.append(f"{r.request.method} {r.url} -> {r.status_code}: a secret marker in {where}")
             if not username_allowed and "zq5ecretname" in blob:
                 found.append(f"{r.request.method} {r.url} -> {r.status_code}: username in {where}")
     return found
@@ -193,8 +270,9 @@ SQL_ATTEMPTS = [
 # key: the permission check comes first, and a real id_hash in the URL could be echoed back.)
 DENIED_PATHS = []
 for _table, _pk in (("sessions", "not-a-real-session"), ("users", str(USER_ID)),
-                    ("user_settings", str(USER_ID))):
+                    ("user_settings", str(USER_ID)), ("vault_tokens", "1"), ("user_credentials", f"{USER_ID},tmdb")):
     DENIED_PATHS += [
+        f"/{DB}/{_table}/{_pk}.blob?_blob_column=secret_enc", f"/{DB}/{_table}/{_pk}.blob?_blob_column=surrogate_enc",
         f"/{DB}/{_table}", f"/{DB}/{_table}.json", f"/{DB}/{_table}.csv",
         f"/{DB}/{_table}.csv?_stream=on&_dl=1",  # CSV streaming is off: 400 before the permission check
         f"/{DB}/{_table}.json?_shape=array&_size=max",
@@ -218,6 +296,8 @@ DENIED_PATHS += [
     f"/{DB}/users.json?_through={qj({'table': 'sessions', 'column': 'csrf_hash', 'value': 'x'})}",
     # the whole file
     f"/{DB}.db",
+    # canned queries are SELECTs of their own: ?sql= does not replace them, SQL stays off
+    f"/{DB}.json?sql={q('select surrogate_hash from vault_tokens')}",
 ]
 
 # Allowed (or harmlessly rejected) requests that still must not leak anything.
@@ -246,6 +326,14 @@ PROBE_PATHS = [
     f"/{DB}/usage_events?_context=1", f"/{DB}/usage_events.json?_trace=1&_labels=on",
     # sqlite's own tables
     f"/{DB}/sqlite_master", f"/{DB}/sqlite_master.json", f"/{DB}/schema_migrations.json",
+    # the analytics tables and their foreign keys to users
+    f"/{DB}/plays.json?_labels=on", f"/{DB}/plays?_labels=on", f"/{DB}/plays.json?_facet=user_id",
+    f"/{DB}/plays/1.json?_labels=on", f"/{DB}/plays.csv?_labels=on", f"/{DB}/media_items.json",
+    f"/{DB}/credential_hourly.json?_facet=user_id", f"/{DB}/rate_limit_hourly.json?_facet=user_id",
+    f"/{DB}/play_history.json?_facet=username", f"/{DB}/user_activity.json", f"/{DB}/play_history.csv",
+    f"/{DB}/usage_hourly.json?_col=email", f"/{DB}/play_history.json?_where={q('1')}",
+    # static files and plugin pages
+    "/-/static/app.css", "/-/password-tool", "/-/login", "/favicon.ico",
 ]
 
 
@@ -277,7 +365,7 @@ def test_no_route_leaks_a_secret(dashboard):
         # (Some of these are rejected, a few with Datasette's own 500 "Cannot sort table by email":
         # what matters here is that no answer carries a secret.)
         response = dashboard.get(path)
-        problems += _leaks(response, username_allowed=path.startswith(f"/{DB}/user_directory"))
+        problems += _leaks(response, username_allowed=path.startswith(tuple(f"/{DB}/{v}" for v in SHOWS_USERNAMES)))
     assert not problems, "\n".join(problems)
 
 
@@ -318,7 +406,7 @@ def test_visible_tables_answer_json(dashboard):
         assert response.headers["content-type"].startswith("application/json")
         rows = response.json()["rows"]
         assert rows, f"{table}: no rows"
-        assert not _leaks(response, username_allowed=table == "user_directory")
+        assert not _leaks(response, username_allowed=table in SHOWS_USERNAMES)
 
 
 def test_user_directory_shows_users_without_email(dashboard):
@@ -334,7 +422,7 @@ def test_user_directory_shows_users_without_email(dashboard):
 
 
 def test_label_expansion_shows_only_the_user_id(dashboard):
-    for table in ("usage_events", "rate_limit_events"):
+    for table in ("usage_events", "rate_limit_events", "plays"):
         response = dashboard.get(f"/{DB}/{table}.json?_labels=on&_shape=objects&user_id={USER_ID}")
         assert response.status_code == 200, (table, response.status_code, response.text[:300])
         rows = response.json()["rows"]
@@ -348,11 +436,113 @@ def test_label_expansion_shows_only_the_user_id(dashboard):
     assert {str(r["label"]) for r in results} <= {str(USER_ID), "7"}, results
 
 
+def _queries() -> dict:
+    return yaml.safe_load((REPO / "datasette_metadata.yml").read_text())["databases"][DB]["queries"]
+
+
+# Parameter values an attacker would try: SQL in every parameter, a denied table's name, huge and odd values.
+CRAFTED = [
+    {"since": "' OR 1=1 --", "until": "9999", "upstream": "x' UNION SELECT email FROM users --",
+     "user": "1) OR 1=1 --"},
+    {"user": "x' UNION SELECT id_hash FROM sessions --", "upstream": "tmdb'; DROP TABLE plays; --"},
+    {"user": f"{USER_ID} OR 1=1", "since": "0", "until": "datetime('now')"},
+    {"user": "%", "upstream": "%", "since": "1970-01-01", "until": "2999-01-01"},
+    {"since": "x" * 5000, "user": "\x00'\"", "upstream": "🎬"},
+]
+# Datasette's own request options, aimed at the canned query's SQL and at the store.
+OPTIONS = [
+    "", f"sql={q('select email from users')}", f"_where={q('1=1) UNION SELECT email FROM users --')}",
+    "_shape=objects&_json=sql", "_size=max&_timelimit=1", f"_sort=email&_facet=user_id&_labels=on",
+    f"_through={qj({'table': 'sessions', 'column': 'id_hash', 'value': 'x'})}",
+]
+
+
+def test_canned_queries_with_crafted_parameters_leak_nothing(dashboard):
+    problems = []
+    for name in _queries():
+        for crafted in CRAFTED:
+            for option in OPTIONS:
+                for suffix in ("", ".json", ".csv"):
+                    query = urllib.parse.urlencode(crafted) + (f"&{option}" if option else "")
+                    response = dashboard.get(f"/{DB}/{name}{suffix}?{query}")
+                    problems += _leaks(response, username_allowed=True)
+                    if response.status_code not in (200, 400):
+                        problems.append(f"{name}{suffix}?{query[:80]} -> {response.status_code}")
+    assert not problems, "\n".join(problems[:50])
+    # Nothing was dropped or written: the store is as seeded.
+    tables = dashboard.get(f"/{DB}.json").json()["tables"]
+    assert {"plays", "usage_events"} <= {t["name"] for t in tables}
+    assert dashboard.get(f"/{DB}/plays.json").json()["rows"]
+
+
+def test_canned_queries_answer_with_their_rows(dashboard):
+    """With default parameters and with the seeded user selected, each query runs; the per-user
+    filter matches the username or the id."""
+    for name in _queries():
+        for params in ("", f"?user={USER_ID}", f"?user={q(USERNAME)}", "?upstream=tmdb"):
+            response = dashboard.get(f"/{DB}/{name}.json?_shape=array" + params.replace("?", "&"))
+            assert response.status_code == 200, (name, params, response.text[:300])
+            assert not _leaks(response, username_allowed=True)
+    rows = dashboard.get(f"/{DB}/usage_per_user.json?_shape=array").json()
+    assert any(r["user"] == USERNAME and r["requests"] >= 6 for r in rows), rows
+    keys = dashboard.get(f"/{DB}/tmdb_key_usage.json?_shape=array&user={USER_ID}").json()
+    assert {r["credential"] for r in keys} == {"default", "custom"}, keys
+    plays = dashboard.get(f"/{DB}/top_titles.json?_shape=array").json()
+    assert plays and plays[0]["title"] == "The Matrix", plays
+
+
+def test_unauthenticated_clients_get_nothing(dashboard):
+    """No credentials, wrong ones or another user's name: 401 and a body that says only that."""
+    paths = ["/", "/.json", f"/{DB}", f"/{DB}.json", f"/{DB}.db", f"/{DB}/usage_events.json",
+             f"/{DB}/user_directory.json", f"/{DB}/play_history.csv", *(f"/{DB}/{name}.json" for name in _queries()),
+             "/-/versions.json", "/-/metadata.json", "/-/plugins.json", "/-/settings.json", "/-/actor.json",
+             "/-/static/app.css", "/-/static-plugins/datasette_vega/", "/-/login", "/-/password-tool",
+             "/favicon.ico", "/robots.txt", *DENIED_PATHS[:20], *PROBE_PATHS]
+    wrong = [None, (ADMIN_USER, "not-the-password"), ("root", admin_password(dashboard.config)),
+             (ADMIN_USER, ""), ("", "")]
+    problems = []
+    for path in paths:
+        for auth in wrong:
+            for method in ("GET", "POST", "HEAD"):
+                response = dashboard.anonymous.request(method, dashboard.base + path, auth=auth, timeout=10,
+                                                       data={"sql": SQL_ATTEMPTS[0]} if method == "POST" else None)
+                body = response.content
+                if response.status_code != 401 or (method != "HEAD" and body != b"401 Authorization Required"):
+                    problems.append(f"{method} {path} as {auth and auth[0]!r} -> {response.status_code} {body[:100]!r}")
+                problems += _leaks(response)
+    assert not problems, "\n".join(problems[:40])
+    # A malformed Authorization header is refused too, not an error page.
+    for header in ("Basic", "Basic !!!", "Bearer x", "Basic " + base64.b64encode(b"admin").decode()):
+        response = dashboard.anonymous.get(dashboard.base + "/", headers={"Authorization": header}, timeout=10)
+        assert response.status_code in (400, 401), (header, response.status_code)
+        assert not _leaks(response)
+
+
+def test_the_admin_gets_in_with_the_password_from_the_config_dir(dashboard):
+    path = password_path(dashboard.config)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert dashboard.session.get(dashboard.base + "/-/actor.json", timeout=10).json() == {
+        "actor": {"id": ADMIN_USER, "name": "Projectionist admin"}}
+    # Nothing about the password reaches Datasette's visible configuration.
+    for path in ("/-/metadata.json", "/-/plugins.json", "/-/settings.json"):
+        assert not _leaks(dashboard.get(path))
+
+
 @pytest.mark.parametrize("edit, problem", [
     (lambda m: m.update(allow_sql=True), "allow_sql must be false"),
     (lambda m: m["databases"][DB].update(allow_sql=True), f"databases.{DB}.allow_sql must be false"),
     (lambda m: m["databases"][DB]["tables"].pop("sessions"), "tables.sessions holds secrets"),
     (lambda m: m["databases"][DB]["tables"]["users"].update(allow=True), "tables.users holds secrets"),
+    (lambda m: m["plugins"]["datasette-auth-passwords"].pop("http_basic_auth"), "http_basic_auth must be true"),
+    (lambda m: m.pop("allow"), "allow must be {id: admin}"),
+    (lambda m: m["plugins"]["datasette-auth-passwords"].update(guest_password_hash="pbkdf2_sha256$1$a$b"),
+     "only the admin account"),
+    (lambda m: m["databases"][DB]["queries"].update(leak={"sql": "select email from users"}),
+     "queries.leak reads users"),
+    (lambda m: m["databases"][DB]["queries"].update(leak="SELECT * FROM [vault_tokens]"),
+     "queries.leak reads vault_tokens"),
+    (lambda m: m["databases"][DB]["queries"].update(w={"sql": "delete from plays", "write": True}),
+     "queries.w must not write"),
 ])
 def test_dashboard_refuses_metadata_that_would_expose_secrets(tmp_path, edit, problem):
     """Datasette consults metadata `allow_sql` before `default_allow_sql`, so an edit could turn

@@ -205,9 +205,14 @@ def test_unknown_hosts_pass_through_untouched_and_unrecorded(stack, tmp_path):
 
 def test_dashboard_shows_usage_without_sql(stack):
     stack.wait_usage("1")
-    rows = requests.get(f"{stack.dashboard_url}/projectionist/usage_events.json?_shape=array", timeout=10).json()
+    url = f"{stack.dashboard_url}/projectionist/usage_events.json?_shape=array"
+    assert requests.get(url, timeout=10).status_code == 401  # admins only
+    # As an admin: user "admin", the password from the file `projectionist run` points at.
+    admin = ("admin", (stack.home / "dashboard-password").read_text().strip())
+    rows = requests.get(url, auth=admin, timeout=10).json()
     assert rows and {"route", "upstream", "status", "latency_ms"} <= set(rows[0])
-    assert requests.get(f"{stack.dashboard_url}/projectionist.json?sql=select+1", timeout=10).status_code == 403
+    assert requests.get(f"{stack.dashboard_url}/projectionist.json?sql=select+1", auth=admin,
+                        timeout=10).status_code == 403
 
 
 def test_usage_rows_hold_no_token(stack):
