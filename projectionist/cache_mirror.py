@@ -27,6 +27,8 @@ class CacheMirror:
         self.db_path = db_path
         self.interval = interval
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._hits: dict[str, tuple[int, float]] = {}
+        self._hits_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="cache-mirror", daemon=True)
 
     def start(self) -> CacheMirror:
@@ -46,7 +48,10 @@ class CacheMirror:
                                     entry.partition, entry.size, entry.stored_at, expires)))
 
     def hit(self, key: str, ts: float) -> None:
-        self._queue.put(("hit", (ts, key)))
+        # Hits are the hot path: counted in memory, written once per key per interval.
+        with self._hits_lock:
+            count, _ = self._hits.get(key, (0, ts))
+            self._hits[key] = (count + 1, ts)
 
     def deleted(self, keys: list[str], evicted: bool = False) -> None:
         if keys:
@@ -85,6 +90,9 @@ class CacheMirror:
             if self._STOP in ops:
                 stopping = True
                 ops = [op for op in ops if op is not self._STOP]
+            with self._hits_lock:
+                hits, self._hits = self._hits, {}
+            ops.extend(("hits", (count, ts, key)) for key, (count, ts) in hits.items())
             if ops:
                 try:
                     self._apply(conn, ops)
@@ -103,8 +111,8 @@ class CacheMirror:
                         " expires_at, hits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (key_hash) DO UPDATE SET"
                         " size = excluded.size, created_at = excluded.created_at, expires_at = excluded.expires_at",
                         args)
-                elif kind == "hit":
-                    conn.execute("UPDATE cache_entries SET hits = hits + 1, last_hit_at = ? WHERE key_hash = ?", args)
+                elif kind == "hits":
+                    conn.execute("UPDATE cache_entries SET hits = hits + ?, last_hit_at = ? WHERE key_hash = ?", args)
                 else:
                     if kind == "evicted":
                         conn.executemany(

@@ -110,6 +110,21 @@ class ResponseCache:
 
     # --- the request path ---------------------------------------------------------------------
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Fresh entries of shared routes are answered as soon as the headers are in: they need no
+        user and no credential, so the credential addons' work would be wasted on them."""
+        info = flowinfo.get(flow)
+        if info is None or self.memory is None or not ctx.options.projectionist_cache or info.match.route is None:
+            return
+        rule = info.match.route.rule.cache
+        if rule is None or rule.scope != "shared" or flow.request.method not in ("GET", "HEAD"):
+            return
+        key = self._key(flow, info, rule, "shared")
+        entry = self.memory.get(key)
+        now = time.time()
+        if entry is not None and entry.fresh(now):
+            self._serve(flow, info, key, entry, "hit", now)
+
     async def request(self, flow: http.HTTPFlow) -> None:
         info = flowinfo.get(flow)
         if info is None or flow.response is not None or self.memory is None or not ctx.options.projectionist_cache:

@@ -96,7 +96,8 @@ class Router:
                 )
             return
         req = flow.request
-        match = rules.match(name, req.method, req.path.split("?", 1)[0], _first_values(req.query))
+        # req.query parses lazily: only routes with query conditions pay for it.
+        match = rules.match(name, req.method, req.path.split("?", 1)[0], req.query)
         is_reverse = isinstance(mode, ReverseMode)
         flowinfo.attach(flow, flowinfo.FlowInfo(match=match, listener="reverse" if is_reverse else "regular"))
         target = self.overrides.get(name) or (match.upstream.base_url if is_reverse else None)
@@ -105,10 +106,6 @@ class Router:
             req.scheme = parts.scheme
             req.host = parts.hostname
             req.port = parts.port or (443 if parts.scheme == "https" else 80)
-
-
-def _first_values(query) -> dict[str, str]:
-    return {k: query.get(k) for k in query.keys()}
 
 
 class Listeners:

@@ -20,6 +20,7 @@ from projectionist.config import Config
 from projectionist.rules import load_rules
 
 from .credentials import CredentialStore
+from .dispatch import CachedDispatchAddonManager
 from .plex_tokens import PlexTokens
 from .response_cache import ResponseCache
 from .router import Listeners, Router, listener_modes, parse_overrides
@@ -66,6 +67,7 @@ class EmbeddedProxy:
         overrides = parse_overrides(cfg.upstream_overrides)
         opts = options.Options()
         self.master = Master(opts, event_loop=asyncio.get_running_loop())
+        self.master.addons = CachedDispatchAddonManager(self.master)  # before any addon is added
         self.addons = projectionist_addons()
         self.master.addons.add(*mitmproxy_addons(), *self.addons)
         opts.update(

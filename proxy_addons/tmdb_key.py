@@ -30,7 +30,8 @@ class TmdbKey:
             return
         request = flow.request
         sent = request.headers.pop("Authorization", "")
-        request.query.pop("api_key", None)
+        if "api_key=" in request.path:  # editing the query re-encodes the path: only when needed
+            request.query.pop("api_key", None)
         user_id = info.user_id
         placeholder = sent.removeprefix("Bearer ").strip()
         if user_id is None and is_surrogate(placeholder):
