@@ -25,7 +25,7 @@ import ipaddress
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
@@ -54,6 +54,8 @@ class LoadResult:
     statuses: dict[int, int] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)  # first few failure messages
     hit_max_requests: bool = False
+    # run_load(classify=...): how many responses (whole run, any status) fell in each class
+    classes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,12 +92,15 @@ async def run_load(
     method: str = "GET",
     max_requests: int = 2_000_000,
     request_timeout: float = 10.0,
+    classify: Callable[[aiohttp.ClientResponse], str] | None = None,
 ) -> LoadResult:
     """Hammer `url` with `connections` concurrent keep-alive connections; see the module doc.
 
     With `proxy` (an http:// proxy on loopback) the URL may name any host: the request goes to
     the proxy in absolute form and the client never resolves or contacts that host itself.
     Without it the URL itself must be on loopback.
+    `classify(response) -> str` (optional, called once per response received, warm-up included,
+    e.g. on a `Cache-Status` header) fills `LoadResult.classes` with a count per class.
     """
     if connections < 1 or duration <= 0 or warmup < 0 or max_requests < 1:
         raise ValueError("connections >= 1, duration > 0, warmup >= 0 and max_requests >= 1 are required")
@@ -106,6 +111,7 @@ async def run_load(
 
     latencies: list[float] = []  # seconds, responses completed inside the window
     statuses: Counter[int] = Counter()
+    classes: Counter[str] = Counter()
     error_samples: list[str] = []
     failed = 0
     started = 0
@@ -131,6 +137,8 @@ async def run_load(
                     async with session.request(method, url, proxy=proxy, headers=request_headers) as resp:
                         await resp.read()
                         status = resp.status
+                        if classify is not None:
+                            classes[classify(resp)] += 1
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                     failed += 1
                     if len(error_samples) < 5:
@@ -168,6 +176,7 @@ async def run_load(
         statuses=dict(sorted(statuses.items())),
         error_samples=error_samples,
         hit_max_requests=started >= max_requests,
+        classes=dict(sorted(classes.items())),
     )
 
 

@@ -124,14 +124,16 @@ class ProxyProcess:
 
     `rules_edit(rules_dict)` may change the repository's rules.yaml before it is written (a later
     benchmark's cache or rate-limit settings); each reverse listener is moved to a free port.
-    `overrides` maps upstream names to local URLs (PROJECTIONIST_UPSTREAMS). The home directory,
+    `overrides` maps upstream names to local URLs (PROJECTIONIST_UPSTREAMS); `env` adds variables
+    (server credentials such as PROJECTIONIST_TRAKT_CLIENT_ID). The home directory,
     with its SQLite file and the proxy's log, lives until `cleanup()` (called by `__exit__`)
     so the caller can read the database after `stop()`.
     """
 
     def __init__(self, overrides: dict[str, str], rules_edit=None, start_timeout: float = 60.0,
-                 log_level: str | None = None) -> None:
+                 log_level: str | None = None, env: dict[str, str] | None = None) -> None:
         self.overrides = overrides
+        self.extra_env = dict(env or {})  # e.g. PROJECTIONIST_TRAKT_CLIENT_ID for the fakes
         self.rules_edit = rules_edit
         self.start_timeout = start_timeout
         self.log_level = log_level
@@ -188,6 +190,7 @@ class ProxyProcess:
             )
             if self.log_level:  # default: the shipped level (INFO logs connections, not requests)
                 env["PROJECTIONIST_LOG_LEVEL"] = self.log_level
+            env.update(self.extra_env)
             self._log = open(self.log_path, "wb")
             self.proc = subprocess.Popen([sys.executable, "-m", "projectionist", "proxy"], env=env,
                                          cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=self._log,
@@ -219,6 +222,94 @@ class ProxyProcess:
             self.home = None
 
     def __enter__(self) -> ProxyProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        finally:
+            self.cleanup()
+
+
+class MitmdumpProcess:
+    """A stock `mitmdump` (no scripts, default addons) as a reverse proxy in front of `target`.
+
+    The baseline "plain mitmproxy pass-through": `mitmdump --mode reverse:TARGET@PORT -q`, with
+    its confdir (CA files) in a temporary directory so nothing is written to ~/.mitmproxy.
+    `extra_args` are appended (e.g. ["--set", "connection_strategy=lazy"]).
+    """
+
+    def __init__(self, target: str, extra_args: list[str] | None = None, start_timeout: float = 60.0) -> None:
+        self.target = target.rstrip("/")
+        self.extra_args = list(extra_args or [])
+        self.start_timeout = start_timeout
+        self.home: Path | None = None
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.returncode: int | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOCALHOST}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "mitmdump.log"
+
+    def cpu_seconds(self) -> float | None:
+        return process_cpu_seconds(self.proc.pid)
+
+    @staticmethod
+    def executable() -> str:
+        """The mitmdump next to this interpreter (the project's venv), else the one on PATH."""
+        local = Path(sys.executable).parent / "mitmdump"
+        return str(local) if local.exists() else (shutil.which("mitmdump") or "mitmdump")
+
+    def start(self) -> MitmdumpProcess:
+        self.home = Path(tempfile.mkdtemp(prefix="projectionist-bench-mitmdump-"))
+        try:
+            self.port = free_port()
+            self._log = open(self.log_path, "wb")
+            cmd = [self.executable(), "--mode", f"reverse:{self.target}@{LOCALHOST}:{self.port}", "-q",
+                   "--set", f"confdir={self.home}", *self.extra_args]
+            env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+            self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
+                                         stderr=subprocess.STDOUT)
+            _wait_port(self.port, self.proc, time.monotonic() + self.start_timeout)
+        except BaseException as exc:
+            tail = self.log_tail()
+            self.stop()
+            self.cleanup()
+            if isinstance(exc, RuntimeError) and tail:
+                raise RuntimeError(f"{exc}; mitmdump log:\n{tail}") from exc
+            raise
+        return self
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except (OSError, TypeError):
+            return ""
+
+    def stop(self) -> int | None:
+        if self.proc is not None and self.returncode is None:
+            self.returncode = _stop(self.proc)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.returncode
+
+    def cleanup(self) -> None:
+        if self.home is not None:
+            shutil.rmtree(self.home, ignore_errors=True)
+            self.home = None
+
+    def __enter__(self) -> MitmdumpProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

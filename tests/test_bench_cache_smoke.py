@@ -1,0 +1,59 @@
+"""bench/cache.py runs end to end: every mode answers without errors, hits are hits, the replay runs.
+
+No timing thresholds (the ratio and the hit-rate targets are printed by the benchmark, not asserted
+here): this box is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_cache_bench_smoke():
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "cache.py"),
+         "--duration", "1", "--warmup", "0.2", "--connections", "4", "--json"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-5000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    report = json.loads(proc.stdout)
+    assert report["ok"] and report["problems"] == [], report["problems"]
+
+    modes = report["modes"]
+    assert set(modes) == {"direct", "mitmdump", "passthrough", "hit"}
+    for name, mode in modes.items():
+        assert mode["rps"] > 0 and mode["count"] > 0, (name, mode)
+        assert mode["errors"] == 0 and mode["failed"] == 0, (name, mode)
+        assert mode["statuses"] == {"200": mode["completed"]}, (name, mode)
+        assert mode["p50_ms"] is not None and mode["p99_ms"] is not None, (name, mode)
+
+    # Every response of the hit mode, warm-up included, said `Cache-Status: ...; hit`, and the
+    # upstream was not asked; the pass-through mode was never answered by the cache.
+    hit = modes["hit"]
+    assert hit["classes"] == {"hit": hit["completed"]}, hit["classes"]
+    assert hit["primed_with"].startswith("Projectionist") and "fwd=miss" in hit["primed_with"]
+    assert hit["cpu_us_per_request"].get("upstream", 0) == 0
+    assert "hit" not in modes["passthrough"]["classes"], modes["passthrough"]["classes"]
+
+    ratios = report["ratios"]
+    assert ratios["hit_vs_mitmdump"] > 0 and ratios["hit_vs_projectionist_passthrough"] > 0
+    assert set(report["verdicts"]) == {"hit_vs_mitmdump", "hit_vs_projectionist_passthrough",
+                                       "replay_hit_rate", "replay_hit_rate_cacheable"}
+
+    replay = report["replay"]
+    assert replay["ran"], replay
+    first, second = replay["first"], replay["second"]
+    assert first["requests"] == second["requests"] == replay["steps"] > 0
+    assert first["errors"] == 0 and second["errors"] == 0, (first, second)
+    assert {"home", "library", "details", "search", "player"} <= set(second["by_phase"])
+    assert second["hits"] > first["hits"], (first, second)
+    assert 0 < second["cacheable_requests"] < second["requests"]  # player start is not cacheable
+    assert second["by_phase"]["player"]["hits"] == 0
+    assert replay["usage_hits_match"], replay["usage_rows_cache"]
+
+    assert set(report["exit_codes"].values()) == {0}, report["exit_codes"]
