@@ -30,6 +30,16 @@ def stack(fakes, tmp_path_factory):
 
 
 @pytest.fixture
+def vault(stack):
+    """The stack's token vault, opened as the services open it."""
+    from projectionist.vault import SecretBox, Vault
+
+    v = Vault(stack.db_path, SecretBox.load(stack.home, create=False))
+    yield v
+    v.close()
+
+
+@pytest.fixture
 def clean_fakes(fakes, stack):
     """The fakes with no requests recorded, behind an empty response cache: what a test then sees
     at the fakes is what its own requests caused."""

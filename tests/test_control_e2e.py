@@ -30,7 +30,7 @@ from fake_upstreams.data import (
     TRAKT_CLIENT_SECRET,
     TRAKT_REFRESH_TOKEN,
 )
-from projectionist.vault import SURROGATE_PREFIX, SecretBox, Vault
+from projectionist.vault import SURROGATE_PREFIX
 
 pytestmark = pytest.mark.e2e
 
@@ -105,13 +105,6 @@ class ControlClient:
 @pytest.fixture
 def browser(stack):
     return ControlClient(stack)
-
-
-@pytest.fixture
-def vault(stack):
-    v = Vault(stack.db_path, SecretBox.load(stack.home, create=False))
-    yield v
-    v.close()
 
 
 def db(stack) -> sqlite3.Connection:

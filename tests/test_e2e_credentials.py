@@ -68,13 +68,6 @@ def player(stack):
     return RecordingClient(stack)
 
 
-@pytest.fixture
-def vault(stack):
-    v = Vault(stack.db_path, SecretBox.load(stack.home, create=False))
-    yield v
-    v.close()
-
-
 def assert_no_secret_in(blobs, what: str) -> None:
     for blob in blobs:
         for secret in REAL_SECRETS:

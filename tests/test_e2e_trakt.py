@@ -14,7 +14,7 @@ import pytest
 from test_e2e_credentials import RecordingClient
 
 from fake_upstreams.data import TRAKT_ACCESS_TOKEN, TRAKT_CLIENT_ID, TRAKT_CLIENT_SECRET, TRAKT_REFRESH_TOKEN
-from projectionist.vault import SURROGATE_PREFIX, SecretBox, Vault
+from projectionist.vault import SURROGATE_PREFIX
 
 pytestmark = pytest.mark.e2e
 
@@ -50,13 +50,6 @@ class TraktClient(RecordingClient):
 @pytest.fixture
 def client(stack):
     return TraktClient(stack)
-
-
-@pytest.fixture
-def vault(stack):
-    v = Vault(stack.db_path, SecretBox.load(stack.home, create=False))
-    yield v
-    v.close()
 
 
 def real_tokens(fakes) -> set[str]:
