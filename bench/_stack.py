@@ -35,6 +35,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def forwarding_only(*routes: str):
+    """A rules edit for pass-through baselines: these routes neither cache nor rate-limit, so the
+    proxy forwards every request (the shipped rules would answer them from the cache, or queue them
+    behind the default TMDB key's 2 req/s)."""
+    def edit(rules: dict) -> None:
+        for route in rules["routes"]:
+            if route["name"] in routes:
+                route.pop("cache", None)
+                route.pop("limits", None)
+                route.pop("throttle", None)
+        for upstream in rules["upstreams"].values():
+            upstream.pop("limits", None)
+    return edit
+
+
 def process_cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a process (Linux /proc; None elsewhere)."""
     try:

@@ -48,7 +48,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _load import LoadResult, run_load  # noqa: E402
-from _stack import REPO_ROOT, MitmdumpProcess, ProxyProcess, UpstreamProcess  # noqa: E402
+from _stack import REPO_ROOT, MitmdumpProcess, ProxyProcess, UpstreamProcess, forwarding_only  # noqa: E402
 from _upstream import TMDB_MOVIE_BODY  # noqa: E402
 
 if str(REPO_ROOT) not in sys.path:
@@ -106,15 +106,6 @@ async def _measure(name: str, url: str, args, *, procs: dict, proxy: str | None 
     return out
 
 
-def _drop_details_cache(rules: dict) -> None:
-    """The Projectionist pass-through baseline: tmdb.details with no cache rule."""
-    for route in rules["routes"]:
-        if route["name"] == "tmdb.details":
-            route.pop("cache", None)
-            return
-    raise RuntimeError("rules.yaml has no tmdb.details route")
-
-
 async def _prime(proxy_url: str) -> str:
     """One request, so the measured ones are hits; returns its Cache-Status."""
     async with aiohttp.ClientSession(trust_env=False) as session:
@@ -136,7 +127,7 @@ async def throughput(args, report: dict) -> None:
                                                procs={"upstream": upstream, "proxy": mitmdump})
             exits["mitmdump"] = mitmdump.stop()
 
-        with ProxyProcess(overrides={"tmdb": upstream.url}, rules_edit=_drop_details_cache) as proxy:
+        with ProxyProcess(overrides={"tmdb": upstream.url}, rules_edit=forwarding_only("tmdb.details")) as proxy:
             modes["passthrough"] = await _measure("passthrough", TMDB_URL, args, proxy=proxy.proxy_url,
                                                   procs={"upstream": upstream, "proxy": proxy}, classify=_classify)
             exits["proxy (passthrough)"] = proxy.stop()

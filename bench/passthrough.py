@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _load import LoadResult, run_load  # noqa: E402
-from _stack import ProxyProcess, UpstreamProcess  # noqa: E402
+from _stack import ProxyProcess, UpstreamProcess, forwarding_only  # noqa: E402
 from _upstream import PLEX_SECTIONS_BODY, TMDB_MOVIE_BODY  # noqa: E402
 
 PLEX_PATH = "/library/sections?X-Plex-Token=x"
@@ -81,7 +81,10 @@ async def bench(args) -> dict:
     }
     modes = report["modes"]
     with UpstreamProcess() as upstream, \
-            ProxyProcess(overrides={"plex": upstream.url, "tmdb": upstream.url}) as proxy:
+            ProxyProcess(overrides={"plex": upstream.url, "tmdb": upstream.url,
+                                     # plex.tv too: the proxy asks it whose a newly seen token is
+                                     "plextv": upstream.url},
+                           rules_edit=forwarding_only("plex.sections", "tmdb.details")) as proxy:
         procs = {"upstream": upstream, "proxy": proxy}
         reverse_url = f"http://127.0.0.1:{proxy.reverse_port('plex')}{PLEX_PATH}"
         modes["direct"] = await _measure("direct", upstream.url + PLEX_PATH, args, procs=procs,

@@ -6,10 +6,10 @@ check-rules` prints its errors. Shape:
     version: 1
     proxy:      {unknown_hosts: pass|refuse, stream_threshold: 1MB, ...}
     cache:      {memory_max_bytes, disk_max_bytes}            # response cache sizing
-    images:     {max_bytes, ...}                              # image cache sizing
-    limits:     {NAME: {rate: 2/s, burst, per, when, max_wait}}   # named rate limiters
+    images:     {max_bytes, directory, formats, ...}          # image cache and re-encoding
+    limits:     {NAME: {rate: 2/s, burst, per, when_credential, max_wait}}   # named rate limiters
     upstreams:  {NAME: {kind, hosts, base_url, listen, credentials, limits}}
-    routes:     [{name, upstream, methods, path, query, cache, limits, throttle, credentials, stream}]
+    routes:     [{name, upstream, methods, path, query, cache | image, limits, throttle, credentials, stream}]
 
 A request is first attributed to an upstream (by listener for reverse listeners, by host for the
 explicit proxy), then to the first route of that upstream whose method, path pattern and query
@@ -89,6 +89,9 @@ class ProxySettings(_Strict):
     stream_threshold: ByteSize = 1_000_000
     # Seconds the cache waits for an upstream before answering stale or a clean 504.
     upstream_timeout: Seconds = Field(default=15, gt=0)
+    # Rate-limit state shared by several proxy processes (redis://host:port/db); unset: in-process.
+    # The environment's PROJECTIONIST_REDIS_URL wins over this.
+    redis_url: str | None = Field(default=None, pattern=r"^(redis|rediss|unix)://")
 
 
 class CacheSettings(_Strict):
@@ -97,10 +100,25 @@ class CacheSettings(_Strict):
 
 
 class ImageSettings(_Strict):
+    """The image cache (proxy_addons/image_cache.py): disk cap, source caps, re-encoding."""
+
     max_bytes: ByteSize = 2_000_000_000
+    # Where it lives; a relative path is under the Projectionist home.
+    directory: str = "cache/images"
+    memory_max_bytes: ByteSize = 64_000_000  # hot images also kept in memory
+    # Sources over either cap are refused (422): decompression bombs, runaway downloads.
     source_max_bytes: ByteSize = 25_000_000
     source_max_pixels: int = Field(default=50_000_000, gt=0)
+    # Re-encode to these (first one the client's Accept names wins) when that makes the image smaller.
     formats: list[Literal["webp", "avif"]] = ["webp"]
+    webp_quality: int = Field(default=80, ge=1, le=100)
+    avif_quality: int = Field(default=60, ge=1, le=100)
+    jpeg_quality: int = Field(default=85, ge=1, le=100)  # resized JPEGs that stay JPEG
+    # Pillow worker processes (and concurrent jobs); default: one per CPU but one, so that
+    # transcodes never take the last core from the proxy (at least 1).
+    workers: int | None = Field(default=None, ge=1, le=64)
+    worker_timeout: Seconds = Field(default=30, gt=0)
+    cleanup_interval: Seconds = Field(default=600, gt=0)  # how often expired entries are removed
 
 
 class Limit(_Strict):
@@ -126,6 +144,21 @@ class CacheRule(_Strict):
     override_no_store: bool = False
     # Keep entries in memory only: for answers holding per-user surrogates (plex.tv user, resources).
     memory_only: bool = False
+
+
+class ImageRule(_Strict):
+    """An image route: answered from the image cache, re-encoded and capped per `images:` settings."""
+
+    ttl: Seconds = 86400
+    stale_while_revalidate: Seconds = 0
+    # The URL names immutable content (TMDB): cached a year, `Cache-Control: immutable`.
+    immutable: bool = False
+    scope: Literal["shared", "user"] = "user"
+    max_width: int | None = Field(default=None, ge=16)  # wider sources are scaled down to this
+    optimize: bool = True  # re-encode to images.formats when the client accepts them
+    # Query parameter naming another image the upstream will fetch (Plex /photo/:/transcode
+    # `url`): only server-local paths, hosts named here and declared Plex servers are let through.
+    source_param: str | None = None
 
 
 class Throttle(_Strict):
@@ -175,6 +208,7 @@ class Route(_Strict):
     # Query conditions: parameter -> regular expression the value must fully match.
     query: dict[str, str] = {}
     cache: CacheRule | None = None
+    image: ImageRule | None = None
     # Route names whose cached entries a matching request invalidates (for writes).
     invalidates: list[str] = []
     limits: list[str] = []
@@ -338,6 +372,8 @@ def _cross_references(model: RulesFile) -> Iterator[tuple[Loc, str]]:
         if route.name in seen:
             yield ("routes", i, "name"), f"route name {route.name!r} is already used by routes[{seen[route.name]}]"
         seen.setdefault(route.name, i)
+        if route.cache is not None and route.image is not None:
+            yield ("routes", i, "image"), "a route is cached either as an API answer (cache) or as an image (image)"
         for up in [route.upstream] if isinstance(route.upstream, str) else route.upstream:
             if up not in model.upstreams:
                 yield ("routes", i, "upstream"), f"no upstream named {up!r} in upstreams"

@@ -35,6 +35,7 @@ from mitmproxy import ctx, http
 
 from projectionist.cache_store import DiskLayer, Entry, MemoryLRU, cache_key
 from projectionist.cache_mirror import CacheMirror
+from projectionist.limits import RateLimited
 from projectionist.rules import CacheRule
 
 from . import flowinfo
@@ -78,6 +79,9 @@ class ResponseCache:
         self._tasks: set[asyncio.Task] = set()
         # key -> (route, partition): what flush and invalidation select on.
         self.index: dict[str, tuple[str, str]] = {}
+        # The rate limiter (proxy_addons/rate_limit.py) sets itself here; every upstream fetch of
+        # the cache then goes through its fetch(): a slot first, retries of 429/503 inside it.
+        self.upstream_gate = None
 
     def load(self, loader) -> None:
         loader.add_option("projectionist_cache", bool, True, "Serve and store cacheable answers (rules.yaml).")
@@ -173,8 +177,17 @@ class ResponseCache:
         self._inflight[key] = future
         flow.metadata[_LEADER] = key
         rule = info.match.route.rule.cache
+        stale_ok = stale is not None and stale.usable_stale(rule.stale_if_error)
         try:
-            fetched = await self._fetch(flow)
+            fetched = await self._fetch(flow, stale_ok=stale_ok)
+        except RateLimited as refused:  # no slot for the upstream: stale if usable, else the 429
+            self._finish(key, None)  # followers ask the limiter for themselves
+            flow.metadata.pop(_LEADER, None)
+            if stale_ok:
+                return self._serve(flow, info, key, stale, "stale", detail="fwd=stale; detail=rate-limited")
+            flow.response = refused.response
+            info.cache = "miss"
+            return
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self._finish(key, exc)
             flow.metadata.pop(_LEADER, None)  # nothing of this answer is stored
@@ -198,7 +211,12 @@ class ResponseCache:
              **cors_headers(flow.request, info.match.upstream.kind)})
         info.cache = "miss"
 
-    async def _fetch(self, flow: http.HTTPFlow) -> Fetched:
+    async def _fetch(self, flow: http.HTTPFlow, *, stale_ok: bool = False, background: bool = False) -> Fetched:
+        if self.upstream_gate is not None:
+            return await self.upstream_gate.fetch(flow, self._fetch_once, stale_ok=stale_ok, background=background)
+        return await self._fetch_once(flow)
+
+    async def _fetch_once(self, flow: http.HTTPFlow) -> Fetched:
         request = flow.request
         headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _HOP_BY_HOP]
         async with self.session.request(request.method, request.url, headers=headers, allow_redirects=False,
@@ -286,10 +304,10 @@ class ResponseCache:
         """Stale-while-revalidate: fetch again and store, while clients get the stale entry."""
         info = flowinfo.get(flow)
         try:
-            fetched = await self._fetch(flow)
+            fetched = await self._fetch(flow, background=True)
             if fetched.status < 500 and fetched.status != 429:
                 self._store(key, flow, info, fetched)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, RateLimited) as exc:
             log.info("background refresh of %s failed: %s", info.route, type(exc).__name__)
         finally:
             self._refreshing.discard(key)

@@ -107,6 +107,65 @@ def test_sizes_and_rates_are_parsed():
         "r.yaml:11:7: limits.x.rate: not a rate: 'fast' (use e.g. 2/s, 100/min, 1/10s) (got 'fast')"]
 
 
+def test_rate_limits_throttles_and_redis_setting():
+    rules = load_rules(REPO / "rules.yaml")
+    default = rules.model.limits["tmdb-default"]
+    assert (default.rate, default.per, default.when_credential) == (2, "credential", "default")
+    assert rules.model.limits["tmdb-custom"].rate == 40 and "tmdb-default" in rules.upstreams["tmdb"].limits
+    throttle = rules.match("plex", "GET", "/:/timeline", {"state": "playing"}).route.rule.throttle
+    assert (throttle.interval, throttle.per, throttle.forward_on_change) == (10, "session", ["state"])
+    assert rules.match("plex", "GET", "/:/timeline", {"state": "stopped"}).route.rule.throttle is None
+    assert rules.model.proxy.redis_url is None
+    assert parse_rules(MINIMAL + "proxy: {redis_url: 'redis://127.0.0.1:6379/0'}\n").model.proxy.redis_url
+    assert problems(MINIMAL + "proxy: {redis_url: 'http://x'}\nlimits:\n  a: {rate: 2/s, per: browser}\n") == [
+        "r.yaml:10:9: proxy.redis_url: String should match pattern '^(redis|rediss|unix)://' (got 'http://x')",
+        "r.yaml:12:18: limits.a.per: Input should be 'credential', 'user', 'client', 'upstream', 'server' or "
+        "'global' (got 'browser')"]
+    assert problems(MINIMAL.replace('path: "/:/timeline"}', 'path: "/:/timeline", throttle: {interval: soon}}')) == [
+        "r.yaml:9:75: routes[3].throttle.interval: Input should be a valid number, unable to parse string as a "
+        "number (got 'soon')"]
+
+def test_image_rules_and_settings():
+    rules = load_rules(REPO / "rules.yaml")
+    tmdb = rules.match("tmdb-images", "GET", "/t/p/original/x.jpg", {}).route.rule.image
+    assert tmdb.immutable and tmdb.scope == "shared" and tmdb.max_width == 1280
+    transcode = rules.match("plex", "GET", "/photo/:/transcode", {}).route.rule.image
+    assert transcode.scope == "user" and transcode.source_param == "url"
+    assert rules.model.images.max_bytes == 2 * 10**9 and rules.model.images.directory == "cache/images"
+    parsed = parse_rules(MINIMAL + "images: {max_bytes: 500MB, source_max_bytes: 10MiB, formats: [avif, webp]}\n")
+    assert parsed.model.images.max_bytes == 500_000_000 and parsed.model.images.source_max_bytes == 10 * 2**20
+    assert problems(MINIMAL + "images: {formats: [jpegxl], quality: 3}\n") == [
+        "r.yaml:10:20: images.formats[0]: Input should be 'webp' or 'avif' (got 'jpegxl')",
+        "r.yaml:10:29: images.quality: unknown key (check its spelling and indentation)"]
+
+
+def test_image_rule_errors_name_their_line():
+    found = problems("""\
+        version: 1
+        upstreams:
+          img: {kind: tmdb-images, hosts: [image.tmdb.org]}
+        routes:
+          - name: a
+            upstream: img
+            image: {scope: everyone, max_width: 4, immutible: true}
+        """)
+    assert found == [
+        "r.yaml:7:13: routes[0].image.scope: Input should be 'shared' or 'user' (got 'everyone')",
+        "r.yaml:7:30: routes[0].image.max_width: Input should be greater than or equal to 16 (got 4)",
+        "r.yaml:7:44: routes[0].image.immutible: unknown key (check its spelling and indentation)",
+    ]
+    assert problems("""\
+        version: 1
+        upstreams:
+          img: {kind: tmdb-images, hosts: [image.tmdb.org]}
+        routes:
+          - name: b
+            upstream: img
+            cache: {ttl: 60}
+            image: {ttl: 60}
+        """) == ["r.yaml:8:5: routes[0].image: a route is cached either as an API answer (cache) or as an image (image)"]
+
+
 def test_check_rules_command(tmp_path):
     bad = tmp_path / "rules.yaml"
     bad.write_text("version: 1\nupstreams:\n  t: {kind: tmdb, hosts: [a.b], colour: red}\n")

@@ -1,0 +1,33 @@
+"""bench/ratelimit.py runs end to end (short): every scenario answers only 200 or 429, and the
+shared budget holds. No timing thresholds beyond the limiter's own bound."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ratelimit_bench_smoke():
+    args = ["--clients", "20", "--light-clients", "2", "--duration", "1.5", "--rate", "4", "--burst", "2",
+            "--max-wait", "1", "--json"]
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "ratelimit.py"), *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    report = json.loads(proc.stdout)
+    scenarios = {s["scenario"]: s for s in report["scenarios"]}
+    expected = {"one process", "one process, light"}
+    if shutil.which("redis-server"):
+        expected |= {"2 processes+Redis", "2 processes alone"}
+    assert set(scenarios) == expected
+    for name, s in scenarios.items():
+        assert set(s["statuses"]) <= {"200", "429"} and s["errors"] == 0, (name, s)
+        assert s["statuses"]["200"] == s["requests"], (name, s)  # each admitted request reached the upstream once
+        assert s["proxy_exit_codes"] == [0] * s["processes"], (name, s)
+        bursts = 2 * (s["processes"] if s["shared_state"] == "in-process" else 1)  # alone: a budget each
+        assert s["requests"] <= bursts + s["budget_rate"] * s["wall_s"] + 1, (name, s)
+        assert s["queue_delay_ms"]["max"] is not None and s["queue_delay_ms"]["max"] <= 1000 + 50, (name, s)
+    assert "429" not in scenarios["one process, light"]["statuses"]
