@@ -34,11 +34,24 @@ class RouteCacheStats(BaseModel):
     keys: int
     bytes: int
     evictions: int
+    bytes_saved: int = Field(default=0, description="images: bytes re-encoding and resizing saved in the period")
+
+
+class BucketCacheStats(BaseModel):
+    bucket: str = Field(description='"api" (the response cache) or "images" (the image cache)')
+    hits: int
+    misses: int
+    stale: int
+    keys: int
+    bytes: int = Field(description="bytes stored")
+    bytes_saved: int = Field(description="bytes re-encoding and resizing saved in the period (images)")
+    evictions: int
 
 
 class CacheStats(BaseModel):
     since_hours: int
     routes: list[RouteCacheStats]
+    buckets: list[BucketCacheStats] = []
 
 
 class StatsQuery(BaseModel):
@@ -93,22 +106,38 @@ class CacheKeys(BaseModel):
 
 def cache_stats(conn: sqlite3.Connection, hours: int) -> CacheStats:
     since = time.time() - hours * 3600
-    outcomes = {(bucket, route): (hits, misses, stale) for bucket, route, hits, misses, stale in conn.execute(
-        "SELECT 'api', route, sum(cache = 'hit'), sum(cache = 'miss'), sum(cache = 'stale') FROM usage_events "
-        "WHERE ts >= ? AND cache IN ('hit', 'miss', 'stale') GROUP BY route", (since,))}
+    since_hour = time.strftime("%Y-%m-%dT%H:00", time.gmtime(since))
+    # Usage rows say hit/miss/stale, not which cache: a route is the image cache's when that
+    # cache ever stored, evicted or served it; otherwise the response cache's.
+    image_routes = {route for (route,) in conn.execute(
+        "SELECT route FROM cache_entries WHERE bucket = 'images' UNION SELECT route FROM cache_evictions "
+        "WHERE bucket = 'images' UNION SELECT route FROM cache_savings_hourly WHERE bucket = 'images'")}
+    outcomes = {("images" if route in image_routes else "api", route): (hits, misses, stale)
+                for route, hits, misses, stale in conn.execute(
+                    "SELECT route, sum(cache = 'hit'), sum(cache = 'miss'), sum(cache = 'stale') FROM usage_events "
+                    "WHERE ts >= ? AND cache IN ('hit', 'miss', 'stale') GROUP BY route", (since,))}
     stored = {(bucket, route): (keys, size) for bucket, route, keys, size in conn.execute(
         "SELECT bucket, route, count(*), coalesce(sum(size), 0) FROM cache_entries GROUP BY bucket, route")}
     evictions = {(bucket, route): n for bucket, route, n in conn.execute(
         "SELECT bucket, route, evictions FROM cache_evictions")}
+    saved = {(bucket, route): n for bucket, route, n in conn.execute(
+        "SELECT bucket, route, sum(bytes_saved) FROM cache_savings_hourly WHERE hour >= ? GROUP BY bucket, route",
+        (since_hour,))}
     rows = []
-    for bucket, route in sorted(set(outcomes) | set(stored) | set(evictions)):
+    for bucket, route in sorted(set(outcomes) | set(stored) | set(evictions) | set(saved)):
         hits, misses, stale = outcomes.get((bucket, route), (0, 0, 0))
         served = hits + misses + stale
         keys, size = stored.get((bucket, route), (0, 0))
         rows.append(RouteCacheStats(bucket=bucket, route=route, hits=hits, misses=misses, stale=stale,
                                     hit_ratio=round((hits + stale) / served, 4) if served else None,
-                                    keys=keys, bytes=size, evictions=evictions.get((bucket, route), 0)))
-    return CacheStats(since_hours=hours, routes=rows)
+                                    keys=keys, bytes=size, evictions=evictions.get((bucket, route), 0),
+                                    bytes_saved=saved.get((bucket, route), 0)))
+    buckets = []
+    for bucket in sorted({r.bucket for r in rows} | {"api", "images"}):
+        mine = [r for r in rows if r.bucket == bucket]
+        buckets.append(BucketCacheStats(bucket=bucket, **{f: sum(getattr(r, f) for r in mine) for f in (
+            "hits", "misses", "stale", "keys", "bytes", "bytes_saved", "evictions")}))
+    return CacheStats(since_hours=hours, routes=rows, buckets=buckets)
 
 
 def queue_flush(conn: sqlite3.Connection, target: str, value: str | None, user_id: int) -> int:
@@ -135,7 +164,8 @@ def list_keys(conn: sqlite3.Connection, q: KeysQuery) -> CacheKeys:
                                                  size=r[5], created_at=r[6], expires_at=r[7], hits=r[8]) for r in rows])
 
 
-@api.get("/api/cache/stats", summary="Hits, misses, stale answers, keys, bytes and evictions per cache route",
+@api.get("/api/cache/stats", summary="Hits, misses, stale answers, keys, bytes, bytes saved and evictions per cache "
+         "route and bucket (api, images)",
          access=ADMIN, query=StatsQuery, response=CacheStats)
 async def get_cache_stats(request: web.Request, call: Call) -> CacheStats:
     return await query(request.app, cache_stats, call.query.hours)

@@ -1,5 +1,6 @@
-"""Mirrors the caches into SQLite (`cache_entries`, `cache_evictions`) for the dashboard and the
-control plane, and carries the control plane's flush requests to the proxy.
+"""Mirrors the caches into SQLite (`cache_entries`, `cache_evictions`, and for images
+`cache_savings_hourly`) for the dashboard and the control plane, and carries the control plane's
+flush requests to the proxy.
 
 The proxy never writes SQLite on a request: it queues operations, and a thread applies them in
 batches (every ~100 ms). Rows hold a key hash, the route and the partition: no URL, no token.
@@ -11,13 +12,30 @@ import logging
 import queue
 import sqlite3
 import threading
+from collections.abc import Callable
 from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .cache_store import Entry
 from .store import connect, utcnow_iso
 
 log = logging.getLogger(__name__)
+
+
+# Other caches of this process (the image cache), per database: called with (target, value) from
+# the thread that applies a flush request; each returns how many entries it dropped.
+_flush_handlers: dict[str, list[Callable[[str, str | None], int]]] = {}
+
+
+def add_flush_handler(db_path: Path, handler: Callable[[str, str | None], int]) -> None:
+    _flush_handlers.setdefault(str(db_path), []).append(handler)
+
+
+def remove_flush_handler(db_path: Path, handler: Callable[[str, str | None], int]) -> None:
+    handlers = _flush_handlers.get(str(db_path), [])
+    if handler in handlers:
+        handlers.remove(handler)
 
 
 class CacheMirror:
@@ -28,6 +46,7 @@ class CacheMirror:
         self.interval = interval
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._hits: dict[str, tuple[int, float]] = {}
+        self._saved: dict[tuple[str, str, str], list[int]] = {}  # (hour, bucket, route) -> counters
         self._hits_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="cache-mirror", daemon=True)
 
@@ -53,6 +72,16 @@ class CacheMirror:
             count, _ = self._hits.get(key, (0, ts))
             self._hits[key] = (count + 1, ts)
 
+    def saved(self, bucket: str, route: str, source_bytes: int, sent_bytes: int, ts: float) -> None:
+        """An answer whose body was re-encoded or resized from a `source_bytes` original (images)."""
+        hour = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:00")
+        with self._hits_lock:
+            counters = self._saved.setdefault((hour, bucket, route), [0, 0, 0, 0])
+            counters[0] += 1
+            counters[1] += source_bytes
+            counters[2] += sent_bytes
+            counters[3] += max(0, source_bytes - sent_bytes)
+
     def deleted(self, keys: list[str], evicted: bool = False) -> None:
         if keys:
             self._queue.put(("evicted" if evicted else "deleted", tuple(keys)))
@@ -70,7 +99,15 @@ class CacheMirror:
                                 "ORDER BY id").fetchall()
 
     def flush_applied(self, request_id: int, count: int) -> None:
+        """Mark a request applied, after the other caches of this process applied it too (their
+        counts are added), so that "applied" means applied everywhere."""
         with closing(connect(self.db_path)) as conn:
+            handlers = _flush_handlers.get(str(self.db_path), [])
+            if handlers:
+                target, value = conn.execute("SELECT target, value FROM cache_flush_requests WHERE id = ?",
+                                             (request_id,)).fetchone()
+                for handler in list(handlers):
+                    count += handler(target, value)
             conn.execute("UPDATE cache_flush_requests SET applied_at = ?, flushed = ? WHERE id = ?",
                          (utcnow_iso(), count, request_id))
 
@@ -92,7 +129,9 @@ class CacheMirror:
                 ops = [op for op in ops if op is not self._STOP]
             with self._hits_lock:
                 hits, self._hits = self._hits, {}
+                saved, self._saved = self._saved, {}
             ops.extend(("hits", (count, ts, key)) for key, (count, ts) in hits.items())
+            ops.extend(("saved", (*key, *counters)) for key, counters in saved.items())
             if ops:
                 try:
                     self._apply(conn, ops)
@@ -113,6 +152,13 @@ class CacheMirror:
                         args)
                 elif kind == "hits":
                     conn.execute("UPDATE cache_entries SET hits = hits + ?, last_hit_at = ? WHERE key_hash = ?", args)
+                elif kind == "saved":
+                    conn.execute(
+                        "INSERT INTO cache_savings_hourly (hour, bucket, route, responses, source_bytes, bytes_sent,"
+                        " bytes_saved) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hour, bucket, route) DO UPDATE SET"
+                        " responses = responses + excluded.responses, source_bytes = source_bytes + excluded.source_bytes,"
+                        " bytes_sent = bytes_sent + excluded.bytes_sent, bytes_saved = bytes_saved + excluded.bytes_saved",
+                        args)
                 else:
                     if kind == "evicted":
                         conn.executemany(

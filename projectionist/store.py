@@ -349,6 +349,25 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        6,
+        "image cache: bytes saved by re-encoding",
+        """
+        -- Per hour and image route (proxy_addons/image_cache.py): answers that carried a body,
+        -- what the upstream's originals of those answers weigh (source_bytes), what was sent
+        -- (bytes_sent) and the difference that re-encoding and resizing saved (bytes_saved).
+        CREATE TABLE cache_savings_hourly (
+            hour TEXT NOT NULL,
+            bucket TEXT NOT NULL,
+            route TEXT NOT NULL,
+            responses INTEGER NOT NULL DEFAULT 0,
+            source_bytes INTEGER NOT NULL DEFAULT 0,
+            bytes_sent INTEGER NOT NULL DEFAULT 0,
+            bytes_saved INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (hour, bucket, route)
+        );
+        """,
+    ),
 )
 
 SCHEMA_VERSION = max(version for version, _, _ in MIGRATIONS)

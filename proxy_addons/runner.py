@@ -21,7 +21,9 @@ from projectionist.rules import load_rules
 
 from .credentials import CredentialStore
 from .dispatch import CachedDispatchAddonManager
+from .image_cache import ImageCache
 from .plex_tokens import PlexTokens
+from .rate_limit import RateLimit
 from .response_cache import ResponseCache
 from .router import Listeners, Router, listener_modes, parse_overrides
 from .rules_watch import RulesWatcher
@@ -36,12 +38,20 @@ log = logging.getLogger(__name__)
 
 def projectionist_addons() -> list:
     """Our addons, in hook order: classify first, then credentials, then the cache (which must see
-    real credentials and rewritten answers), record last."""
+    real credentials and rewritten answers), record last.
+
+    Rate limits: `RateLimit` comes after the credentials (it keys on user and credential kind) and
+    after the caches, so hits never reach it; the response cache's own fetches go through it as
+    its `upstream_gate`. Its `UpstreamRetry` half comes before the credential addons, so that an
+    answer fetched again after an upstream 429/503 is rewritten like any other."""
     watcher = RulesWatcher()
     router = Router(watcher)
     store = CredentialStore()
-    return [watcher, router, Listeners(watcher, router), store, PlexTokens(store, watcher, router),
-            TmdbKey(store), TraktCredentials(store), ResponseCache(watcher), LargeBodies(watcher),
+    cache = ResponseCache(watcher)
+    limiter = RateLimit(watcher, cache)
+    return [watcher, router, Listeners(watcher, router), store, limiter.retry, PlexTokens(store, watcher, router),
+            TmdbKey(store), TraktCredentials(store), cache, ImageCache(watcher, router), limiter,
+            LargeBodies(watcher),
             UsageRecorder(), ViewingHistory()]
 
 

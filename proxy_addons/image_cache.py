@@ -1,0 +1,548 @@
+"""The image cache: rules.yaml `image` routes answered from disk, re-encoded, capped, and checked.
+
+For a GET on a route with an `image` rule (TMDB posters, Plex thumbs and photo transcodes):
+
+- the answer comes from the image cache (memory LRU over diskcache, `images.max_bytes`, least
+  recently used evicted), keyed on the upstream, path, query without credentials, the variant
+  (target format, width cap) and the scope partition: `shared` for TMDB, `u<user>` for Plex;
+- fresh entry: `Cache-Status: …; hit`; `If-None-Match` matching the entry's ETag: 304; stale
+  inside `stale_while_revalidate`: answered at once, one background refresh per key;
+  `immutable` routes (TMDB paths never change) are kept a year and answered with
+  `Cache-Control: public, max-age=31536000, immutable`;
+- miss: fetched by the cache itself (aiohttp, deadline, size cap), concurrent misses of a key
+  share one fetch and one transcode (`fwd=miss; collapsed`); the body is re-encoded to WebP/AVIF
+  when the client's Accept names it (`Vary: Accept`) and that is smaller, and scaled down to the
+  route's `max_width`. Pillow runs in worker processes (projectionist/images.py), never here.
+
+Safety: only hosts named in rules.yaml are fetched (the flow was attributed to an upstream); a
+route's `source_param` (Plex `/photo/:/transcode?url=`) may only name a server path, a declared
+Plex server or a rules.yaml host on a public address (else 403, nothing is fetched); a source over
+`images.source_max_bytes` or `source_max_pixels` is refused with 422; a body that is not an image
+passes through unmodified when the upstream did not call it one, else 502; a dead worker is
+replaced and the request answered 502 at worst.
+
+Every entry is mirrored in `cache_entries` (bucket "images"), evictions in `cache_evictions`,
+bytes saved by re-encoding in `cache_savings_hourly`; a background job removes expired entries
+and logs what it freed. Control-plane flushes (all, bucket "images", route, key prefix) apply here
+too: the response cache's applier calls this cache before it marks a request applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aiohttp
+from mitmproxy import ctx, http
+
+from projectionist.cache_mirror import CacheMirror, add_flush_handler, remove_flush_handler
+from projectionist.cache_store import CREDENTIAL_PARAMS, MemoryLRU, cache_key
+from projectionist.images import (
+    NOT_IMAGE,
+    TOO_LARGE,
+    ImageEntry,
+    ImagePool,
+    ImageStore,
+    Job,
+    WorkerCrashed,
+    capabilities,
+    check_source_url,
+    etag_matches,
+    negotiate,
+    transcode,
+)
+from projectionist.rules import ImageRule, Rules
+
+from . import flowinfo
+from .local_responses import cors_headers
+from .router import Router
+from .rules_watch import RulesWatcher
+
+log = logging.getLogger(__name__)
+
+BUCKET = "images"
+YEAR = 31_536_000
+_NOT_FORWARDED = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
+                  "host", "content-length", "proxy-authorization", "accept", "accept-encoding", "range", "if-range",
+                  "if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "cookie"}
+_NOT_PASSED_BACK = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
+                    "content-length", "content-encoding", "set-cookie"}
+_UPSTREAM_ACCEPT = "image/jpeg,image/png;q=0.9,image/*;q=0.8,*/*;q=0.5"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An answer the cache makes instead of an image (nothing stored)."""
+
+    status: int
+    message: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """The upstream's answer as it came (an error status, or a body that is no image)."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+_NOT_MODIFIED = object()
+
+
+@dataclass(frozen=True)
+class _Source:
+    url: str
+    headers: list[tuple[str, str]]
+    upstream_kind: str
+    route: str
+    rule: ImageRule
+    target: str | None
+    partition: str
+
+
+class ImageCache:
+    def __init__(self, watcher: RulesWatcher, router: Router) -> None:
+        self.watcher = watcher
+        self.router = router
+        self.memory: MemoryLRU | None = None
+        self.store: ImageStore | None = None
+        self.pool: ImagePool | None = None
+        self.mirror: CacheMirror | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.supported: set[str] = set()
+        self.db_path: Path | None = None
+        self.index: dict[str, tuple[str, str]] = {}  # key -> (route, partition)
+        self.last_cleanup: dict | None = None
+        self._disk: ThreadPoolExecutor | None = None
+        self._ready: asyncio.Event | None = None
+        self._inflight: dict[str, asyncio.Task] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option("projectionist_images", bool, True,
+                          "Serve image routes from the image cache, re-encoded and capped (rules.yaml images:).")
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def running(self) -> None:
+        if self.memory is not None or self.watcher.rules is None or not ctx.options.projectionist_home:
+            return
+        settings = self.watcher.rules.model.images
+        home = Path(ctx.options.projectionist_home).expanduser()
+        directory = Path(settings.directory).expanduser()
+        self.memory = MemoryLRU(settings.memory_max_bytes)
+        self._disk = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-disk")
+        self.pool = ImagePool(settings.workers or max(1, (os.cpu_count() or 2) - 1), settings.worker_timeout)
+        self.db_path = Path(ctx.options.projectionist_db).expanduser()
+        self.mirror = CacheMirror(self.db_path).start()
+        self.session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
+                                             connector=aiohttp.TCPConnector(limit=100))
+        self._ready = asyncio.Event()
+        self._spawn(self._start(directory if directory.is_absolute() else home / directory, settings.max_bytes))
+        self._spawn(self._cleanup_forever())
+        self._loop = asyncio.get_running_loop()
+        add_flush_handler(self.db_path, self._flush_from_thread)  # control-plane flushes
+        self.watcher.subscribe(self._rules_changed)
+
+    async def _start(self, directory: Path, max_bytes: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.store = await loop.run_in_executor(self._disk, ImageStore, directory, max_bytes)
+        for key, route, partition in self.store.index():
+            self.index[key] = (route, partition)
+        try:
+            await self.pool.start()
+            self.supported = {fmt for fmt, ok in (await self.pool.run(capabilities)).items() if ok}
+        except Exception:
+            log.exception("image workers did not start: images are served without re-encoding")
+        log.info("image cache: %d entries (%d bytes) in %s; re-encodes to %s", len(self.index), self.store.bytes,
+                 directory, ", ".join(sorted(self.supported)) or "nothing")
+        self._ready.set()
+
+    async def done(self) -> None:
+        if self.db_path is not None:
+            remove_flush_handler(self.db_path, self._flush_from_thread)
+        for task in list(self._tasks):
+            task.cancel()
+        if self.session is not None:
+            await self.session.close()
+        if self.mirror is not None:
+            self.mirror.close()
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self._disk is not None:
+            if self.store is not None:
+                self._disk.submit(self.store.close).result()
+            self._disk.shutdown(wait=True)
+        self.memory = None
+
+    def _rules_changed(self, rules: Rules) -> None:
+        if self.memory is None or self.store is None:
+            return
+        settings = rules.model.images
+        self.memory.max_bytes = settings.memory_max_bytes
+        if settings.max_bytes != self.store.max_bytes:
+            self._spawn(self._set_max_bytes(settings.max_bytes))
+
+    async def _set_max_bytes(self, max_bytes: int) -> None:
+        evicted = await asyncio.get_running_loop().run_in_executor(self._disk, self.store.set_max_bytes, max_bytes)
+        self._forget(evicted, evicted=True)
+
+    # --- the request path -------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Fresh shared images (TMDB) from memory as soon as the headers are in."""
+        info = flowinfo.get(flow)
+        if (info is None or self.memory is None or info.match.route is None or self._ready is None
+                or not self._ready.is_set() or not ctx.options.projectionist_images):
+            return
+        rule = info.match.route.rule.image
+        if rule is None or rule.scope != "shared" or rule.source_param or flow.request.method not in ("GET", "HEAD"):
+            return
+        key = self._key(flow, info, rule, self._target(flow, rule), "shared")
+        entry = self.memory.get(key)
+        now = time.time()
+        if entry is not None and entry.fresh(now):
+            self.store.touch(key)
+            self._serve(flow, info, rule, key, entry, "hit", now)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        info = flowinfo.get(flow)
+        if info is None or flow.response is not None or info.match.route is None or self.memory is None:
+            return
+        rule = info.match.route.rule.image
+        if rule is None or flow.request.method not in ("GET", "HEAD"):
+            return
+        if rule.source_param and (refused := self._refused_source(flow, rule)):
+            flow.response = self._refusal(flow, info, Refusal(403, f"Forbidden: {refused}", "refused"))
+            return
+        if not ctx.options.projectionist_images or not await self._wait_ready():
+            return
+        partition = "shared" if rule.scope == "shared" else (f"u{info.user_id}" if info.user_id is not None else None)
+        if partition is None:  # a user's image, but whose? never stored, never shared
+            info.cache = "bypass"
+            return
+        target = self._target(flow, rule)
+        key = self._key(flow, info, rule, target, partition)
+        entry = await self._lookup(key)
+        now = time.time()
+        if entry is not None and entry.fresh(now):
+            return self._serve(flow, info, rule, key, entry, "hit", now)
+        source = self._source(flow, info, rule, target, partition)
+        if entry is not None and entry.usable_stale(rule.stale_while_revalidate, now):
+            self._serve(flow, info, rule, key, entry, "stale", now)
+            self._production(key, source, entry)  # one background refresh per key
+            return
+        task, leader = self._production(key, source, entry)
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(task), self._deadline())
+        except TimeoutError:
+            outcome = Refusal(504, "Gateway Timeout: the image took too long", "fwd-status=504")
+        if isinstance(outcome, ImageEntry):
+            self._serve(flow, info, rule, key, outcome, "miss", time.time(),
+                        "fwd=miss; stored" if leader else "fwd=miss; collapsed")
+        elif isinstance(outcome, Passthrough):
+            flow.response = self._passthrough(flow, info, outcome)
+        else:
+            flow.response = self._refusal(flow, info, outcome)
+
+    async def _wait_ready(self) -> bool:
+        if self._ready.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._ready.wait(), 15)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _lookup(self, key: str) -> ImageEntry | None:
+        entry = self.memory.get(key)
+        if entry is not None:
+            self.store.touch(key)
+            return entry
+        entry = await asyncio.get_running_loop().run_in_executor(self._disk, self.store.get, key)
+        if entry is not None:
+            self.memory.put(key, entry)
+        return entry
+
+    def _target(self, flow: http.HTTPFlow, rule: ImageRule) -> str | None:
+        if not rule.optimize:
+            return None
+        formats = [f for f in self.watcher.rules.model.images.formats if f in self.supported]
+        return negotiate(flow.request.headers.get("Accept"), formats)
+
+    @staticmethod
+    def _key(flow: http.HTTPFlow, info, rule: ImageRule, target: str | None, partition: str) -> str:
+        request = flow.request
+        query = request.query.items(multi=True)
+        if rule.source_param:
+            query = [(k, _without_credentials(v) if k == rule.source_param else v) for k, v in query]
+        variant = f"{target or 'source'}/{rule.max_width or 0}"
+        return cache_key(info.upstream, "GET", request.path.split("?", 1)[0], query, {"image-variant": variant},
+                         partition)
+
+    def _refused_source(self, flow: http.HTTPFlow, rule: ImageRule) -> str | None:
+        values = flow.request.query.get_all(rule.source_param)
+        if not values:
+            return None
+        rules = self.watcher.rules
+        plex_servers = set()
+        for name, upstream in rules.upstreams.items():
+            if upstream.kind == "plex-server":
+                for url in (upstream.base_url, self.router.overrides.get(name)):
+                    if url:
+                        parts = urlsplit(url)
+                        plex_servers.add((parts.hostname.lower(), parts.port or (443 if parts.scheme == "https" else 80)))
+        for value in values:
+            if reason := check_source_url(value, rules.upstream_for_host, plex_servers):
+                return reason
+        return None
+
+    # --- producing an entry: fetch, check, transcode, store ---------------------------------------
+
+    def _source(self, flow: http.HTTPFlow, info, rule: ImageRule, target: str | None, partition: str) -> _Source:
+        request = flow.request
+        headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _NOT_FORWARDED]
+        return _Source(request.url, headers, info.match.upstream.kind, info.route, rule, target, partition)
+
+    def _production(self, key: str, source: _Source, previous: ImageEntry | None) -> tuple[asyncio.Task, bool]:
+        """The task producing `key` (one per key at a time); True if this call started it."""
+        task = self._inflight.get(key)
+        if task is not None:
+            return task, False
+        task = asyncio.get_running_loop().create_task(self._produce(key, source, previous))
+        self._inflight[key] = task
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: (self._tasks.discard(t), self._inflight.pop(key, None)))
+        return task, True
+
+    async def _produce(self, key: str, source: _Source, previous: ImageEntry | None):
+        settings = self.watcher.rules.model.images
+        try:
+            fetched = await self._fetch(source, settings.source_max_bytes,
+                                        previous.source_etag if previous is not None else None)
+            if fetched is _NOT_MODIFIED:
+                entry = dataclasses.replace(previous, stored_at=time.time(), hits=0)
+            elif isinstance(fetched, (Refusal, Passthrough)):
+                return fetched
+            else:
+                status, headers, body = fetched
+                content_type = _header(headers, "content-type") or ""
+                if not content_type.lower().startswith("image/"):
+                    return Passthrough(status, headers, body)  # not ours to judge: as it came
+                result = await self.pool.run(transcode, Job(
+                    body, source.target, source.rule.max_width, settings.source_max_pixels,
+                    settings.webp_quality, settings.avif_quality, settings.jpeg_quality))
+                if result.outcome == TOO_LARGE:
+                    return Refusal(422, f"Unprocessable: the source image is too large ({result.detail})",
+                                   "source-too-large")
+                if result.outcome == NOT_IMAGE:
+                    log.info("image route %s: upstream body is not a decodable image (%s)", source.route,
+                             result.detail)
+                    return Refusal(502, "Bad Gateway: the upstream's image could not be decoded", "not-an-image")
+                rule = source.rule
+                entry = ImageEntry(
+                    status=200, headers=[], body=result.body if result.body is not None else body,
+                    stored_at=time.time(), ttl=YEAR if rule.immutable else rule.ttl,
+                    stale_while_revalidate=0 if rule.immutable else rule.stale_while_revalidate, stale_if_error=0,
+                    route=source.route, partition=source.partition,
+                    content_type=result.content_type or content_type, etag=f'"{result.digest}"',
+                    source_size=len(body), source_etag=_header(headers, "etag"), immutable=rule.immutable,
+                    width=result.width, height=result.height)
+            self._store(key, entry)
+            return entry
+        except WorkerCrashed:
+            return Refusal(502, "Bad Gateway: the image worker crashed on this image", "worker-crashed")
+        except TimeoutError:
+            return Refusal(504, "Gateway Timeout: the upstream or the image worker did not answer in time",
+                           "fwd-status=504")
+        except (aiohttp.ClientError, OSError) as exc:
+            log.info("image route %s: upstream failed: %s", source.route, type(exc).__name__)
+            return Refusal(502, "Bad Gateway: the upstream did not answer", "fwd-status=502")
+
+    async def _fetch(self, source: _Source, max_bytes: int, etag: str | None):
+        headers = [*source.headers, ("Accept", _UPSTREAM_ACCEPT), ("Accept-Encoding", "identity")]
+        if etag:
+            headers.append(("If-None-Match", etag))
+        timeout = aiohttp.ClientTimeout(total=self.watcher.rules.model.proxy.upstream_timeout)
+        async with self.session.get(source.url, headers=headers, allow_redirects=False, timeout=timeout) as r:
+            if r.status == 304 and etag:
+                return _NOT_MODIFIED
+            kept = [(k, v) for k, v in r.headers.items() if k.lower() not in _NOT_PASSED_BACK]
+            if r.content_length is not None and r.content_length > max_bytes:
+                return Refusal(422, f"Unprocessable: the source image is over {max_bytes} bytes", "source-too-large")
+            body = bytearray()
+            async for chunk in r.content.iter_chunked(256 * 1024):
+                body += chunk
+                if len(body) > max_bytes:
+                    return Refusal(422, f"Unprocessable: the source image is over {max_bytes} bytes",
+                                   "source-too-large")
+        if r.status != 200:
+            return Passthrough(r.status, kept, bytes(body))
+        return r.status, kept, bytes(body)
+
+    def _store(self, key: str, entry: ImageEntry) -> None:
+        self.memory.put(key, entry)  # memory evictions lose nothing: the disk has every entry
+        self.index[key] = (entry.route, entry.partition)
+        self.mirror.stored(key, BUCKET, entry)
+        self._spawn(self._persist(key, entry))
+
+    async def _persist(self, key: str, entry: ImageEntry) -> None:
+        evicted = await asyncio.get_running_loop().run_in_executor(self._disk, self.store.put, key, entry)
+        self._forget(evicted, evicted=True)
+
+    # --- answers ----------------------------------------------------------------------------------
+
+    def _serve(self, flow: http.HTTPFlow, info, rule: ImageRule, key: str, entry: ImageEntry, outcome: str,
+               now: float, status_detail: str | None = None) -> None:
+        request = flow.request
+        if_none_match = request.headers.get("If-None-Match")
+        not_modified = bool(if_none_match) and etag_matches(if_none_match, entry.etag)
+        headers = http.Headers()
+        if not not_modified:
+            headers["Content-Type"] = entry.content_type
+            headers["Content-Length"] = str(len(entry.body))
+        headers["ETag"] = entry.etag
+        headers["Cache-Control"] = _cache_control(rule, entry, now)
+        vary = ["Accept"] if rule.optimize else []
+        for name, value in cors_headers(request, info.match.upstream.kind).items():
+            if name == "Vary":
+                vary.append(value)
+            else:
+                headers[name] = value
+        if vary:
+            headers["Vary"] = ", ".join(vary)
+        if outcome != "miss":
+            headers["Age"] = str(max(0, int(entry.age(now))))
+        if status_detail is None:
+            remaining = int(entry.ttl - entry.age(now))
+            status_detail = f"hit; ttl={remaining}" if outcome == "hit" else f"fwd=stale; ttl={remaining}"
+        headers["Cache-Status"] = f"Projectionist; {status_detail}"
+        headers["X-Content-Type-Options"] = "nosniff"
+        response = http.Response(b"HTTP/1.1", 304 if not_modified else 200, b"", headers, None, None, now, now)
+        sends_body = not not_modified and request.method != "HEAD"
+        response.raw_content = entry.body if sends_body else b""
+        flow.response = response
+        info.cache = outcome
+        if outcome != "miss":
+            entry.hits += 1
+            self.mirror.hit(key, now)
+        if sends_body and entry.source_size:
+            self.mirror.saved(BUCKET, entry.route, entry.source_size, len(entry.body), now)
+
+    def _passthrough(self, flow: http.HTTPFlow, info, passed: Passthrough) -> http.Response:
+        headers = http.Headers([(k.encode(), v.encode("latin-1", "replace")) for k, v in passed.headers
+                                if not k.lower().startswith("access-control-")])
+        for name, value in cors_headers(flow.request, info.match.upstream.kind).items():
+            headers[name] = value
+        headers["Content-Length"] = str(len(passed.body))
+        headers["Cache-Status"] = "Projectionist; fwd=miss"
+        response = http.Response(b"HTTP/1.1", passed.status, b"", headers, None, None, time.time(), time.time())
+        response.raw_content = b"" if flow.request.method == "HEAD" else passed.body
+        info.cache = "miss"
+        return response
+
+    @staticmethod
+    def _refusal(flow: http.HTTPFlow, info, refusal: Refusal) -> http.Response:
+        info.cache = "none" if refusal.detail == "refused" else "miss"
+        return http.Response.make(refusal.status, refusal.message + "\n", {
+            "Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store",
+            "Cache-Status": f"Projectionist; {'fwd=miss; ' if info.cache == 'miss' else ''}detail={refusal.detail}",
+            **cors_headers(flow.request, info.match.upstream.kind)})
+
+    # --- background work --------------------------------------------------------------------------
+
+    async def _cleanup_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.watcher.rules.model.images.cleanup_interval)
+            try:
+                await self.cleanup()
+            except Exception:
+                log.exception("image cache cleanup failed")
+
+    async def cleanup(self) -> dict:
+        """Remove the entries past their last usable moment; report (and log) what was freed."""
+        if self._ready is not None:
+            await self._wait_ready()
+        now = time.time()
+        keys, freed = await asyncio.get_running_loop().run_in_executor(self._disk, self.store.expired, now)
+        self._forget(keys)
+        self.last_cleanup = {"at": now, "removed": len(keys), "freed_bytes": freed,
+                             "entries": len(self.index), "bytes": self.store.bytes}
+        if keys:
+            log.info("image cache cleanup: removed %d expired entries, freed %d bytes (%d entries, %d bytes left)",
+                     len(keys), freed, len(self.index), self.store.bytes)
+        return self.last_cleanup
+
+    def _forget(self, keys: list[str], evicted: bool = False) -> None:
+        for key in keys:
+            self.memory.pop(key)
+            self.index.pop(key, None)
+        self.mirror.deleted(list(keys), evicted=evicted)
+
+    async def flush(self, target: str, value: str | None) -> int:
+        """Drop entries: all, the "images" bucket, one route, or a key prefix."""
+        if self.store is None:
+            return 0
+        if target == "all" or (target == "bucket" and value == BUCKET):
+            keys = set(self.index) | set(self.memory.keys())
+        elif target == "route":
+            keys = {k for k, (route, _) in self.index.items() if route == value}
+        elif target == "prefix":
+            keys = {k for k in set(self.index) | set(self.memory.keys()) if k.startswith(value or "\0")}
+        else:
+            return 0
+        self._forget(list(keys))
+        await asyncio.get_running_loop().run_in_executor(self._disk, self.store.delete, list(keys))
+        return len(keys)
+
+    def _flush_from_thread(self, target: str, value: str | None) -> int:
+        """Called by the response cache's flush applier (a thread) before it marks a request applied."""
+        try:
+            return asyncio.run_coroutine_threadsafe(self.flush(target, value), self._loop).result(30)
+        except Exception:
+            log.exception("flushing the image cache failed")
+            return 0
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _deadline(self) -> float:
+        model = self.watcher.rules.model
+        return model.proxy.upstream_timeout + model.images.worker_timeout * 2 + 5
+
+
+def _cache_control(rule: ImageRule, entry: ImageEntry, now: float) -> str:
+    if entry.immutable:
+        return f"public, max-age={YEAR}, immutable"
+    scope = "public" if rule.scope == "shared" else "private"
+    value = f"{scope}, max-age={max(0, int(entry.ttl - entry.age(now)))}"
+    if entry.stale_while_revalidate:
+        value += f", stale-while-revalidate={int(entry.stale_while_revalidate)}"
+    return value
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    return next((v for k, v in headers if k.lower() == name), None)
+
+
+def _without_credentials(url: str) -> str:
+    """A source URL as part of a key: its credential parameters (Plex tokens) left out."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() not in CREDENTIAL_PARAMS]
+    return urlunsplit(parts._replace(query=urlencode(query)))
