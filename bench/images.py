@@ -1,7 +1,7 @@
 """Image-cache benchmark: hits, misses with re-encoding, bytes saved, and an event loop that stays free.
 
     python bench/images.py [--images 60] [--connections 10] [--duration 5] [--warmup 1] [--api-rate 200]
-                           [--json] [--strict]
+                           [--rounds 3] [--gc-threshold0 N] [--json] [--strict]
 
 Everything runs on 127.0.0.1 in separate processes: an image upstream serving a generated set of
 posters and backdrops (fake_upstreams' artwork renderer: gradient, shapes and film grain, JPEG
@@ -21,6 +21,14 @@ bench TMDB JSON upstream (bench/_upstream.py), and Projectionist with the shippe
     api loaded   the same while 4 clients (another process) keep the image cache re-encoding
                  (each request a new URL: a fetch, a transcode in the worker pool, a disk write):
                  p99 must stay <= 2x the idle p99, which shows transcodes never block the loop
+    api control  the same while the pool's work runs outside the proxy (processes of the
+                 workers' priority transcoding in a loop): the machine's own CPU contention
+
+Idle, loaded and control alternate for `--rounds` rounds (and a last idle one); the medians of the
+rounds' p99 are compared, so one hiccup of a shared VM does not decide the verdict. On a 2-core
+box the API tail is dominated by the proxy's young-generation GC pauses (mitmproxy leaves ~100
+cyclic objects per request; `projectionist proxy` collects them 50,000 at a time, 12-30 ms each);
+`--gc-threshold0 5000` caps that threshold in the proxy process (an experiment) to show it.
 
 Exit status 1 if a request failed, a hit was not a hit or a process did not exit cleanly; with
 --strict also if a target (WebP savings, loaded/idle p99) is missed.
@@ -38,6 +46,7 @@ import select
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -288,32 +297,84 @@ async def api_under_reencode_load(args, proxy_url: str) -> tuple[dict, dict]:
     return loaded, json.loads(out.decode().strip().splitlines()[-1])
 
 
+def control_load(seconds: float, workers: int) -> None:
+    """`--control-load`: the pool's work without the proxy: `workers` processes with the image
+    workers' priority transcoding a w780 poster to WebP in a loop (what the machine's CPU contention
+    alone does to the API probe)."""
+    from projectionist.images import _init_worker
+
+    print("STARTED", flush=True)
+    deadline = time.time() + seconds
+    with concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(10,)) as pool:
+        list(pool.map(_control_worker, [deadline] * workers))
+
+
+def _control_worker(deadline: float) -> int:
+    from projectionist.images import Job, transcode
+
+    source, done = _render(0), 0
+    while time.time() < deadline:
+        transcode(Job(source, "webp", None, 50_000_000))
+        done += 1
+    return done
+
+
+async def api_under_control_load(args, proxy_url: str) -> dict:
+    seconds = args.warmup + args.duration + 1.0
+    workers = max(1, (os.cpu_count() or 2) - 1)  # the pool's default size
+    loader = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--control-load", str(seconds), str(workers),
+        stdout=asyncio.subprocess.PIPE, cwd=REPO_ROOT)
+    try:
+        await asyncio.wait_for(loader.stdout.readline(), 60)  # STARTED
+        await asyncio.sleep(0.5)
+        return await api_probe(args, proxy_url)
+    finally:
+        await asyncio.wait_for(loader.communicate(), seconds + 60)
+
+
 def _median_of(rounds: list[dict]) -> dict:
     return {key: statistics.median(r[key] for r in rounds) for key in ("p50_ms", "p99_ms", "max_ms")} | {
         "rate": rounds[0]["rate"], "count": sum(r["count"] for r in rounds), "rounds": len(rounds),
         "p99_ms_each": [round(r["p99_ms"], 2) for r in rounds]}
 
 
+def _gc_env(threshold0: int | None, directory: Path) -> dict[str, str] | None:
+    """`--gc-threshold0`: the proxy process with a smaller young-generation GC threshold than the
+    one `projectionist proxy` sets (an experiment: a sitecustomize caps it), to show how much of
+    the API tail is garbage-collection pauses rather than anything the image cache does."""
+    if threshold0 is None:
+        return None
+    (directory / "sitecustomize.py").write_text(
+        "import gc\n_set = gc.set_threshold\n"
+        f"def set_threshold(t0, *rest):\n    _set(min(t0, {threshold0}), *rest)\n"
+        f"gc.set_threshold = set_threshold\ngc.set_threshold({threshold0})\n")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))}
+
+
 async def run(args) -> dict:
-    report: dict = {"problems": [], "exit_codes": {}}
-    with ImageUpstream(args.images) as images, UpstreamProcess() as api:
+    report: dict = {"problems": [], "exit_codes": {}, "gc_threshold0": args.gc_threshold0}
+    with ImageUpstream(args.images) as images, UpstreamProcess() as api, \
+            tempfile.TemporaryDirectory(prefix="bench-images-gc-") as gc_dir:
         overrides = {"tmdb-images": images.url, "tmdb": api.url}
-        with ProxyProcess(overrides=overrides) as proxy:
+        with ProxyProcess(overrides=overrides, env=_gc_env(args.gc_threshold0, Path(gc_dir))) as proxy:
             await misses(args, proxy.proxy_url, images.url, report)
             await hits(args, proxy.proxy_url, report)
             async with aiohttp.ClientSession(trust_env=False) as session:  # prime the API answer
                 await fetch(session, API_URL, proxy.proxy_url, "application/json")
             # Idle and loaded alternate (idle, loaded, idle, ..., idle): a VM's hiccup in one round
             # does not decide the comparison, medians of the rounds' p99 do.
-            idle, loaded, reencode = [], [], []
+            idle, loaded, control, reencode = [], [], [], []
             for _ in range(args.rounds):
                 idle.append(await api_probe(args, proxy.proxy_url))
                 api, load = await api_under_reencode_load(args, proxy.proxy_url)
                 loaded.append(api)
                 reencode.append(load)
+                control.append(await api_under_control_load(args, proxy.proxy_url))
             idle.append(await api_probe(args, proxy.proxy_url))
-            report["api_rounds"] = {"idle": idle, "loaded": loaded}
+            report["api_rounds"] = {"idle": idle, "loaded": loaded, "control": control}
             report["api_idle"], report["api_loaded"] = _median_of(idle), _median_of(loaded)
+            report["api_control"] = _median_of(control)
             report["reencode_load"] = {
                 "clients": REENCODERS, "requests": sum(r["requests"] for r in reencode),
                 "per_second": round(statistics.mean(r["per_second"] for r in reencode), 1),
@@ -345,6 +406,7 @@ def judge(report: dict, args) -> None:
         problems.append(f"exit codes {report['exit_codes']}")
     ratio = report["api_loaded"]["p99_ms"] / report["api_idle"]["p99_ms"]
     report["p99_ratio"] = round(ratio, 2)
+    report["p99_ratio_vs_control"] = round(report["api_loaded"]["p99_ms"] / report["api_control"]["p99_ms"], 2)
     report["verdicts"] = {
         "webp_saves_25pct": miss["webp_only_saved_fraction"] >= WEBP_SAVING_TARGET,
         "loop_not_blocked": ratio <= P99_RATIO_TARGET,
@@ -360,6 +422,8 @@ def print_report(report: dict) -> None:
     miss, hit, load = report["miss"], report["hit"], report["reencode_load"]
     idle, loaded = report["api_idle"], report["api_loaded"]
     mb = 1 / 1_000_000
+    if report["gc_threshold0"]:
+        print(f"(experiment: the proxy's gen-0 GC threshold capped at {report['gc_threshold0']})")
     print(f"image set: {miss['images']} generated posters/backdrops, {miss['original_bytes'] * mb:.1f} MB of JPEG; "
           f"answers: {miss['content_types']}")
     print(f"miss + re-encode   p50 {miss['p50_ms']:7.1f} ms   p99 {miss['p99_ms']:7.1f} ms   "
@@ -375,10 +439,14 @@ def print_report(report: dict) -> None:
           f"(median of {idle['rounds']} rounds, p99 each {idle['p99_ms_each']}; {idle['rate']:g} req/s steady)")
     print(f"API hits + load    p50 {loaded['p50_ms']:6.2f} ms   p99 {loaded['p99_ms']:6.2f} ms   "
           f"(median of {loaded['rounds']} rounds, p99 each {loaded['p99_ms_each']})")
+    control = report["api_control"]
     print(f"re-encode load     {load['clients']} clients, {load['per_second']:.1f} images/s re-encoded "
           f"(miss p50 {load['p50_ms']:.0f} ms, p99 {load['p99_ms']:.0f} ms)")
+    print(f"API hits + control p50 {control['p50_ms']:6.2f} ms   p99 {control['p99_ms']:6.2f} ms   "
+          f"(same transcodes outside the proxy; p99 each {control['p99_ms_each']})")
     print(f"loaded/idle p99    {report['p99_ratio']:.2f}x   target <= {P99_RATIO_TARGET:g}x: "
-          f"{_pf(report['verdicts']['loop_not_blocked'])}")
+          f"{_pf(report['verdicts']['loop_not_blocked'])}   (loaded/control p99 {report['p99_ratio_vs_control']:.2f}x: "
+          f"what the proxy adds to the machine's own CPU contention)")
     for problem in report["problems"]:
         print(f"PROBLEM: {problem}")
     print(f"overall: {_pf(report['ok'] and all(report['verdicts'].values()))}")
@@ -393,9 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--api-rate", type=float, default=200.0, help="API probe requests per second (default 200)")
-    parser.add_argument("--rounds", type=int, default=2, help="loaded rounds, each after an idle one (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of idle, loaded, control (default 3)")
+    parser.add_argument("--gc-threshold0", type=int, metavar="N",
+                        help="experiment: cap the proxy's young-generation GC threshold at N (it sets 50000)")
     parser.add_argument("--serve-upstream", type=int, metavar="N", help=argparse.SUPPRESS)
     parser.add_argument("--reencode-load", nargs=3, metavar=("PROXY", "SECONDS", "CLIENTS"), help=argparse.SUPPRESS)
+    parser.add_argument("--control-load", nargs=2, metavar=("SECONDS", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
@@ -405,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         if not proxy.startswith(f"http://{LOCALHOST}:"):
             parser.error("the proxy must be on 127.0.0.1")
         reencode_load(proxy, float(seconds), int(clients))
+        return 0
+    if args.control_load:
+        control_load(float(args.control_load[0]), int(args.control_load[1]))
         return 0
     if args.images < 50:
         parser.error("--images must be at least 50")

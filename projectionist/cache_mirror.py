@@ -156,8 +156,10 @@ class CacheMirror:
                     conn.execute(
                         "INSERT INTO cache_savings_hourly (hour, bucket, route, responses, source_bytes, bytes_sent,"
                         " bytes_saved) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hour, bucket, route) DO UPDATE SET"
-                        " responses = responses + excluded.responses, source_bytes = source_bytes + excluded.source_bytes,"
-                        " bytes_sent = bytes_sent + excluded.bytes_sent, bytes_saved = bytes_saved + excluded.bytes_saved",
+                        " responses = responses + excluded.responses,"
+                        " source_bytes = source_bytes + excluded.source_bytes,"
+                        " bytes_sent = bytes_sent + excluded.bytes_sent,"
+                        " bytes_saved = bytes_saved + excluded.bytes_saved",
                         args)
                 else:
                     if kind == "evicted":

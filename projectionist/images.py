@@ -355,6 +355,8 @@ class ImageStore:
 
     def put(self, key: str, entry: ImageEntry) -> list[str]:
         """Store; returns the keys evicted to stay under the cap (never the one just stored)."""
+        if entry.size > self.max_bytes:
+            return []  # would evict everything else and still not fit
         with self.cache.transact():
             self.cache.set(("b", key), entry.body)
             self.cache.set(("m", key), dataclasses.replace(entry, body=b"", body_size=len(entry.body)))

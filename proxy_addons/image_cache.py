@@ -14,6 +14,9 @@ For a GET on a route with an `image` rule (TMDB posters, Plex thumbs and photo t
   when the client's Accept names it (`Vary: Accept`) and that is smaller, and scaled down to the
   route's `max_width`. Pillow runs in worker processes (projectionist/images.py), never here.
 
+Misses wait for a slot under the upstream's rate limits (proxy_addons/rate_limit.py `admit`, found
+by name when loaded; hits never count); a refused slot is the limiter's 429.
+
 Safety: only hosts named in rules.yaml are fetched (the flow was attributed to an upstream); a
 route's `source_param` (Plex `/photo/:/transcode?url=`) may only name a server path, a declared
 Plex server or a rules.yaml host on a public address (else 403, nothing is fetched); a source over
@@ -37,7 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 from mitmproxy import ctx, http
@@ -58,6 +61,7 @@ from projectionist.images import (
     negotiate,
     transcode,
 )
+from projectionist.limits import RateLimited
 from projectionist.rules import ImageRule, Rules
 
 from . import flowinfo
@@ -84,6 +88,13 @@ class Refusal:
     status: int
     message: str
     detail: str
+
+
+@dataclass(frozen=True)
+class Limited:
+    """The rate limiter had no slot for the upstream fetch: its 429 is the answer."""
+
+    response: http.Response
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,8 @@ class ImageCache:
         self._inflight: dict[str, asyncio.Task] = {}
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The rate limiter (proxy_addons/rate_limit.py) when it is loaded: misses wait for its slot.
+        self.upstream_gate = None
 
     def load(self, loader) -> None:
         loader.add_option("projectionist_images", bool, True,
@@ -151,22 +164,32 @@ class ImageCache:
         self._spawn(self._start(directory if directory.is_absolute() else home / directory, settings.max_bytes))
         self._spawn(self._cleanup_forever())
         self._loop = asyncio.get_running_loop()
+        if self.upstream_gate is None:
+            self.upstream_gate = ctx.master.addons.get("ratelimit")
         add_flush_handler(self.db_path, self._flush_from_thread)  # control-plane flushes
         self.watcher.subscribe(self._rules_changed)
 
     async def _start(self, directory: Path, max_bytes: int) -> None:
         loop = asyncio.get_running_loop()
-        self.store = await loop.run_in_executor(self._disk, ImageStore, directory, max_bytes)
-        for key, route, partition in self.store.index():
-            self.index[key] = (route, partition)
         try:
-            await self.pool.start()
-            self.supported = {fmt for fmt, ok in (await self.pool.run(capabilities)).items() if ok}
+            store = await loop.run_in_executor(self._disk, ImageStore, directory, max_bytes)
+            for key, route, partition in store.index():
+                self.index[key] = (route, partition)
+            # Mirror rows of entries that are gone (an old cache directory was removed) are dropped.
+            mirrored = await loop.run_in_executor(None, self.mirror.index_rows, BUCKET)
+            self.mirror.deleted([key for key, _, _ in mirrored if key not in self.index])
+            try:
+                await self.pool.start()
+                self.supported = {fmt for fmt, ok in (await self.pool.run(capabilities)).items() if ok}
+            except Exception:
+                log.exception("image workers did not start: images are served without re-encoding")
+            self.store = store
+            log.info("image cache: %d entries (%d bytes) in %s; re-encodes to %s", len(self.index), store.bytes,
+                     directory, ", ".join(sorted(self.supported)) or "nothing")
         except Exception:
-            log.exception("image workers did not start: images are served without re-encoding")
-        log.info("image cache: %d entries (%d bytes) in %s; re-encodes to %s", len(self.index), self.store.bytes,
-                 directory, ", ".join(sorted(self.supported)) or "nothing")
-        self._ready.set()
+            log.exception("the image cache could not open %s: images pass through uncached", directory)
+        finally:
+            self._ready.set()
 
     async def done(self) -> None:
         if self.db_path is not None:
@@ -202,8 +225,8 @@ class ImageCache:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Fresh shared images (TMDB) from memory as soon as the headers are in."""
         info = flowinfo.get(flow)
-        if (info is None or self.memory is None or info.match.route is None or self._ready is None
-                or not self._ready.is_set() or not ctx.options.projectionist_images):
+        if (info is None or self.store is None or info.match.route is None
+                or not ctx.options.projectionist_images):
             return
         rule = info.match.route.rule.image
         if rule is None or rule.scope != "shared" or rule.source_param or flow.request.method not in ("GET", "HEAD"):
@@ -217,15 +240,15 @@ class ImageCache:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         info = flowinfo.get(flow)
-        if info is None or flow.response is not None or info.match.route is None or self.memory is None:
+        if info is None or flow.response is not None or self.memory is None:
             return
-        rule = info.match.route.rule.image
-        if rule is None or flow.request.method not in ("GET", "HEAD"):
-            return
-        if rule.source_param and (refused := self._refused_source(flow, rule)):
+        if (refused := self._refused_source(flow, info)) is not None:
             flow.response = self._refusal(flow, info, Refusal(403, f"Forbidden: {refused}", "refused"))
             return
-        if not ctx.options.projectionist_images or not await self._wait_ready():
+        rule = info.match.route.rule.image if info.match.route else None
+        if rule is None or flow.request.method not in ("GET", "HEAD"):
+            return
+        if not ctx.options.projectionist_images or not await self._wait_ready() or self.store is None:
             return
         partition = "shared" if rule.scope == "shared" else (f"u{info.user_id}" if info.user_id is not None else None)
         if partition is None:  # a user's image, but whose? never stored, never shared
@@ -240,20 +263,29 @@ class ImageCache:
         source = self._source(flow, info, rule, target, partition)
         if entry is not None and entry.usable_stale(rule.stale_while_revalidate, now):
             self._serve(flow, info, rule, key, entry, "stale", now)
-            self._production(key, source, entry)  # one background refresh per key
+            self._production(key, source, entry, flow.copy(), background=True)  # one refresh per key
             return
-        task, leader = self._production(key, source, entry)
-        try:
-            outcome = await asyncio.wait_for(asyncio.shield(task), self._deadline())
-        except TimeoutError:
-            outcome = Refusal(504, "Gateway Timeout: the image took too long", "fwd-status=504")
-        if isinstance(outcome, ImageEntry):
+        task, leader = self._production(key, source, entry, flow)
+        outcome = await self._outcome(task)
+        if isinstance(outcome, Limited) and not leader:  # the leader's slot was refused: ask for ours
+            task, leader = self._production(key, source, entry, flow)
+            outcome = await self._outcome(task)
+        if isinstance(outcome, Limited):
+            flow.response = outcome.response if leader else outcome.response.copy()
+            info.cache = "miss"
+        elif isinstance(outcome, ImageEntry):
             self._serve(flow, info, rule, key, outcome, "miss", time.time(),
                         "fwd=miss; stored" if leader else "fwd=miss; collapsed")
         elif isinstance(outcome, Passthrough):
             flow.response = self._passthrough(flow, info, outcome)
         else:
             flow.response = self._refusal(flow, info, outcome)
+
+    async def _outcome(self, task: asyncio.Task):
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self._deadline())
+        except TimeoutError:
+            return Refusal(504, "Gateway Timeout: the image took too long", "fwd-status=504")
 
     async def _wait_ready(self) -> bool:
         if self._ready.is_set():
@@ -285,23 +317,39 @@ class ImageCache:
         request = flow.request
         query = request.query.items(multi=True)
         if rule.source_param:
-            query = [(k, _without_credentials(v) if k == rule.source_param else v) for k, v in query]
+            param = rule.source_param.lower()
+            query = [(k, _without_credentials(v) if k.lower() == param else v) for k, v in query]
         variant = f"{target or 'source'}/{rule.max_width or 0}"
         return cache_key(info.upstream, "GET", request.path.split("?", 1)[0], query, {"image-variant": variant},
                          partition)
 
-    def _refused_source(self, flow: http.HTTPFlow, rule: ImageRule) -> str | None:
-        values = flow.request.query.get_all(rule.source_param)
+    def _refused_source(self, flow: http.HTTPFlow, info) -> str | None:
+        """Why the image URL a route's `source_param` names must not be fetched (None: it may).
+
+        The route is looked up again on the decoded path too, so `/photo/%3A/transcode` or
+        `/photo/:/transcode/` (which a server may treat as the same endpoint) is checked as well.
+        """
+        rules = self.watcher.rules
+        route = info.match.route
+        rule = route.rule.image if route else None
+        path = flow.request.path.split("?", 1)[0]
+        if (rule is None or not rule.source_param) and ("%" in path or "//" in path or path.endswith("/")):
+            normalized = "/" + "/".join(part for part in unquote(path).split("/") if part)
+            route = rules.match(info.upstream, flow.request.method, normalized, flow.request.query).route
+            rule = route.rule.image if route else None
+        if rule is None or not rule.source_param:
+            return None
+        values = [v for k, v in flow.request.query.items(multi=True) if k.lower() == rule.source_param.lower()]
         if not values:
             return None
-        rules = self.watcher.rules
         plex_servers = set()
         for name, upstream in rules.upstreams.items():
             if upstream.kind == "plex-server":
                 for url in (upstream.base_url, self.router.overrides.get(name)):
                     if url:
                         parts = urlsplit(url)
-                        plex_servers.add((parts.hostname.lower(), parts.port or (443 if parts.scheme == "https" else 80)))
+                        port = parts.port or (443 if parts.scheme == "https" else 80)
+                        plex_servers.add((parts.hostname.lower(), port))
         for value in values:
             if reason := check_source_url(value, rules.upstream_for_host, plex_servers):
                 return reason
@@ -314,22 +362,29 @@ class ImageCache:
         headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _NOT_FORWARDED]
         return _Source(request.url, headers, info.match.upstream.kind, info.route, rule, target, partition)
 
-    def _production(self, key: str, source: _Source, previous: ImageEntry | None) -> tuple[asyncio.Task, bool]:
+    def _production(self, key: str, source: _Source, previous: ImageEntry | None, flow: http.HTTPFlow,
+                    background: bool = False) -> tuple[asyncio.Task, bool]:
         """The task producing `key` (one per key at a time); True if this call started it."""
         task = self._inflight.get(key)
         if task is not None:
             return task, False
-        task = asyncio.get_running_loop().create_task(self._produce(key, source, previous))
+        task = asyncio.get_running_loop().create_task(self._produce(key, source, previous, flow, background))
         self._inflight[key] = task
         self._tasks.add(task)
         task.add_done_callback(lambda t: (self._tasks.discard(t), self._inflight.pop(key, None)))
         return task, True
 
-    async def _produce(self, key: str, source: _Source, previous: ImageEntry | None):
+    async def _produce(self, key: str, source: _Source, previous: ImageEntry | None, flow: http.HTTPFlow,
+                       background: bool):
         settings = self.watcher.rules.model.images
+        gate = self.upstream_gate
         try:
+            if gate is not None:  # a slot under the upstream's rate limits (a refresh does not wait)
+                await gate.admit(flow, background=background)
             fetched = await self._fetch(source, settings.source_max_bytes,
                                         previous.source_etag if previous is not None else None)
+            if gate is not None and isinstance(fetched, Passthrough):  # 429/503 + Retry-After: pause
+                await gate.observe(flow, fetched.status, _header(fetched.headers, "retry-after"))
             if fetched is _NOT_MODIFIED:
                 entry = dataclasses.replace(previous, stored_at=time.time(), hits=0)
             elif isinstance(fetched, (Refusal, Passthrough)):
@@ -360,6 +415,8 @@ class ImageCache:
                     width=result.width, height=result.height)
             self._store(key, entry)
             return entry
+        except RateLimited as refused:
+            return Limited(refused.response)
         except WorkerCrashed:
             return Refusal(502, "Bad Gateway: the image worker crashed on this image", "worker-crashed")
         except TimeoutError:
@@ -428,10 +485,11 @@ class ImageCache:
             status_detail = f"hit; ttl={remaining}" if outcome == "hit" else f"fwd=stale; ttl={remaining}"
         headers["Cache-Status"] = f"Projectionist; {status_detail}"
         headers["X-Content-Type-Options"] = "nosniff"
-        response = http.Response(b"HTTP/1.1", 304 if not_modified else 200, b"", headers, None, None, now, now)
         sends_body = not not_modified and request.method != "HEAD"
-        response.raw_content = entry.body if sends_body else b""
-        flow.response = response
+        # The body is given as raw content (never re-encoded); bytes, not None, spare mitmproxy's
+        # type check an exception (cyclic garbage) per answer.
+        flow.response = http.Response(b"HTTP/1.1", 304 if not_modified else 200, b"", headers,
+                                      entry.body if sends_body else b"", None, now, now)
         info.cache = outcome
         if outcome != "miss":
             entry.hits += 1
@@ -446,10 +504,9 @@ class ImageCache:
             headers[name] = value
         headers["Content-Length"] = str(len(passed.body))
         headers["Cache-Status"] = "Projectionist; fwd=miss"
-        response = http.Response(b"HTTP/1.1", passed.status, b"", headers, None, None, time.time(), time.time())
-        response.raw_content = b"" if flow.request.method == "HEAD" else passed.body
         info.cache = "miss"
-        return response
+        return http.Response(b"HTTP/1.1", passed.status, b"", headers,
+                             b"" if flow.request.method == "HEAD" else passed.body, None, time.time(), time.time())
 
     @staticmethod
     def _refusal(flow: http.HTTPFlow, info, refusal: Refusal) -> http.Response:
@@ -471,8 +528,8 @@ class ImageCache:
 
     async def cleanup(self) -> dict:
         """Remove the entries past their last usable moment; report (and log) what was freed."""
-        if self._ready is not None:
-            await self._wait_ready()
+        if not await self._wait_ready() or self.store is None:
+            return {}
         now = time.time()
         keys, freed = await asyncio.get_running_loop().run_in_executor(self._disk, self.store.expired, now)
         self._forget(keys)

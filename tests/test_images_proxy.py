@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
+import yarl
 from PIL import Image
 
 from control.cache_api import cache_stats
@@ -194,7 +195,11 @@ async def test_photo_transcode_refuses_ssrf_targets_without_contacting_the_serve
                        "http%3A%2F%2F127.0.0.1%3A22%2F", "http://metadata.google.internal/"):
             status, headers, body = await env.plex(f"/photo/:/transcode?width=320&height=180&url={target}")
             assert status == 403 and b"Forbidden" in body, target
-        assert env.upstream_calls("plex", "/photo/:/transcode") == 0
+        for path in ("/photo/%3A/transcode", "/photo/:/transcode/", "//photo/:/transcode"):  # same endpoint to a server
+            url = f"http://127.0.0.1:{env.plex_port}{path}?width=1&height=1&URL=http://127.0.0.1:22/&X-Plex-Token={PLEX_SERVER_TOKEN}"
+            async with env.session.get(yarl.URL(url, encoded=True)) as r:
+                assert r.status == 403, path
+        assert not [r for r in env.fakes.requests["plex"] if "photo" in r.path]
         # The declared Plex server itself and server-local paths are the transcoder's business.
         status, _, _ = await env.plex(f"/photo/:/transcode?width=320&height=180&url={plex_fake}/library/metadata/1001/thumb")
         assert status == 400  # the fake PMS never fetches remote URLs, but it was asked
@@ -291,3 +296,19 @@ async def test_flushing_the_images_bucket(tmp_path):
         conn.close()
         _, headers, _ = await env.tmdb(path)
         assert "fwd=miss" in headers["Cache-Status"]
+
+
+async def test_misses_wait_for_the_upstreams_rate_limit_and_hits_never_count(tmp_path):
+    def limited(rules: dict) -> None:
+        rules.setdefault("limits", {})["images-test"] = {"rate": "1/10s", "burst": 1, "per": "upstream",
+                                                          "max_wait": 0}
+        rules["upstreams"]["tmdb-images"]["limits"] = ["images-test"]
+
+    async with image_proxy(tmp_path, limited) as env:
+        assert (await env.tmdb("/t/p/w185/proxy-limited-1.jpg"))[0] == 200  # the one slot
+        for _ in range(3):
+            status, headers, _ = await env.tmdb("/t/p/w185/proxy-limited-1.jpg")
+            assert status == 200 and "hit" in headers["Cache-Status"]  # hits take no slot
+        status, headers, _ = await env.tmdb("/t/p/w185/proxy-limited-2.jpg")
+        assert status == 429 and "Retry-After" in headers
+        assert env.upstream_calls("tmdb_images", "/t/p/w185/proxy-limited-2.jpg") == 0
