@@ -144,7 +144,8 @@ async def serve(config: Config) -> None:
     proxy = await EmbeddedProxy(config).start()
     # Start-up garbage is long-lived; freezing it keeps the cyclic GC off the request path.
     gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
+    # 5,000: bench/images measured 12-30 ms young-generation pauses at 50,000 setting the p99.
+    gc.set_threshold(5_000, 50, 100)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
