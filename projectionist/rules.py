@@ -482,9 +482,12 @@ class Rules:
     _exact_hosts: dict[str, str] = field(default_factory=dict)
     _wildcard_hosts: list[tuple[str, str]] = field(default_factory=list)
     _routes_by_upstream: dict[str, list[CompiledRoute]] = field(default_factory=dict)
+    _reverse_listeners: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, up in self.model.upstreams.items():
+            if up.listen is not None:
+                self._reverse_listeners[up.listen] = name
             for host in up.hosts:
                 host = host.lower()
                 if any(c in host for c in "*?["):
@@ -519,6 +522,10 @@ class Rules:
                 return name
         return None
 
+    def reverse_listener(self, port: int) -> str | None:
+        """The upstream whose reverse listener is on `port` (per request: no copy)."""
+        return self._reverse_listeners.get(port)
+
     def match(self, upstream_name: str, method: str, path: str, query: Mapping[str, str]) -> Match:
         upstream = self.model.upstreams[upstream_name]
         for route in self._routes_by_upstream.get(upstream_name, ()):
@@ -528,4 +535,4 @@ class Rules:
 
     def reverse_listeners(self) -> dict[int, str]:
         """listen port -> upstream name."""
-        return {up.listen: name for name, up in self.model.upstreams.items() if up.listen is not None}
+        return dict(self._reverse_listeners)

@@ -12,11 +12,13 @@ unrelated traffic passes through byte for byte and is never recorded; or it is r
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http, tls
+from mitmproxy.net.http import url
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from projectionist.rules import Rules
@@ -71,7 +73,7 @@ class Router:
 
     def _upstream_for(self, rules: Rules, mode, host: str) -> str | None:
         if isinstance(mode, ReverseMode):
-            return rules.reverse_listeners().get(mode.custom_listen_port or 0)
+            return rules.reverse_listener(mode.custom_listen_port or 0)
         return rules.upstream_for_host(host)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
@@ -87,7 +89,7 @@ class Router:
         if rules is None:
             return
         mode = flow.client_conn.proxy_mode
-        name = self._upstream_for(rules, mode, flow.request.pretty_host)
+        name = self._upstream_for(rules, mode, _pretty_host(flow.request))
         if name is None:
             if rules.model.proxy.unknown_hosts == "refuse":
                 flow.response = http.Response.make(
@@ -98,14 +100,40 @@ class Router:
         req = flow.request
         # req.query parses lazily: only routes with query conditions pay for it.
         match = rules.match(name, req.method, req.path.split("?", 1)[0], req.query)
-        is_reverse = isinstance(mode, ReverseMode)
-        flowinfo.attach(flow, flowinfo.FlowInfo(match=match, listener="reverse" if is_reverse else "regular"))
-        target = self.overrides.get(name) or (match.upstream.base_url if is_reverse else None)
+        listener = "reverse" if isinstance(mode, ReverseMode) else "regular"
+        flowinfo.attach(flow, flowinfo.FlowInfo(match=match, listener=listener))
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """Point the request at its upstream's address, once an addon has not answered it already
+        (mitmproxy connects after this hook; no route streams request bodies, which would connect
+        right after requestheaders)."""
+        info = flowinfo.get(flow)
+        if info is None or flow.response is not None:
+            return
+        target = self.overrides.get(info.upstream) or (
+            info.match.upstream.base_url if info.listener == "reverse" else None)
         if target:
-            parts = urlsplit(target)
-            req.scheme = parts.scheme
-            req.host = parts.hostname
-            req.port = parts.port or (443 if parts.scheme == "https" else 80)
+            scheme, host, port = _address(target)
+            req = flow.request
+            if (req.scheme, req.host, req.port) != (scheme, host, port):
+                req.scheme, req.host, req.port = scheme, host, port
+
+
+@functools.lru_cache(maxsize=1024)
+def _address(target: str) -> tuple[str, str, int]:
+    parts = urlsplit(target)
+    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+@functools.lru_cache(maxsize=1024)
+def _authority_host(authority: str) -> str:
+    return url.parse_authority(authority, check=False)[0]
+
+
+def _pretty_host(request: http.Request) -> str:
+    """`Request.pretty_host`, with the parse of the (few, repeating) Host headers memoised."""
+    authority = request.host_header
+    return _authority_host(authority) if authority else request.host
 
 
 class Listeners:
