@@ -20,7 +20,7 @@ from projectionist.config import Config
 from projectionist.rules import load_rules
 
 from .credentials import CredentialStore
-from .dispatch import CachedDispatchAddonManager
+from .dispatch import CachedDispatchAddonManager, install_inline_hooks
 from .image_cache import ImageCache
 from .plex_tokens import PlexTokens
 from .rate_limit import RateLimit
@@ -78,6 +78,7 @@ class EmbeddedProxy:
         opts = options.Options()
         self.master = Master(opts, event_loop=asyncio.get_running_loop())
         self.master.addons = CachedDispatchAddonManager(self.master)  # before any addon is added
+        install_inline_hooks()
         self.addons = projectionist_addons()
         self.master.addons.add(*mitmproxy_addons(), *self.addons)
         opts.update(
