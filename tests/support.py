@@ -17,11 +17,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from aiohttp import web
 
 from fake_upstreams.data import TRAKT_CLIENT_ID, TRAKT_CLIENT_SECRET
 
@@ -80,6 +81,57 @@ def write_test_rules(path: Path, plex_listen: int, edit: Callable[[dict], None] 
     tmp.write_text(yaml.safe_dump(rules, sort_keys=False))
     os.replace(tmp, path)
     return path
+
+
+class LocalUpstream:
+    """An aiohttp upstream on 127.0.0.1 for the in-process proxy tests: every request goes to
+    `handle` (subclasses override it). The port is fixed at creation, so a test can stop the
+    upstream (dead upstream) and start it again at the same address."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def start(self) -> LocalUpstream:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def __aenter__(self) -> LocalUpstream:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+
+async def start_embedded_proxy(home: Path, overrides: Sequence[str], edit: Callable[[dict], None] | None = None,
+                               plex_listen: int | None = None):
+    """An EmbeddedProxy in this event loop with the shipped rules (`edit` applied, unless `home`
+    already has a rules.yaml) and `overrides` ("name=url") sending upstreams to local ones."""
+    from projectionist.config import Config
+    from proxy_addons.runner import EmbeddedProxy
+
+    rules = home / "rules.yaml"
+    if not rules.exists():
+        write_test_rules(rules, plex_listen or free_port(), edit)
+    config = Config(home=home, rules_path=rules, datasette_metadata=home / "unused.yml", proxy_port=0,
+                    upstream_overrides=tuple(overrides))
+    return await EmbeddedProxy(config).start()
 
 
 @dataclass

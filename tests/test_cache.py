@@ -12,24 +12,22 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from projectionist.config import Config
 from proxy_addons.runner import EmbeddedProxy
 
-from support import free_port, write_test_rules
+from support import LocalUpstream, start_embedded_proxy
 
 TMDB_PATH = "/3/movie/603"
 
 
-class Upstream:
-    """Counts requests per path; `delay`, `status`, `cache_control` and `down` are per test."""
+class Upstream(LocalUpstream):
+    """Counts requests per path; `delay`, `status` and `cache_control` are per test."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.calls: dict[str, int] = {}
         self.delay = 0.0
         self.status = 200
         self.cache_control: str | None = None
-        self.runner: web.AppRunner | None = None
-        self.port = free_port()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.calls[request.path] = self.calls.get(request.path, 0) + 1
@@ -40,16 +38,6 @@ class Upstream:
             headers["Cache-Control"] = self.cache_control
         return web.json_response({"path": request.path, "n": self.calls[request.path],
                                   "accept": request.headers.get("Accept", "")}, status=self.status, headers=headers)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
 
 
 def short_ttls(rules: dict) -> None:
@@ -65,19 +53,12 @@ def short_ttls(rules: dict) -> None:
 
 @pytest.fixture
 async def upstream():
-    up = Upstream()
-    await up.start()
-    yield up
-    await up.stop()
+    async with Upstream() as up:
+        yield up
 
 
 async def start_proxy(tmp_path, upstream: Upstream) -> EmbeddedProxy:
-    rules = tmp_path / "rules.yaml"
-    if not rules.exists():
-        write_test_rules(rules, free_port(), short_ttls)
-    config = Config(home=tmp_path, rules_path=rules, datasette_metadata=tmp_path / "unused.yml", proxy_port=0,
-                    upstream_overrides=(f"tmdb=http://127.0.0.1:{upstream.port}",))
-    return await EmbeddedProxy(config).start()
+    return await start_embedded_proxy(tmp_path, [f"tmdb={upstream.url}"], short_ttls)
 
 
 @pytest.fixture

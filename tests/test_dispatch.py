@@ -19,6 +19,8 @@ from mitmproxy.master import Master
 from proxy_addons import dispatch
 from proxy_addons.runner import mitmproxy_addons
 
+from support import LocalUpstream
+
 
 class Recorder:
     """Records hook order; `answer` answers in requestheaders; `slow`, `fail`, `hold` alter `request`."""
@@ -51,19 +53,15 @@ class Recorder:
         self.calls.append("response")
 
 
-@pytest.fixture
-async def upstream():
-    async def echo(request: web.Request) -> web.Response:
+class EchoUpstream(LocalUpstream):
+    async def handle(self, request: web.Request) -> web.Response:
         return web.Response(text=f"upstream saw x-added-after-wait={request.headers.get('x-added-after-wait')}")
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", echo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    await runner.cleanup()
+
+@pytest.fixture
+async def upstream():
+    async with EchoUpstream() as up:
+        yield up.url
 
 
 @pytest.fixture

@@ -12,42 +12,30 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from projectionist.config import Config
-from proxy_addons.runner import EmbeddedProxy
+from support import LocalUpstream, free_port, start_embedded_proxy, write_test_rules
 
-from support import free_port, write_test_rules
+
+class PlexUpstream(LocalUpstream):
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/library/metadata/slow":
+            await asyncio.sleep(float(request.query.get("s", "1")))
+            return web.Response(text="slow done")
+        if request.path == "/library/sections":
+            return web.json_response({"MediaContainer": {"size": 1, "Directory": [{"key": "1", "title": "Films"}]}})
+        return web.Response(status=404)
 
 
 @pytest.fixture
 async def upstream():
-    app = web.Application()
-
-    async def sections(request):
-        return web.json_response({"MediaContainer": {"size": 1, "Directory": [{"key": "1", "title": "Films"}]}})
-
-    async def slow(request):
-        await asyncio.sleep(float(request.query.get("s", "1")))
-        return web.Response(text="slow done")
-
-    app.router.add_get("/library/sections", sections)
-    app.router.add_get("/library/metadata/slow", slow)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    await runner.cleanup()
+    async with PlexUpstream() as up:
+        yield up.url
 
 
 @pytest.fixture
 async def proxy(tmp_path, upstream):
     plex_port = free_port()
-    rules = write_test_rules(tmp_path / "rules.yaml", plex_port)
-    config = Config(home=tmp_path, rules_path=rules, datasette_metadata=tmp_path / "unused.yml",
-                    proxy_port=0,
-                    # plex.tv too: the proxy asks it whose a newly seen real token is.
-                    upstream_overrides=(f"plex={upstream}", f"plextv={upstream}"))
-    proxy = await EmbeddedProxy(config).start()
+    # plex.tv too: the proxy asks it whose a newly seen real token is.
+    proxy = await start_embedded_proxy(tmp_path, [f"plex={upstream}", f"plextv={upstream}"], plex_listen=plex_port)
     proxy.plex_port = plex_port
     yield proxy
     await proxy.stop()

@@ -16,11 +16,10 @@ import pytest
 import yaml
 from aiohttp import web
 
-from projectionist.config import Config
 from projectionist.limits import LimitKey, MemoryBackend, parse_retry_after, policy_header, quota_window
 from proxy_addons.runner import EmbeddedProxy
 
-from support import free_port, write_test_rules
+from support import LocalUpstream, start_embedded_proxy
 
 UNCACHED = "/3/uncached"  # no route: tmdb:other, under the tmdb upstream's limits only
 ORIGIN = "http://player.example"
@@ -33,14 +32,13 @@ class Received:
     query: dict
 
 
-class Upstream:
+class Upstream(LocalUpstream):
     """TMDB, Plex and plex.tv in one: records every request; `plan[path]` lists answers to give first."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.received: list[Received] = []
         self.plan: dict[str, list[tuple[int, dict]]] = {}
-        self.runner: web.AppRunner | None = None
-        self.port = free_port()
 
     def calls(self, path: str | None = None) -> list[float]:
         return [r.at for r in self.received if path is None or r.path == path]
@@ -59,16 +57,6 @@ class Upstream:
         return web.json_response({"path": request.path, "n": len(self.received)},
                                  headers={"Access-Control-Allow-Origin": "*"})
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
-
 
 def limit_rules(rate: str = "2/s", burst: int = 4, max_wait: float = 3, timeout: float = 5):
     """Only the default TMDB key is limited; tmdb.search is cached briefly (for stale-if-error)."""
@@ -85,19 +73,14 @@ def limit_rules(rate: str = "2/s", burst: int = 4, max_wait: float = 3, timeout:
 
 
 async def start_proxy(tmp_path, upstream: Upstream, edit) -> EmbeddedProxy:
-    rules = write_test_rules(tmp_path / "rules.yaml", free_port(), edit)
-    url = f"http://127.0.0.1:{upstream.port}"
-    config = Config(home=tmp_path, rules_path=rules, datasette_metadata=tmp_path / "unused.yml", proxy_port=0,
-                    upstream_overrides=(f"tmdb={url}", f"plex={url}", f"plextv={url}"))
-    return await EmbeddedProxy(config).start()
+    return await start_embedded_proxy(tmp_path, [f"{name}={upstream.url}" for name in ("tmdb", "plex", "plextv")],
+                                      edit)
 
 
 @pytest.fixture
 async def upstream():
-    up = Upstream()
-    await up.start()
-    yield up
-    await up.stop()
+    async with Upstream() as up:
+        yield up
 
 
 @pytest.fixture
