@@ -10,11 +10,14 @@ is vaulted and replaced by a surrogate, and the servers' connection URIs point a
 reverse listener, so the frontend keeps using the proxy and never holds a real token.
 
 A real token sent by a client from before Projectionist passes through once and is vaulted, so
-that the responses it receives from then on carry surrogates.
+that the responses it receives from then on carry surrogates. plex.tv is asked once whose it is:
+concurrent first requests with the same token share that look-up, and an answer plex.tv cannot
+give (down, refused, not an account) vaults the token for no user rather than asking again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -58,6 +61,8 @@ class PlexTokens:
         # Transcode session id -> the token its decision/start request carried (bounded LRU).
         self.sessions: OrderedDict[str, TranscodeSession] = OrderedDict()
         self.max_sessions = 10_000
+        # Real token -> its vaulting in progress, shared by the requests that present it meanwhile.
+        self._adopting: dict[str, asyncio.Future[VaultEntry | None]] = {}
 
     def load(self, loader) -> None:
         loader.add_option("projectionist_rewrite_plex_connections", bool, True,
@@ -136,11 +141,18 @@ class PlexTokens:
     async def _adopt_real_token(self, real: str) -> VaultEntry | None:
         """A real token from a client: known already, or vaulted now for the responses to come."""
         entry = await self.store.call(self.store.vault.find_real, PLEX, real)
-        if entry is None:
-            user_id = await self._user_for_account_token(real)
-            await self.store.call(self.store.vault.surrogate_for, PLEX, real, user_id)
-            entry = await self.store.call(self.store.vault.find_real, PLEX, real)
-        return entry
+        if entry is not None:
+            return entry
+        pending = self._adopting.get(real)
+        if pending is None:
+            pending = self._adopting[real] = asyncio.ensure_future(self._vault_real_token(real))
+            pending.add_done_callback(lambda _: self._adopting.pop(real, None))
+        return await asyncio.shield(pending)
+
+    async def _vault_real_token(self, real: str) -> VaultEntry | None:
+        user_id = await self._user_for_account_token(real)
+        await self.store.call(self.store.vault.surrogate_for, PLEX, real, user_id)
+        return await self.store.call(self.store.vault.find_real, PLEX, real)
 
     # --- responses --------------------------------------------------------------------------------
 
@@ -219,6 +231,9 @@ class PlexTokens:
                     account = await r.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.warning("plex.tv account look-up failed: %s", type(exc).__name__)
+            return None
+        if not isinstance(account, dict) or not isinstance(account.get("id"), int | str) or account["id"] == "":
+            log.warning("plex.tv account look-up: the answer describes no account")
             return None
         return await self.store.call(self._upsert_user, account)
 
