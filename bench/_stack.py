@@ -10,6 +10,7 @@ always stop what they started:
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -182,6 +183,23 @@ class ProxyProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+    def logged_errors(self) -> list[str]:
+        """The messages of the error lines in the proxy's log (an addon failing per request shows
+        up here long before it shows in a throughput figure)."""
+        errors = []
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("level") in ("error", "critical"):
+                errors.append(str(record.get("msg", ""))[:200])
+        return errors
 
     def start(self) -> ProxyProcess:
         self.home = Path(tempfile.mkdtemp(prefix="projectionist-bench-"))

@@ -131,6 +131,7 @@ async def throughput(args, report: dict) -> None:
             modes["passthrough"] = await _measure("passthrough", TMDB_URL, args, proxy=proxy.proxy_url,
                                                   procs={"upstream": upstream, "proxy": proxy}, classify=_classify)
             exits["proxy (passthrough)"] = proxy.stop()
+            report["errors_logged"]["proxy (passthrough)"] = proxy.logged_errors()
 
         with ProxyProcess(overrides={"tmdb": upstream.url}) as proxy:
             primed = await _prime(proxy.proxy_url)
@@ -140,6 +141,7 @@ async def throughput(args, report: dict) -> None:
             if args.profile:
                 report["profile"] = await _profile(proxy, args)
             exits["proxy (hit)"] = proxy.stop()
+            report["errors_logged"]["proxy (hit)"] = proxy.logged_errors()
 
 
 async def _profile(proxy: ProxyProcess, args) -> dict:
@@ -384,6 +386,7 @@ async def replay(report: dict) -> None:
                     passes.append(await _run_pass(session, proxy.proxy_url, steps, classifier))
             upstream_calls = {name: len(reqs) for name, reqs in fakes.requests.items() if reqs}
             report["exit_codes"]["proxy (replay)"] = proxy.stop()
+            report["errors_logged"]["proxy (replay)"] = proxy.logged_errors()
             rows = _usage_cache_rows(proxy.db_path)
     client_hits = sum(r["outcome"] == "hit" for p in passes for r in p)
     out.update(
@@ -463,6 +466,9 @@ def evaluate(report: dict, args) -> None:
                 problems.append(f"replay {label} pass: {rep[label]['errors']} failed requests")
         if not rep["usage_hits_match"]:
             problems.append(f"replay: proxy recorded hits {rep['usage_rows_cache']} != hits the client saw")
+    for name, errors in report["errors_logged"].items():
+        if errors:
+            problems.append(f"{name} logged {len(errors)} errors, the first: {errors[0]}")
     for name, code in report["exit_codes"].items():
         if code != 0:
             problems.append(f"{name} exited with {code}")
@@ -554,7 +560,7 @@ async def bench(args) -> dict:
                    "cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
                    "body_bytes": len(TMDB_MOVIE_BODY)},
         "modes": {},
-        "exit_codes": {},
+        "exit_codes": {}, "errors_logged": {},
     }
     await throughput(args, report)
     try:

@@ -14,7 +14,7 @@ against the same upstream, so the ratios are comparable even on a noisy machine:
 
 After the proxy has stopped (SIGTERM: it flushes its usage rows) the rows in its SQLite file are
 counted; they must equal the proxied responses the load generator received (warm-up included).
-Exit status 1 if they differ, if any request failed, or if the proxy did not exit cleanly.
+Exit status 1 if they differ, if any request failed, if the proxy logged an error or did not exit cleanly.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ async def bench(args) -> dict:
                                                proxy=proxy.proxy_url, headers=TMDB_HEADERS)
         # SIGTERM: the proxy flushes its usage writer before it exits.
         report["proxy_exit_code"] = proxy.stop()
+        report["proxy_errors_logged"] = proxy.logged_errors()
         total_rows, by_listener, by_route = _count_rows(proxy.db_path)
 
     direct = modes["direct"]
@@ -129,6 +130,8 @@ async def bench(args) -> dict:
             problems.append(f"{name}: no request completed in the measured window")
     if report["proxy_exit_code"] != 0:
         problems.append(f"proxy exited with {report['proxy_exit_code']}")
+    if errors := report["proxy_errors_logged"]:
+        problems.append(f"the proxy logged {len(errors)} errors, the first: {errors[0]}")
     report["problems"] = problems
     report["ok"] = not problems
     return report
