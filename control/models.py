@@ -228,10 +228,13 @@ class ErrorsQuery(Request):
 class RouteUsage(Response):
     upstream: str
     route: str
-    requests: int
+    requests: int = Field(description="Every request the player made, answered by the upstream, the cache or "
+                                      "the proxy itself (a refused one included).")
     errors: int
     bytes_out: int
     cache_hits: int
+    rate_limited: int = Field(description="Requests answered 429: refused by the proxy's rate limits, or by the "
+                                          "upstream.")
     avg_latency_ms: float | None = None
 
 
@@ -245,6 +248,7 @@ class UsageResponse(Response):
     since: datetime
     requests: int
     errors: int
+    rate_limited: int
     routes: list[RouteUsage]
     tmdb: CredentialUsage
 
@@ -277,6 +281,7 @@ class AdminUsage(Response):
     since: datetime
     requests: int
     errors: int
+    rate_limited: int
     bytes_out: int
     routes: list[RouteUsage]
     users: list[UserUsage]

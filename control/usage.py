@@ -56,7 +56,7 @@ def _hour(moment: datetime) -> str:
 
 
 _ROUTE_TOTALS = """
-    SELECT upstream, route, sum(requests), sum(errors), sum(bytes_out), sum(cache_hits),
+    SELECT upstream, route, sum(requests), sum(errors), sum(bytes_out), sum(cache_hits), sum(rate_limited),
            CASE WHEN sum(requests) > 0 THEN sum(latency_ms_sum) / sum(requests) END
     FROM usage_hourly WHERE hour >= ? {user} GROUP BY upstream, route ORDER BY sum(requests) DESC, upstream, route
 """
@@ -66,7 +66,7 @@ def _routes(conn: sqlite3.Connection, since: datetime, user_id: int | None) -> l
     sql = _ROUTE_TOTALS.format(user="AND user_id = ?" if user_id is not None else "")
     params = (_hour(since), user_id) if user_id is not None else (_hour(since),)
     return [RouteUsage(upstream=r[0], route=r[1], requests=r[2], errors=r[3], bytes_out=r[4], cache_hits=r[5],
-                       avg_latency_ms=round(r[6], 2) if r[6] is not None else None)
+                       rate_limited=r[6], avg_latency_ms=round(r[7], 2) if r[7] is not None else None)
             for r in conn.execute(sql, params)]
 
 
@@ -82,7 +82,8 @@ def user_usage(conn: sqlite3.Connection, user_id: int, days: int) -> UsageRespon
     since = _since(days=days)
     routes = _routes(conn, since, user_id)
     return UsageResponse(user_id=user_id, since=since, requests=sum(r.requests for r in routes),
-                         errors=sum(r.errors for r in routes), routes=routes,
+                         errors=sum(r.errors for r in routes), rate_limited=sum(r.rate_limited for r in routes),
+                         routes=routes,
                          tmdb=_tmdb_credentials(conn, since, user_id))
 
 
@@ -95,7 +96,7 @@ def all_usage(conn: sqlite3.Connection, days: int) -> AdminUsage:
                  "LEFT JOIN users u ON u.id = h.user_id WHERE h.hour >= ? GROUP BY h.user_id "
                  "ORDER BY sum(h.requests) DESC", (_hour(since),))]
     return AdminUsage(since=since, requests=sum(r.requests for r in routes), errors=sum(r.errors for r in routes),
-                      bytes_out=sum(r.bytes_out for r in routes), routes=routes, users=users,
+                      rate_limited=sum(r.rate_limited for r in routes), bytes_out=sum(r.bytes_out for r in routes), routes=routes, users=users,
                       tmdb=_tmdb_credentials(conn, since, None))
 
 

@@ -250,3 +250,32 @@ async def test_refresh_sweep_refreshes_due_tokens_and_keeps_the_surrogates(tmp_p
         entry = await vault.run(lambda v, s: v.resolve(s), handed.access_token)
         assert entry.real == link["access_token"] and entry.user_id == user_id
         assert await trakt.sweep(app) == 0  # fresh tokens are not due
+
+
+def test_usage_reports_rate_limited_answers_per_route_and_in_total(tmp_path):
+    import time
+
+    from control.usage import all_usage, user_usage
+    from projectionist.store import UsageEvent, UsageWriter, connect, migrate
+    from projectionist.vault import upsert_plex_user
+
+    path = tmp_path / "projectionist.db"
+    conn = connect(path)
+    migrate(conn)
+    alice = upsert_plex_user(conn, "1001", "alice")
+    conn.commit()
+    writer = UsageWriter(path, interval=0.02).start()
+    now = time.time()
+    for route, status in [("tmdb.details", 200), ("tmdb.details", 429), ("tmdb.details", 429),
+                          ("tmdb.search", 200), ("tmdb.search", 429), ("tmdb.search", 502)]:
+        writer.record(UsageEvent(ts=now, listener="regular", upstream="tmdb", route=route, method="GET",
+                                 status=status, latency_ms=1.0, user_id=alice, credential="default"))
+    writer.record(UsageEvent(ts=now, listener="regular", upstream="tmdb", route="tmdb.details", method="GET",
+                             status=429, latency_ms=1.0))  # somebody else's
+    writer.close()
+
+    mine = user_usage(conn, alice, 1)
+    assert (mine.requests, mine.errors, mine.rate_limited) == (6, 1, 3)
+    assert {r.route: r.rate_limited for r in mine.routes} == {"tmdb.details": 2, "tmdb.search": 1}
+    everyone = all_usage(conn, 1)
+    assert (everyone.requests, everyone.rate_limited) == (7, 4)
