@@ -148,21 +148,10 @@ def replace_tokens(vault: Vault, user_id: int, old: dict[str, Any], token: dict[
     new = _link_from_token(token)
     with transaction(vault.conn):
         vault.set_user_credential(user_id, CREDENTIAL, json.dumps(new))
-        _repoint(vault, user_id, ACCESS_KIND, old["access_token"], new["access_token"],
-                 iso(parse_iso(new["expires_at"]) + SURROGATE_GRACE))
-        _repoint(vault, user_id, REFRESH_KIND, old["refresh_token"], new["refresh_token"], None)
+        vault.repoint(ACCESS_KIND, user_id, old["access_token"], new["access_token"],
+                      iso(parse_iso(new["expires_at"]) + SURROGATE_GRACE))
+        vault.repoint(REFRESH_KIND, user_id, old["refresh_token"], new["refresh_token"], None)
         return _surrogates(vault, user_id, new)
-
-
-def _repoint(vault: Vault, user_id: int, kind: str, old_real: str, new_real: str, expires_at: str | None) -> int:
-    # Vault has no call for "same surrogate, new secret" yet; this is that, on its table.
-    hashes = vault.box.lookup_hashes(old_real)
-    marks = ", ".join("?" for _ in hashes)
-    return vault.conn.execute(
-        f"UPDATE vault_tokens SET secret_enc = ?, real_hmac = ?, expires_at = ? WHERE kind = ? AND user_id = ? "
-        f"AND revoked_at IS NULL AND real_hmac IN ({marks})",
-        (vault.box.encrypt(new_real), vault.box.lookup_hash(new_real), expires_at, kind, user_id, *hashes),
-    ).rowcount
 
 
 def newest_vaulted_tokens(vault: Vault, user_id: int) -> dict[str, Any] | None:
@@ -170,14 +159,12 @@ def newest_vaulted_tokens(vault: Vault, user_id: int) -> dict[str, Any] | None:
     proxy, these replaced the ones we kept (Trakt refresh tokens are single use)."""
     found: dict[str, Any] = {}
     for kind, field in ((ACCESS_KIND, "access_token"), (REFRESH_KIND, "refresh_token")):
-        row = vault.conn.execute(
-            "SELECT secret_enc, expires_at FROM vault_tokens WHERE user_id = ? AND kind = ? AND revoked_at IS NULL "
-            "ORDER BY id DESC LIMIT 1", (user_id, kind)).fetchone()
-        if row is None:
+        newest = vault.newest(user_id, kind)
+        if newest is None:
             return None
-        found[field] = vault.box.decrypt(row[0])
-        if kind == ACCESS_KIND and row[1]:
-            expires = parse_iso(row[1]) - SURROGATE_GRACE
+        found[field], expires_at = newest
+        if kind == ACCESS_KIND and expires_at:
+            expires = parse_iso(expires_at) - SURROGATE_GRACE
             found["expires_in"] = max(1, int((expires - now_utc()).total_seconds()))
     return found
 
@@ -186,8 +173,7 @@ def forget_link(vault: Vault, user_id: int) -> dict[str, Any] | None:
     with transaction(vault.conn) as conn:
         link = load_link(vault, user_id)
         vault.delete_user_credential(user_id, CREDENTIAL)
-        conn.execute("UPDATE vault_tokens SET revoked_at = ? WHERE user_id = ? AND kind IN (?, ?) "
-                     "AND revoked_at IS NULL", (iso(now_utc()), user_id, ACCESS_KIND, REFRESH_KIND))
+        vault.revoke_user(user_id, (ACCESS_KIND, REFRESH_KIND))
         conn.execute("DELETE FROM auth_flows WHERE kind = ? AND user_id = ?", (DEVICE_KIND, user_id))
     return link
 

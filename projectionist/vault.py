@@ -19,6 +19,7 @@ import hmac
 import os
 import secrets
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,11 +218,30 @@ class Vault:
         ).fetchone()
         return VaultEntry(row[0], row[1], row[2], self.box.decrypt(row[3]), row[4]) if row else None
 
-    def revoke_user(self, user_id: int) -> int:
-        """Revoke every surrogate of a user (logout). Returns how many."""
-        cur = self.conn.execute("UPDATE vault_tokens SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL",
-                                (utcnow_iso(), user_id))
-        return cur.rowcount
+    def newest(self, user_id: int, kind: str) -> tuple[str, str | None] | None:
+        """(real, expires_at) of the user's newest live entry of `kind`."""
+        row = self.conn.execute(
+            "SELECT secret_enc, expires_at FROM vault_tokens WHERE user_id = ? AND kind = ? AND revoked_at IS NULL "
+            "ORDER BY id DESC LIMIT 1", (user_id, kind)).fetchone()
+        return (self.box.decrypt(row[0]), row[1]) if row else None
+
+    def repoint(self, kind: str, user_id: int, old_real: str, new_real: str, expires_at: str | None) -> int:
+        """Let the user's live surrogates for `old_real` stand for `new_real` (a refreshed OAuth
+        token: the client keeps its surrogate). Returns how many entries changed."""
+        hashes = self.box.lookup_hashes(old_real)
+        return self.conn.execute(
+            f"UPDATE vault_tokens SET secret_enc = ?, real_hmac = ?, expires_at = ? WHERE kind = ? AND user_id = ? "
+            f"AND revoked_at IS NULL AND real_hmac IN ({_marks(hashes)})",
+            (self.box.encrypt(new_real), self.box.lookup_hash(new_real), expires_at, kind, user_id, *hashes),
+        ).rowcount
+
+    def revoke_user(self, user_id: int, kinds: Iterable[str] | None = None) -> int:
+        """Revoke every surrogate of a user (logout), or those of `kinds`. Returns how many."""
+        kinds = tuple(kinds) if kinds is not None else None
+        sql = "UPDATE vault_tokens SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL"
+        if kinds is not None:
+            sql += f" AND kind IN ({_marks(kinds)})"
+        return self.conn.execute(sql, (utcnow_iso(), user_id, *(kinds or ()))).rowcount
 
     def revoke(self, surrogate: str) -> bool:
         cur = self.conn.execute("UPDATE vault_tokens SET revoked_at = ? WHERE surrogate_hash = ? AND revoked_at IS NULL",

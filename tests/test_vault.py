@@ -333,6 +333,32 @@ def test_revoke_user_revokes_only_that_user(vault):
     assert vault.resolve(a[0]) is None
 
 
+def test_revoke_user_of_some_kinds_keeps_the_others(vault):
+    alice, _ = make_users(vault)
+    plex = vault.surrogate_for("plex", real_token("p"), alice)
+    access = vault.surrogate_for("trakt_access", real_token("ta"), alice)
+    refresh = vault.surrogate_for("trakt_refresh", real_token("tr"), alice)
+    assert vault.revoke_user(alice, ("trakt_access", "trakt_refresh")) == 2
+    assert vault.resolve(access) is None and vault.resolve(refresh) is None
+    assert vault.resolve(plex) is not None
+    assert vault.revoke_user(alice, ()) == 0
+
+
+def test_repoint_keeps_the_surrogate_and_only_that_users(vault):
+    alice, bob = make_users(vault)
+    old, new = real_token("old"), real_token("new")
+    mine = vault.surrogate_for("trakt_access", old, alice)
+    theirs = vault.surrogate_for("trakt_access", old, bob)
+    later = iso(timedelta(days=90))
+    assert vault.repoint("trakt_access", alice, old, new, later) == 1
+    assert vault.resolve(mine).real == new
+    assert vault.resolve(theirs).real == old
+    assert vault.find_real("trakt_access", new).id == vault.resolve(mine).id
+    assert vault.newest(alice, "trakt_access") == (new, later)
+    assert vault.repoint("trakt_access", alice, old, new, later) == 0  # nothing stands for `old` any more
+    assert vault.newest(alice, "plex") is None
+
+
 def test_user_credentials_roundtrip(vault):
     alice, bob = make_users(vault)
     assert vault.user_credential(alice, "tmdb_api_key") is None
