@@ -183,6 +183,25 @@ def test_every_canned_query_runs_and_agrees_with_the_raw_rows(tmp_path):
     conn.close()
 
 
+def test_image_bytes_saved_adds_what_reencoding_saved(db):
+    path, conn = db
+    now = time.time()
+    hour = time.strftime("%Y-%m-%dT%H:00", time.gmtime(now))
+    image = dict(upstream="tmdb-images", route="tmdb.image", bytes_out=300_000, user_id=5)
+    assert UsageWriter(path)._write(conn, [event(now, cache="miss", **image), event(now, cache="hit", **image)])
+    # two answers whose originals weighed 2 MiB were sent as 600,000 bytes
+    conn.execute("INSERT INTO cache_savings_hourly (hour, bucket, route, responses, source_bytes, bytes_sent, "
+                 "bytes_saved) VALUES (?, 'images', 'tmdb.image', 2, 2097152, 600000, 1497152)", (hour,))
+    conn.commit()
+    [row] = run_query(conn, "image_bytes_saved")
+    assert (row["route"], row["from_cache"], row["fetched"]) == ("tmdb.image", 1, 1)
+    assert row["mb_saved"] == round(300_000 / 1048576, 2) and row["hit_pct"] == 50.0
+    assert row["mb_saved_by_reencoding"] == round(1497152 / 1048576, 2)
+    assert row["reencoding_saved_pct"] == round(100 * 1497152 / 2097152, 1)
+    [mine] = run_query(conn, "image_bytes_saved", user="u5")  # savings are not kept per user
+    assert mine["from_cache"] == 1 and mine["mb_saved_by_reencoding"] is None
+
+
 # --- viewing history -----------------------------------------------------------------------------------
 
 def report(ts, state="playing", position=0, rating_key="1001", user=5, client="device-1", **kw):
