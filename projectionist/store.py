@@ -157,27 +157,31 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         """,
     ),
     (
-        5,
-        "response cache administration",
+        3,
+        "control plane: sign-in flows, Plex servers per user, server identity",
         """
-        -- Which partition an entry belongs to ("shared" or "u<user id>"): flush and invalidation
-        -- select on it. Never a URL, never a token.
-        ALTER TABLE cache_entries ADD COLUMN partition TEXT NOT NULL DEFAULT 'shared';
-        -- The control plane asks, the proxy (which owns the memory layer) carries out.
-        CREATE TABLE cache_flush_requests (
+        -- Sign-ins in progress: a Plex PIN (bound to the browser that started it by a hashed
+        -- nonce cookie) or a Trakt device code (bound to the signed-in user). The PIN code and
+        -- the device code are encrypted; external_id is the PIN id or a hash of the device code.
+        CREATE TABLE auth_flows (
             id INTEGER PRIMARY KEY,
-            target TEXT NOT NULL,
-            value TEXT,
-            requested_at TEXT NOT NULL,
-            requested_by INTEGER REFERENCES users(id) ON DELETE SET NULL,
-            applied_at TEXT,
-            flushed INTEGER
+            kind TEXT NOT NULL,
+            external_id TEXT NOT NULL,
+            binding_hash TEXT,
+            user_id INTEGER REFERENCES users(id) ON DELETE CASCADE,
+            secret_enc BLOB,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            completed_at TEXT,
+            UNIQUE (kind, external_id)
         );
-        CREATE TABLE cache_evictions (
-            bucket TEXT NOT NULL,
-            route TEXT NOT NULL,
-            evictions INTEGER NOT NULL DEFAULT 0,
-            PRIMARY KEY (bucket, route)
+        CREATE INDEX auth_flows_expiry ON auth_flows(expires_at);
+        -- The Plex servers a user picked (names and URLs; their tokens live in the vault).
+        ALTER TABLE user_settings ADD COLUMN plex_servers TEXT NOT NULL DEFAULT '[]';
+        -- Values the control plane keeps about itself, e.g. its stable Plex client identifier.
+        CREATE TABLE control_state (
+            name TEXT PRIMARY KEY,
+            value TEXT NOT NULL
         );
         """,
     ),
@@ -321,31 +325,27 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         """,
     ),
     (
-        3,
-        "control plane: sign-in flows, Plex servers per user, server identity",
+        5,
+        "response cache administration",
         """
-        -- Sign-ins in progress: a Plex PIN (bound to the browser that started it by a hashed
-        -- nonce cookie) or a Trakt device code (bound to the signed-in user). The PIN code and
-        -- the device code are encrypted; external_id is the PIN id or a hash of the device code.
-        CREATE TABLE auth_flows (
+        -- Which partition an entry belongs to ("shared" or "u<user id>"): flush and invalidation
+        -- select on it. Never a URL, never a token.
+        ALTER TABLE cache_entries ADD COLUMN partition TEXT NOT NULL DEFAULT 'shared';
+        -- The control plane asks, the proxy (which owns the memory layer) carries out.
+        CREATE TABLE cache_flush_requests (
             id INTEGER PRIMARY KEY,
-            kind TEXT NOT NULL,
-            external_id TEXT NOT NULL,
-            binding_hash TEXT,
-            user_id INTEGER REFERENCES users(id) ON DELETE CASCADE,
-            secret_enc BLOB,
-            created_at TEXT NOT NULL,
-            expires_at TEXT NOT NULL,
-            completed_at TEXT,
-            UNIQUE (kind, external_id)
+            target TEXT NOT NULL,
+            value TEXT,
+            requested_at TEXT NOT NULL,
+            requested_by INTEGER REFERENCES users(id) ON DELETE SET NULL,
+            applied_at TEXT,
+            flushed INTEGER
         );
-        CREATE INDEX auth_flows_expiry ON auth_flows(expires_at);
-        -- The Plex servers a user picked (names and URLs; their tokens live in the vault).
-        ALTER TABLE user_settings ADD COLUMN plex_servers TEXT NOT NULL DEFAULT '[]';
-        -- Values the control plane keeps about itself, e.g. its stable Plex client identifier.
-        CREATE TABLE control_state (
-            name TEXT PRIMARY KEY,
-            value TEXT NOT NULL
+        CREATE TABLE cache_evictions (
+            bucket TEXT NOT NULL,
+            route TEXT NOT NULL,
+            evictions INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (bucket, route)
         );
         """,
     ),
