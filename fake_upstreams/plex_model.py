@@ -492,7 +492,7 @@ def _collection(ctx: Ctx, item: Item) -> Node:
 def _clip(ctx: Ctx, item: Item) -> Node:
     attrs = {
         "ratingKey": item.rating_key, "key": f"/library/metadata/{item.rating_key}",
-        "guid": f"file:///data/movies/The%20Matrix%20(1999)/Trailers/The%20Matrix%20(1999)%20Trailer.mp4",
+        "guid": "file:///data/movies/The%20Matrix%20(1999)/Trailers/The%20Matrix%20(1999)%20Trailer.mp4",
         "type": "clip", "title": "The Matrix", "summary": "", "index": 1, "thumb": _img(item, "thumb"),
         "subtype": "trailer", "duration": item.duration, "addedAt": item.added_at, "extraType": 1,
         "year": 1999,

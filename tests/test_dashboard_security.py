@@ -452,7 +452,7 @@ CRAFTED = [
 # Datasette's own request options, aimed at the canned query's SQL and at the store.
 OPTIONS = [
     "", f"sql={q('select email from users')}", f"_where={q('1=1) UNION SELECT email FROM users --')}",
-    "_shape=objects&_json=sql", "_size=max&_timelimit=1", f"_sort=email&_facet=user_id&_labels=on",
+    "_shape=objects&_json=sql", "_size=max&_timelimit=1", "_sort=email&_facet=user_id&_labels=on",
     f"_through={qj({'table': 'sessions', 'column': 'id_hash', 'value': 'x'})}",
 ]
 

@@ -225,7 +225,7 @@ async def test_plex_artwork_and_photo_transcoder(fakes, http):
 
 
 async def test_plex_dash_session_serves_tokenless_segments(fakes, http):
-    params = f"path=%2Flibrary%2Fmetadata%2F1001&protocol=dash&session=abc123&directPlay=0&directStream=1"
+    params = "path=%2Flibrary%2Fmetadata%2F1001&protocol=dash&session=abc123&directPlay=0&directStream=1"
     async with http.get(plex_url(fakes, f"/video/:/transcode/universal/decision?{params}"), headers=JSON) as resp:
         mc = (await resp.json())["MediaContainer"]
     assert mc["generalDecisionCode"] == 1001
