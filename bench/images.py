@@ -26,9 +26,10 @@ bench TMDB JSON upstream (bench/_upstream.py), and Projectionist with the shippe
 
 Idle, loaded and control alternate for `--rounds` rounds (and a last idle one); the medians of the
 rounds' p99 are compared, so one hiccup of a shared VM does not decide the verdict. On a 2-core
-box the API tail is dominated by the proxy's young-generation GC pauses (mitmproxy leaves ~100
-cyclic objects per request; `projectionist proxy` collects them 50,000 at a time, 12-30 ms each);
-`--gc-threshold0 5000` caps that threshold in the proxy process (an experiment) to show it.
+box the API tail is set by the proxy's young-generation GC pauses (mitmproxy leaves ~100 cyclic
+objects per request): collected 50,000 at a time they took 12-30 ms each and the loaded/idle p99
+was x6.7, so `projectionist proxy` collects them 5,000 at a time. `--gc-threshold0 N` caps the
+threshold lower still in the proxy process (an experiment).
 
 Exit status 1 if a request failed, a hit was not a hit or a process did not exit cleanly; with
 --strict also if a target (WebP savings, loaded/idle p99) is missed.
