@@ -20,8 +20,11 @@ for the ones in flight, so every request a server received was either answered o
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import gc
 import ipaddress
+import json
 import math
 import time
 from collections import Counter
@@ -31,7 +34,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-__all__ = ["LoadResult", "run_load", "percentile"]
+__all__ = ["LoadResult", "run_load", "percentile", "load_arguments", "run_benchmark"]
 
 _LOOPBACK_NAMES = {"localhost"}
 
@@ -182,3 +185,27 @@ async def run_load(
 
 def _scaled(value: float | None, factor: float) -> float | None:
     return None if value is None else value * factor
+
+
+def load_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """A parser with the options every closed-loop benchmark takes: --connections, --duration,
+    --warmup, --json. Add the script's own, then `run_benchmark`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--connections", type=int, default=10, help="concurrent connections (default 10)")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per mode (default 5)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each (default 1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return parser
+
+
+def run_benchmark(parser: argparse.ArgumentParser, argv: list[str] | None, bench, render) -> int:
+    """Parse, run `bench(args)` (a coroutine giving a report with "ok"), print it; the exit status."""
+    args = parser.parse_args(argv)
+    if args.connections < 1 or args.duration <= 0 or args.warmup < 0:
+        parser.error("--connections >= 1, --duration > 0 and --warmup >= 0 are required")
+    # The load generator is the same for every mode; keep its cyclic GC out of the latencies.
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    report = asyncio.run(bench(args))
+    print(json.dumps(report, indent=2) if args.json else render(report), flush=True)
+    return 0 if report["ok"] else 1

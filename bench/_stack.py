@@ -135,7 +135,61 @@ class UpstreamProcess:
         self.stop()
 
 
-class ProxyProcess:
+class _LoggedProcess:
+    """A benchmarked server process with a temporary home holding its log: `proc`, `home`,
+    `log_path` (subclasses), `stop()` (SIGTERM; returns the exit code), `cleanup()` (deletes the
+    home), and a context manager doing `start()` ... `stop()` + `cleanup()`."""
+
+    home: Path | None = None
+    proc: subprocess.Popen | None = None
+    returncode: int | None = None
+    _log = None
+
+    @property
+    def log_path(self) -> Path:
+        raise NotImplementedError
+
+    def start(self):
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float | None:
+        return process_cpu_seconds(self.proc.pid)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except (OSError, TypeError):
+            return ""
+
+    def stop(self) -> int | None:
+        """SIGTERM (a proxy flushes its usage rows first); returns the exit code."""
+        if self.proc is not None and self.returncode is None:
+            self.returncode = _stop(self.proc)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.returncode
+
+    def cleanup(self) -> None:
+        if self.home is not None:
+            shutil.rmtree(self.home, ignore_errors=True)
+            self.home = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        finally:
+            self.cleanup()
+
+
+class ProxyProcess(_LoggedProcess):
     """`python -m projectionist proxy` with its own temporary home, rules and ports.
 
     `rules_edit(rules_dict)` may change the repository's rules.yaml before it is written (a later
@@ -153,12 +207,8 @@ class ProxyProcess:
         self.rules_edit = rules_edit
         self.start_timeout = start_timeout
         self.log_level = log_level
-        self.home: Path | None = None
-        self.proc: subprocess.Popen | None = None
         self.proxy_port: int | None = None
         self.reverse_ports: dict[str, int] = {}
-        self.returncode: int | None = None
-        self._log = None
 
     @property
     def db_path(self) -> Path:
@@ -174,15 +224,6 @@ class ProxyProcess:
 
     def reverse_port(self, upstream: str) -> int:
         return self.reverse_ports[upstream]
-
-    def cpu_seconds(self) -> float | None:
-        return process_cpu_seconds(self.proc.pid)
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
     def logged_errors(self) -> list[str]:
         """The messages of the error lines in the proxy's log (an addon failing per request shows
@@ -240,31 +281,8 @@ class ProxyProcess:
             raise
         return self
 
-    def stop(self) -> int | None:
-        """SIGTERM, so the proxy flushes its usage rows; returns its exit code."""
-        if self.proc is not None and self.returncode is None:
-            self.returncode = _stop(self.proc)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.returncode
 
-    def cleanup(self) -> None:
-        if self.home is not None:
-            shutil.rmtree(self.home, ignore_errors=True)
-            self.home = None
-
-    def __enter__(self) -> ProxyProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self.stop()
-        finally:
-            self.cleanup()
-
-
-class MitmdumpProcess:
+class MitmdumpProcess(_LoggedProcess):
     """A stock `mitmdump` (no scripts, default addons) as a reverse proxy in front of `target`.
 
     The baseline "plain mitmproxy pass-through": `mitmdump --mode reverse:TARGET@PORT -q`, with
@@ -276,26 +294,15 @@ class MitmdumpProcess:
         self.target = target.rstrip("/")
         self.extra_args = list(extra_args or [])
         self.start_timeout = start_timeout
-        self.home: Path | None = None
-        self.proc: subprocess.Popen | None = None
         self.port: int | None = None
-        self.returncode: int | None = None
-        self._log = None
 
     @property
     def url(self) -> str:
         return f"http://{LOCALHOST}:{self.port}"
 
     @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
     def log_path(self) -> Path:
         return self.home / "mitmdump.log"
-
-    def cpu_seconds(self) -> float | None:
-        return process_cpu_seconds(self.proc.pid)
 
     @staticmethod
     def executable() -> str:
@@ -322,31 +329,3 @@ class MitmdumpProcess:
                 raise RuntimeError(f"{exc}; mitmdump log:\n{tail}") from exc
             raise
         return self
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except (OSError, TypeError):
-            return ""
-
-    def stop(self) -> int | None:
-        if self.proc is not None and self.returncode is None:
-            self.returncode = _stop(self.proc)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.returncode
-
-    def cleanup(self) -> None:
-        if self.home is not None:
-            shutil.rmtree(self.home, ignore_errors=True)
-            self.home = None
-
-    def __enter__(self) -> MitmdumpProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self.stop()
-        finally:
-            self.cleanup()

@@ -30,10 +30,7 @@ did not exit cleanly; with --strict also if a threshold (ratio, hit rate) is not
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import gc
-import json
 import os
 import sqlite3
 import sys
@@ -47,7 +44,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _load import LoadResult, run_load  # noqa: E402
+from _load import LoadResult, load_arguments, run_benchmark, run_load  # noqa: E402
 from _stack import REPO_ROOT, MitmdumpProcess, ProxyProcess, UpstreamProcess, forwarding_only  # noqa: E402
 from _upstream import TMDB_MOVIE_BODY  # noqa: E402
 
@@ -572,23 +569,11 @@ async def bench(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--connections", type=int, default=10, help="concurrent connections (default 10)")
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per mode (default 5)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each (default 1)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser = load_arguments(__doc__)
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target (ratio, hit rate) is missed")
     parser.add_argument("--profile", metavar="PATH",
                         help="also profile the proxy serving hits with py-spy (GIL samples, raw format to PATH)")
-    args = parser.parse_args(argv)
-    if args.connections < 1 or args.duration <= 0 or args.warmup < 0:
-        parser.error("--connections >= 1, --duration > 0 and --warmup >= 0 are required")
-    # Same load generator for every mode; keep its cyclic GC out of the latencies.
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
-    report = asyncio.run(bench(args))
-    print(json.dumps(report, indent=2) if args.json else render(report), flush=True)
-    return 0 if report["ok"] else 1
+    return run_benchmark(parser, argv, bench, render)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,6 @@ Exit status 1 if they differ, if any request failed, if the proxy logged an erro
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import gc
-import json
 import os
 import sqlite3
 import sys
@@ -31,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _load import LoadResult, run_load  # noqa: E402
+from _load import LoadResult, load_arguments, run_benchmark, run_load  # noqa: E402
 from _stack import ProxyProcess, UpstreamProcess, forwarding_only  # noqa: E402
 from _upstream import PLEX_SECTIONS_BODY, TMDB_MOVIE_BODY  # noqa: E402
 
@@ -178,22 +174,9 @@ def render(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--connections", type=int, default=10, help="concurrent connections (default 10)")
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per mode (default 5)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each (default 1)")
+    parser = load_arguments(__doc__)
     parser.add_argument("--no-explicit", action="store_true", help="skip the explicit-proxy mode")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    args = parser.parse_args(argv)
-    if args.connections < 1 or args.duration <= 0 or args.warmup < 0:
-        parser.error("--connections >= 1, --duration > 0 and --warmup >= 0 are required")
-
-    # The load generator is the same for every mode; keep its cyclic GC out of the latencies too.
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
-    report = asyncio.run(bench(args))
-    print(json.dumps(report, indent=2) if args.json else render(report), flush=True)
-    return 0 if report["ok"] else 1
+    return run_benchmark(parser, argv, bench, render)
 
 
 if __name__ == "__main__":
