@@ -14,8 +14,9 @@ For a GET on a route with an `image` rule (TMDB posters, Plex thumbs and photo t
   when the client's Accept names it (`Vary: Accept`) and that is smaller, and scaled down to the
   route's `max_width`. Pillow runs in worker processes (projectionist/images.py), never here.
 
-Misses wait for a slot under the upstream's rate limits (proxy_addons/rate_limit.py `admit`, found
-by name when loaded; hits never count); a refused slot is the limiter's 429.
+Misses wait for a slot under the upstream's rate limits (proxy_addons/rate_limit.py `admit`; the
+runner makes the limiter this cache's `upstream_gate`; hits never count); a refused slot is the
+limiter's 429.
 
 Safety: only hosts named in rules.yaml are fetched (the flow was attributed to an upstream); a
 route's `source_param` (Plex `/photo/:/transcode?url=`) may only name a server path, a declared
@@ -138,7 +139,7 @@ class ImageCache:
         self._inflight: dict[str, asyncio.Task] = {}
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        # The rate limiter (proxy_addons/rate_limit.py) when it is loaded: misses wait for its slot.
+        # The rate limiter (proxy_addons/rate_limit.py), set by it: misses wait for its slot.
         self.upstream_gate = None
 
     def load(self, loader) -> None:
@@ -164,8 +165,6 @@ class ImageCache:
         self._spawn(self._start(directory if directory.is_absolute() else home / directory, settings.max_bytes))
         self._spawn(self._cleanup_forever())
         self._loop = asyncio.get_running_loop()
-        if self.upstream_gate is None:
-            self.upstream_gate = ctx.master.addons.get("ratelimit")
         add_flush_handler(self.db_path, self._flush_from_thread)  # control-plane flushes
         self.watcher.subscribe(self._rules_changed)
 

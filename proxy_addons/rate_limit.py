@@ -88,7 +88,7 @@ EMPTY_CONTAINER_JSON = b'{"MediaContainer":{"size":0}}'
 
 
 class RateLimit:
-    def __init__(self, watcher: RulesWatcher, cache=None) -> None:
+    def __init__(self, watcher: RulesWatcher, *caches) -> None:
         self.watcher = watcher
         self.memory = MemoryBackend()
         self.backend: Backend = self.memory
@@ -98,8 +98,8 @@ class RateLimit:
         self._limits: dict[tuple, list[tuple[str, Limit]]] = {}
         self._backend_error_logged = 0.0
         self._backend_down_until = 0.0  # after a Redis failure, decide locally for a while
-        if cache is not None:
-            cache.upstream_gate = self  # the cache's own fetches come through fetch()
+        for cache in caches:
+            cache.upstream_gate = self  # the caches' own fetches come through fetch() / admit()
         watcher.subscribe(self._rules_changed)
 
     # --- lifecycle ----------------------------------------------------------------------------

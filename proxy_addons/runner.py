@@ -41,16 +41,17 @@ def projectionist_addons() -> list:
     real credentials and rewritten answers), record last.
 
     Rate limits: `RateLimit` comes after the credentials (it keys on user and credential kind) and
-    after the caches, so hits never reach it; the response cache's own fetches go through it as
-    its `upstream_gate`. Its `UpstreamRetry` half comes before the credential addons, so that an
+    after the caches, so hits never reach it; the caches' own fetches go through it as their
+    `upstream_gate`. Its `UpstreamRetry` half comes before the credential addons, so that an
     answer fetched again after an upstream 429/503 is rewritten like any other."""
     watcher = RulesWatcher()
     router = Router(watcher)
     store = CredentialStore()
     cache = ResponseCache(watcher)
-    limiter = RateLimit(watcher, cache)
+    images = ImageCache(watcher, router)
+    limiter = RateLimit(watcher, cache, images)
     return [watcher, router, Listeners(watcher, router), store, limiter.retry, PlexTokens(store, watcher, router),
-            TmdbKey(store), TraktCredentials(store), cache, ImageCache(watcher, router), limiter,
+            TmdbKey(store), TraktCredentials(store), cache, images, limiter,
             LargeBodies(watcher),
             UsageRecorder(), ViewingHistory()]
 
