@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-__all__ = ["LoadResult", "run_load", "percentile", "load_arguments", "run_benchmark"]
+__all__ = ["LoadResult", "run_load", "measure", "percentile", "load_arguments", "run_benchmark"]
 
 _LOOPBACK_NAMES = {"localhost"}
 
@@ -185,6 +185,27 @@ async def run_load(
 
 def _scaled(value: float | None, factor: float) -> float | None:
     return None if value is None else value * factor
+
+
+async def measure(name: str, url: str, args, *, procs: Mapping, proxy: str | None = None,
+                  headers: Mapping[str, str] | None = None, classify=None) -> dict:
+    """One mode of a benchmark: `run_load` with the script's --connections/--duration/--warmup,
+    plus the CPU µs per request of each process in `procs` (anything with `cpu_seconds()`) and of
+    this load generator."""
+    cpu_before = {k: p.cpu_seconds() for k, p in procs.items()}
+    self_before = time.process_time()
+    result = await run_load(url, connections=args.connections, duration=args.duration, warmup=args.warmup,
+                            proxy=proxy, headers=headers, classify=classify)
+    self_cpu = time.process_time() - self_before
+    out = {"mode": name, **result.to_dict()}
+    n = max(1, result.completed + result.failed)
+    cpu_us = {"loadgen": round(self_cpu / n * 1e6, 1)}
+    for key, proc in procs.items():
+        after = proc.cpu_seconds()
+        if after is not None and cpu_before[key] is not None:
+            cpu_us[key] = round((after - cpu_before[key]) / n * 1e6, 1)
+    out["cpu_us_per_request"] = cpu_us
+    return out
 
 
 def load_arguments(doc: str | None) -> argparse.ArgumentParser:

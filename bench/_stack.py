@@ -88,9 +88,11 @@ def _stop(proc: subprocess.Popen | None, timeout: float = 15.0) -> int | None:
 
 
 class UpstreamProcess:
-    """`bench/_upstream.py` in a child process on a free loopback port."""
+    """An upstream in a child process on a free loopback port: `bench/_upstream.py`, or `command`,
+    which must print `READY <port> ...` once it listens."""
 
-    def __init__(self, start_timeout: float = 20.0) -> None:
+    def __init__(self, command: list[str] | None = None, start_timeout: float = 20.0) -> None:
+        self.command = command or [sys.executable, str(BENCH_DIR / "_upstream.py"), "--port", "0"]
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
@@ -108,8 +110,8 @@ class UpstreamProcess:
         return process_cpu_seconds(self.proc.pid)
 
     def start(self) -> UpstreamProcess:
-        self.proc = subprocess.Popen([sys.executable, str(BENCH_DIR / "_upstream.py"), "--port", "0"],
-                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                                     cwd=REPO_ROOT)
         try:
             ready, _, _ = select.select([self.proc.stdout], [], [], self.start_timeout)
             line = self.proc.stdout.readline().strip() if ready else ""  # EOF if it died

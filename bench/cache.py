@@ -44,7 +44,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _load import LoadResult, load_arguments, run_benchmark, run_load  # noqa: E402
+from _load import load_arguments, measure, run_benchmark, run_load  # noqa: E402
 from _stack import REPO_ROOT, MitmdumpProcess, ProxyProcess, UpstreamProcess, forwarding_only  # noqa: E402
 from _upstream import TMDB_MOVIE_BODY  # noqa: E402
 
@@ -84,25 +84,6 @@ def _classify(resp: aiohttp.ClientResponse) -> str:
 
 # --- throughput ---------------------------------------------------------------------------------
 
-async def _measure(name: str, url: str, args, *, procs: dict, proxy: str | None = None,
-                   classify=None) -> dict:
-    cpu_before = {k: p.cpu_seconds() for k, p in procs.items()}
-    self_before = time.process_time()
-    result: LoadResult = await run_load(url, connections=args.connections, duration=args.duration,
-                                        warmup=args.warmup, proxy=proxy, headers=TMDB_HEADERS,
-                                        classify=classify)
-    self_cpu = time.process_time() - self_before
-    out = {"mode": name, **result.to_dict()}
-    n = max(1, result.completed + result.failed)
-    cpu_us = {"loadgen": round(self_cpu / n * 1e6, 1)}
-    for key, proc in procs.items():
-        after = proc.cpu_seconds()
-        if after is not None and cpu_before[key] is not None:
-            cpu_us[key] = round((after - cpu_before[key]) / n * 1e6, 1)
-    out["cpu_us_per_request"] = cpu_us
-    return out
-
-
 async def _prime(proxy_url: str) -> str:
     """One request, so the measured ones are hits; returns its Cache-Status."""
     async with aiohttp.ClientSession(trust_env=False) as session:
@@ -117,23 +98,25 @@ async def throughput(args, report: dict) -> None:
     modes = report["modes"]
     exits = report["exit_codes"]
     with UpstreamProcess() as upstream:
-        modes["direct"] = await _measure("direct", upstream.url + TMDB_PATH, args, procs={"upstream": upstream})
+        modes["direct"] = await measure("direct", upstream.url + TMDB_PATH, args, headers=TMDB_HEADERS,
+                                        procs={"upstream": upstream})
 
         with MitmdumpProcess(upstream.url) as mitmdump:
-            modes["mitmdump"] = await _measure("mitmdump", mitmdump.url + TMDB_PATH, args,
-                                               procs={"upstream": upstream, "proxy": mitmdump})
+            modes["mitmdump"] = await measure("mitmdump", mitmdump.url + TMDB_PATH, args, headers=TMDB_HEADERS,
+                                              procs={"upstream": upstream, "proxy": mitmdump})
             exits["mitmdump"] = mitmdump.stop()
 
         with ProxyProcess(overrides={"tmdb": upstream.url}, rules_edit=forwarding_only("tmdb.details")) as proxy:
-            modes["passthrough"] = await _measure("passthrough", TMDB_URL, args, proxy=proxy.proxy_url,
-                                                  procs={"upstream": upstream, "proxy": proxy}, classify=_classify)
+            modes["passthrough"] = await measure("passthrough", TMDB_URL, args, proxy=proxy.proxy_url,
+                                                 headers=TMDB_HEADERS, procs={"upstream": upstream, "proxy": proxy},
+                                                 classify=_classify)
             exits["proxy (passthrough)"] = proxy.stop()
             report["errors_logged"]["proxy (passthrough)"] = proxy.logged_errors()
 
         with ProxyProcess(overrides={"tmdb": upstream.url}) as proxy:
             primed = await _prime(proxy.proxy_url)
-            modes["hit"] = await _measure("hit", TMDB_URL, args, proxy=proxy.proxy_url,
-                                          procs={"upstream": upstream, "proxy": proxy}, classify=_classify)
+            modes["hit"] = await measure("hit", TMDB_URL, args, proxy=proxy.proxy_url, headers=TMDB_HEADERS,
+                                         procs={"upstream": upstream, "proxy": proxy}, classify=_classify)
             modes["hit"]["primed_with"] = primed
             if args.profile:
                 report["profile"] = await _profile(proxy, args)

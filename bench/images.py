@@ -43,9 +43,7 @@ import concurrent.futures
 import itertools
 import json
 import os
-import select
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +55,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _load import percentile, run_load  # noqa: E402
-from _stack import LOCALHOST, REPO_ROOT, ProxyProcess, UpstreamProcess, _stop, _wait_port  # noqa: E402
+from _stack import LOCALHOST, REPO_ROOT, ProxyProcess, UpstreamProcess  # noqa: E402
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -124,37 +122,9 @@ def serve_upstream(count: int) -> None:
         pass
 
 
-class ImageUpstream:
-    def __init__(self, count: int, start_timeout: float = 120.0) -> None:
-        self.count = count
-        self.start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
-        self.port: int | None = None
-        self.returncode: int | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOCALHOST}:{self.port}"
-
-    def __enter__(self) -> ImageUpstream:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-upstream", str(self.count)],
-                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=REPO_ROOT)
-        try:
-            ready, _, _ = select.select([self.proc.stdout], [], [], self.start_timeout)
-            line = self.proc.stdout.readline().strip() if ready else ""
-            if not line.startswith("READY "):
-                raise RuntimeError(f"image upstream did not start (said {line!r}, exit {self.proc.poll()})")
-            self.port = int(line.split()[1])
-            _wait_port(self.port, self.proc, time.monotonic() + 10)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None:
-            self.returncode = _stop(self.proc)
-            self.proc.stdout.close()
+def image_upstream(count: int) -> UpstreamProcess:
+    """The generated image set served by this script in a child process (rendering takes a while)."""
+    return UpstreamProcess([sys.executable, __file__, "--serve-upstream", str(count)], start_timeout=120.0)
 
 
 # --- measurements ----------------------------------------------------------------------------------
@@ -355,7 +325,7 @@ def _gc_env(threshold0: int | None, directory: Path) -> dict[str, str] | None:
 
 async def run(args) -> dict:
     report: dict = {"problems": [], "exit_codes": {}, "gc_threshold0": args.gc_threshold0}
-    with ImageUpstream(args.images) as images, UpstreamProcess() as api, \
+    with image_upstream(args.images) as images, UpstreamProcess() as api, \
             tempfile.TemporaryDirectory(prefix="bench-images-gc-") as gc_dir:
         overrides = {"tmdb-images": images.url, "tmdb": api.url}
         with ProxyProcess(overrides=overrides, env=_gc_env(args.gc_threshold0, Path(gc_dir))) as proxy:

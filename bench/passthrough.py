@@ -22,12 +22,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _load import LoadResult, load_arguments, run_benchmark, run_load  # noqa: E402
+from _load import load_arguments, measure, run_benchmark  # noqa: E402
 from _stack import ProxyProcess, UpstreamProcess, forwarding_only  # noqa: E402
 from _upstream import PLEX_SECTIONS_BODY, TMDB_MOVIE_BODY  # noqa: E402
 
@@ -38,24 +37,6 @@ TMDB_URL = "http://api.themoviedb.org/3/movie/603?api_key=x"
 TMDB_HEADERS = {"Accept": "application/json"}
 # usage_events.listener for each proxied mode
 LISTENER_OF_MODE = {"reverse": "reverse", "explicit": "regular"}
-
-
-async def _measure(name: str, url: str, args, *, procs: dict, proxy: str | None = None,
-                   headers: dict | None = None) -> dict:
-    cpu_before = {k: p.cpu_seconds() for k, p in procs.items()}
-    self_before = time.process_time()
-    result: LoadResult = await run_load(url, connections=args.connections, duration=args.duration,
-                                        warmup=args.warmup, proxy=proxy, headers=headers)
-    self_cpu = time.process_time() - self_before
-    out = {"mode": name, **result.to_dict()}
-    n = max(1, result.completed + result.failed)
-    cpu_us = {"loadgen": round(self_cpu / n * 1e6, 1)}
-    for key, proc in procs.items():
-        after = proc.cpu_seconds()
-        if after is not None and cpu_before[key] is not None:
-            cpu_us[key] = round((after - cpu_before[key]) / n * 1e6, 1)
-    out["cpu_us_per_request"] = cpu_us
-    return out
 
 
 def _count_rows(db_path: Path) -> tuple[int, dict[str, int], dict[str, int]]:
@@ -83,11 +64,11 @@ async def bench(args) -> dict:
                            rules_edit=forwarding_only("plex.sections", "tmdb.details")) as proxy:
         procs = {"upstream": upstream, "proxy": proxy}
         reverse_url = f"http://127.0.0.1:{proxy.reverse_port('plex')}{PLEX_PATH}"
-        modes["direct"] = await _measure("direct", upstream.url + PLEX_PATH, args, procs=procs,
+        modes["direct"] = await measure("direct", upstream.url + PLEX_PATH, args, procs=procs,
                                          headers=PLEX_HEADERS)
-        modes["reverse"] = await _measure("reverse", reverse_url, args, procs=procs, headers=PLEX_HEADERS)
+        modes["reverse"] = await measure("reverse", reverse_url, args, procs=procs, headers=PLEX_HEADERS)
         if not args.no_explicit:
-            modes["explicit"] = await _measure("explicit", TMDB_URL, args, procs=procs,
+            modes["explicit"] = await measure("explicit", TMDB_URL, args, procs=procs,
                                                proxy=proxy.proxy_url, headers=TMDB_HEADERS)
         # SIGTERM: the proxy flushes its usage writer before it exits.
         report["proxy_exit_code"] = proxy.stop()
