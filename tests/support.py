@@ -71,6 +71,15 @@ class FakesThread:
         self.thread.join(10)
 
 
+def run_bench(script: str, *args: str, timeout: float, check: bool = True) -> dict:
+    """`python bench/<script> *args --json`: its report. With `check`, the benchmark must exit 0."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-5000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    return json.loads(proc.stdout)
+
+
 def write_test_rules(path: Path, plex_listen: int, edit: Callable[[dict], None] | None = None) -> Path:
     """The shipped rules.yaml with only the reverse listener's port changed (and `edit` applied)."""
     rules = yaml.safe_load((REPO / "rules.yaml").read_text())

@@ -6,22 +6,11 @@ here): this box is shared and noisy.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from support import run_bench
 
 
 def test_cache_bench_smoke():
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "bench" / "cache.py"),
-         "--duration", "1", "--warmup", "0.2", "--connections", "4", "--json"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-5000:]}\nstderr:\n{proc.stderr[-5000:]}"
-    report = json.loads(proc.stdout)
+    report = run_bench("cache.py", "--duration", "1", "--warmup", "0.2", "--connections", "4", timeout=120)
     assert report["ok"] and report["problems"] == [], report["problems"]
 
     modes = report["modes"]

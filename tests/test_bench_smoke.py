@@ -5,22 +5,11 @@ No timing thresholds: this box is shared and noisy; the benchmark prints the num
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from support import run_bench
 
 
 def test_passthrough_bench_smoke():
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "bench" / "passthrough.py"),
-         "--duration", "1", "--warmup", "0.2", "--connections", "4", "--json"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=90,
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    report = json.loads(proc.stdout)
+    report = run_bench("passthrough.py", "--duration", "1", "--warmup", "0.2", "--connections", "4", timeout=90)
 
     modes = report["modes"]
     assert set(modes) == {"direct", "reverse", "explicit"}

@@ -6,21 +6,13 @@ The 1M-row run (`python bench/dashboard.py`) is the real measurement; this only 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from support import REPO, run_bench
 
 
 def test_dashboard_bench_smoke():
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "dashboard.py"), "--rows", "3000", "--runs", "1",
-                           "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    report = json.loads(proc.stdout)
+    report = run_bench("dashboard.py", "--rows", "3000", "--runs", "1", timeout=120)
     assert report["ok"] and report["failed"] == 0
     assert report["tables"]["usage_events"] == 3000 and report["tables"]["usage_hourly"] > 0
     assert report["tables"]["plays"] > 0

@@ -6,22 +6,12 @@ shared and noisy); the WebP saving is deterministic and is asserted.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from support import run_bench
 
 
 def test_images_bench_smoke():
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "bench" / "images.py"), "--images", "50", "--duration", "0.5",
-         "--warmup", "0.2", "--rounds", "1", "--connections", "4", "--json"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-5000:]}\nstderr:\n{proc.stderr[-5000:]}"
-    report = json.loads(proc.stdout)
+    report = run_bench("images.py", "--images", "50", "--duration", "0.5", "--warmup", "0.2", "--rounds", "1",
+                       "--connections", "4", timeout=180)
     assert report["ok"] and report["problems"] == [], report["problems"]
     miss = report["miss"]
     assert miss["images"] == 50 and miss["content_types"] == {"image/webp": 50}

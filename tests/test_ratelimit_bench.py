@@ -3,21 +3,16 @@ shared budget holds. No timing thresholds beyond the limiter's own bound."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from support import run_bench
 
 
 def test_ratelimit_bench_smoke():
-    args = ["--clients", "20", "--light-clients", "2", "--duration", "1.5", "--rate", "4", "--burst", "2",
-            "--max-wait", "1", "--json"]
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "ratelimit.py"), *args],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    report = json.loads(proc.stdout)
+    # Exit status not checked: in 1.5 s one scheduling hiccup can put a short run over the 5% bound
+    # the benchmark enforces; the bound asserted below allows for it.
+    report = run_bench("ratelimit.py", "--clients", "20", "--light-clients", "2", "--duration", "1.5", "--rate", "4",
+                       "--burst", "2", "--max-wait", "1", timeout=120, check=False)
     scenarios = {s["scenario"]: s for s in report["scenarios"]}
     expected = {"one process", "one process, light"}
     if shutil.which("redis-server"):
