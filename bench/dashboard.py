@@ -201,11 +201,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_dashboard(home: Path, metadata: Path | None = None, timeout: float = 30):
-    """Datasette over `home`/projectionist.db; yields (base URL, requests session logged in as admin)."""
+def running_dashboard(home: Path, metadata: Path | None = None, timeout: float = 30,
+                      env: dict[str, str] | None = None):
+    """Datasette over `home`/projectionist.db; yields (base URL, requests session logged in as admin).
+    `env`: the environment `datasette_env` made, when the caller needs to know it (a salted hash)."""
     config = Config(home=home, rules_path=REPO / "rules.yaml",
                     datasette_metadata=metadata or REPO / "datasette_metadata.yml", dashboard_port=_free_port())
-    env = datasette_env(config)
+    env = env or datasette_env(config)
     log_path = home / "datasette.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(datasette_command(config), env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -71,6 +71,16 @@ class FakesThread:
         self.thread.join(10)
 
 
+def load_bench(name: str):
+    """A bench/ script as a module (e.g. "dashboard": its data generator and Datasette runner)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_bench(script: str, *args: str, timeout: float, check: bool = True) -> dict:
     """`python bench/<script> *args --json`: its report. With `check`, the benchmark must exit 0."""
     proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--json"],

@@ -4,7 +4,6 @@ run against it (straight through sqlite3, so each check is quick and exact)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sqlite3
@@ -31,17 +30,12 @@ from projectionist.store import LATENCY_BOUNDS_MS, SCHEMA_VERSION, UsageEvent, U
 from proxy_addons import flowinfo
 from proxy_addons.viewing_history import ViewingHistory
 
+from support import load_bench
+
 REPO = Path(__file__).resolve().parent.parent
 METADATA = yaml.safe_load((REPO / "datasette_metadata.yml").read_text())
 QUERIES = METADATA["databases"]["projectionist"]["queries"]
 HOUR = 1_700_002_800.0  # 2023-11-14T23:00:00Z, the start of an hour
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_dashboard", REPO / "bench" / "dashboard.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def event(ts: float, **kw) -> UsageEvent:
@@ -155,7 +149,7 @@ def test_every_canned_query_runs_and_agrees_with_the_raw_rows(tmp_path):
     """Over generated data: each query answers with rows; the rollup-based ones agree with
     aggregates computed from usage_events itself."""
     path = tmp_path / "projectionist.db"
-    _bench().generate(path, 6000, days=3, plays=30)
+    load_bench("dashboard").generate(path, 6000, days=3, plays=30)
     conn = connect(path)
     for name in QUERIES:
         assert run_query(conn, name), f"{name}: no rows"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import itertools
 import json
 import re
@@ -28,19 +27,14 @@ import yaml
 from projectionist.dashboard import ADMIN_USER, admin_password
 from projectionist.config import Config
 
+from support import load_bench
+
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts" / "dashboard"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 METADATA = yaml.safe_load((REPO / "datasette_metadata.yml").read_text())
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_dashboard", REPO / "bench" / "dashboard.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Page:
@@ -172,7 +166,7 @@ def dashboard_links() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory):
-    bench = _bench()
+    bench = load_bench("dashboard")
     home = tmp_path_factory.mktemp("dashboard-browser")
     bench.generate(home / "projectionist.db", 40_000, days=14, plays=80)
     with bench.running_dashboard(home) as (base, session):

@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,12 +38,13 @@ from projectionist.dashboard import (
     ADMIN_USER,
     PASSWORD_HASH_ENV,
     admin_password,
-    datasette_command,
     datasette_env,
     password_path,
 )
 from projectionist.store import SECRET_TABLES, UsageEvent, UsageWriter, open_db
 from projectionist.vault import SecretBox, Vault, key_file
+
+from support import load_bench
 
 REPO = Path(__file__).resolve().parent.parent
 DB = "projectionist"
@@ -81,12 +81,6 @@ VISIBLE = ("usage_events", "usage_hourly", "cache_entries", "rate_limit_events",
            "credential_hourly", "rate_limit_hourly", "plays", "media_items", "play_history", "user_activity")
 # Visible by design with user names in them: the views and canned queries about users.
 SHOWS_USERNAMES = ("user_directory", "play_history", "user_activity")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _seed(config: Config) -> None:
@@ -180,45 +174,19 @@ def _running_dashboard(metadata: Path):
     """The store seeded with secrets, and Datasette over it started as `projectionist dashboard` does."""
     with tempfile.TemporaryDirectory(prefix="projectionist-dash-") as tmp:
         home = Path(tmp)
-        config = Config(home=home, rules_path=REPO / "rules.yaml", datasette_metadata=metadata,
-                        dashboard_port=_free_port())
+        config = Config(home=home, rules_path=REPO / "rules.yaml", datasette_metadata=metadata)
         config.ensure_dirs()
         _seed(config)
-        log_path = home / "datasette.log"
         env = datasette_env(config)
         DYNAMIC.update({"dashboard password": admin_password(config),
                         "dashboard password hash": env[PASSWORD_HASH_ENV].rsplit("$", 1)[-1]})
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(datasette_command(config), env=env, stdout=log, stderr=subprocess.STDOUT)
-        session = requests.Session()
-        session.trust_env = False  # never through a proxy from the environment
-        session.auth = (ADMIN_USER, admin_password(config))
         anonymous = requests.Session()
-        anonymous.trust_env = False
-        base = f"http://{config.host}:{config.dashboard_port}"
+        anonymous.trust_env = False  # never through a proxy from the environment
         try:
-            deadline = time.monotonic() + 15
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"datasette exited with {proc.returncode}:\n{log_path.read_text()}")
-                try:
-                    if session.get(base + "/-/versions.json", timeout=1).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"datasette did not answer within 15 s:\n{log_path.read_text()}")
-                time.sleep(0.1)
-            yield Dashboard(base, session, config, anonymous)
+            with load_bench("dashboard").running_dashboard(home, metadata, timeout=15, env=env) as (base, session):
+                yield Dashboard(base, session, config, anonymous)
         finally:
-            session.close()
             anonymous.close()
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 @pytest.fixture(scope="module")
