@@ -4,6 +4,7 @@ one budget. Each module run starts its own `redis-server` on a free port and sto
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 import subprocess
 import sys
@@ -103,7 +104,6 @@ async def test_rules_yaml_setting_selects_redis_and_a_dead_redis_fails_soft(tmp_
 
 
 async def test_two_proxy_processes_share_one_budget(redis_url, upstream):
-    redis.Redis.from_url(redis_url).flushdb()
     rate, burst, duration = 5, 5, 4.0
     procs = [ProxyProcess(overrides={"tmdb": f"http://127.0.0.1:{upstream.port}"},
                           rules_edit=limit_rules(rate=f"{rate}/s", burst=burst, max_wait=1),
@@ -112,15 +112,27 @@ async def test_two_proxy_processes_share_one_budget(redis_url, upstream):
         await asyncio.gather(*(asyncio.to_thread(p.start) for p in procs))
         statuses: dict[int, list[int]] = {0: [], 1: []}
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as session:
+            async def get(i: int) -> int:
+                async with session.get(f"http://api.themoviedb.org{UNCACHED}", proxy=procs[i].proxy_url,
+                                       headers={"Origin": ORIGIN}) as r:
+                    await r.read()
+                    return r.status
+
+            # Warm both processes (their Redis connections, the first flow's imports) and then
+            # start from an empty budget: otherwise the first process ready takes the whole
+            # burst and queue, 11 of the run's 29 slots, and the other may barely take part.
+            assert [await get(0), await get(1)] == [200, 200]
+            redis.Redis.from_url(redis_url).flushdb()
+            upstream.received.clear()
+
             async def browser(i: int) -> None:
                 deadline = time.monotonic() + duration
                 while time.monotonic() < deadline:
-                    async with session.get(f"http://api.themoviedb.org{UNCACHED}", proxy=procs[i].proxy_url,
-                                           headers={"Origin": ORIGIN}) as r:
-                        await r.read()
-                        statuses[i].append(r.status)
-                    if r.status == 429:
-                        await asyncio.sleep(0.1)
+                    statuses[i].append(await get(i))
+                    # Think time after every answer, jittered like independent users: a client
+                    # asking again the instant it is served would race the refused ones for
+                    # the next slot in lockstep.
+                    await asyncio.sleep(random.uniform(0.05, 0.15))
 
             started = time.monotonic()
             await asyncio.gather(*(browser(i % 2) for i in range(40)))
@@ -134,6 +146,7 @@ async def test_two_proxy_processes_share_one_budget(redis_url, upstream):
     assert_gcra(calls, rate=rate, burst=burst)
     assert len(calls) <= burst + rate * wall + 1  # the configured rate, not twice it
     assert len(calls) >= rate * duration * 0.8
-    for i in (0, 1):  # both processes took part, each queueing and refusing
-        assert statuses[i].count(200) >= 3 and set(statuses[i]) == {200, 429}
+    # Both processes forwarded and refused. How the slots split between them is a race per slot
+    # (GCRA promises a rate, not fairness between processes), so only taking part is asserted.
+    assert set(statuses[0]) == set(statuses[1]) == {200, 429}
     assert statuses[0].count(200) + statuses[1].count(200) == len(calls)
