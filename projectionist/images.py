@@ -72,8 +72,11 @@ class Result:
 
 
 def _init_worker(nice: int) -> None:
-    """Workers yield the CPU to everything else: the proxy's event loop must never wait for a core
-    because a transcode holds it (SCHED_IDLE on Linux: run only when a core would otherwise idle)."""
+    """Workers yield the CPU to the proxy: its event loop must not wait for a core because a
+    transcode holds it. A raised nice value gives them a small share of a busy core (about a tenth
+    against one normal process) and SCHED_BATCH stops their wake-ups preempting the proxy. Not
+    SCHED_IDLE: on a host kept busy by something else (Plex transcoding, say) an idle-class worker
+    never runs, and every image miss would time out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy shuts its pool down itself
     if nice:
         try:
@@ -81,7 +84,7 @@ def _init_worker(nice: int) -> None:
         except OSError:
             pass
         try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         except (AttributeError, OSError):
             pass
 

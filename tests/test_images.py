@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -116,6 +118,27 @@ async def test_the_pool_survives_a_crashing_job_and_a_killed_worker():
         assert (await pool.run(transcode, Job(jpeg, "webp", None, CAP))).outcome == OK
         assert pool.restarts == 3
     finally:
+        pool.shutdown()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling classes")
+async def test_workers_run_behind_the_proxy_but_are_never_starved():
+    """Workers get a lower priority, not the idle class: with every core held by a normal-priority
+    busy loop (a host transcoding video, say) a job still finishes, slowly. An idle-class worker
+    would never run and every image miss would time out (seen under a loaded CI machine)."""
+    pool = await ImagePool(workers=1, timeout=60).start()
+    hogs: list[subprocess.Popen] = []
+    try:
+        policy, niceness = await pool.run(os.sched_getscheduler, 0), await pool.run(os.nice, 0)
+        assert policy == os.SCHED_BATCH and niceness >= 10
+        hogs += [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+        jpeg = render("test-images-busy-host", 342, 513)
+        result = await pool.run(transcode, Job(jpeg, "webp", None, CAP))
+        assert result.outcome == OK and pool.restarts == 0
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait(5)
         pool.shutdown()
 
 
