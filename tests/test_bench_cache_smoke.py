@@ -31,6 +31,9 @@ def test_cache_bench_smoke():
 
     ratios = report["ratios"]
     assert ratios["hit_vs_mitmdump"] > 0 and ratios["hit_vs_projectionist_passthrough"] > 0
+    # The figure is the median of three alternating rounds, each a ratio of its own pair.
+    assert len(report["rounds"]) == 3 and ratios["hit_vs_mitmdump"] == sorted(report["rounds"])[1]
+    assert len(modes["hit"]["rounds_rps"]) == len(modes["mitmdump"]["rounds_rps"]) == 3
     assert set(report["verdicts"]) == {"hit_vs_mitmdump", "replay_hit_rate", "replay_hit_rate_cacheable"}
 
     replay = report["replay"]
