@@ -62,6 +62,7 @@ from projectionist.rules import Limit, Rules, Throttle
 from . import flowinfo
 from .local_responses import cors_headers
 from .rules_watch import RulesWatcher
+from .upstream_fetch import fetch, upstream_session
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,6 @@ RETRY_BASE = 0.25  # seconds; doubled per attempt, jittered ×0.5–1.5
 _RETRY_STATUSES = (429, 503)
 _IDEMPOTENT = ("GET", "HEAD")
 _FORWARDED = "projectionist.ratelimit.forwarded"  # admitted to go upstream through mitmproxy
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
-               "upgrade", "host", "content-length"}
 _EXPOSE = "Retry-After, RateLimit, RateLimit-Policy"
 
 TMDB_429 = {"status_code": 25, "status_message": "Your request count (#) is over the allowed limit of (40).",
@@ -107,8 +106,7 @@ class RateLimit:
     def running(self) -> None:
         if self.session is not None:
             return
-        self.session = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-                                             connector=aiohttp.TCPConnector(limit=100))
+        self.session = upstream_session()
         db = getattr(ctx.options, "projectionist_db", "")
         if db:
             self.writer = RateLimitWriter(Path(db).expanduser()).start()
@@ -334,18 +332,7 @@ class RateLimit:
     # --- retries of forwarded flows (called by UpstreamRetry) -------------------------------------
 
     async def fetch_direct(self, flow: http.HTTPFlow) -> http.Response:
-        request = flow.request
-        headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _HOP_BY_HOP]
-        async with self.session.request(request.method, request.url, headers=headers, allow_redirects=False,
-                                        data=request.raw_content or None,
-                                        timeout=aiohttp.ClientTimeout(total=self._timeout())) as r:
-            body = await r.read()
-        fields = [(k, v) for k, v in r.raw_headers if k.lower().decode() not in _HOP_BY_HOP]
-        fields.append((b"content-length", str(len(body)).encode()))
-        response = http.Response(b"HTTP/1.1", r.status, r.reason.encode() if r.reason else b"",
-                                 http.Headers(fields), None, None, time.time(), time.time())
-        response.raw_content = body
-        return response
+        return (await fetch(self.session, flow.request, self._timeout())).to_response()
 
 
 class UpstreamRetry:

@@ -27,7 +27,6 @@ import logging
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -41,12 +40,11 @@ from projectionist.rules import CacheRule
 from . import flowinfo
 from .local_responses import cors_headers
 from .rules_watch import RulesWatcher
+from .upstream_fetch import Fetched, fetch, upstream_session
 
 log = logging.getLogger(__name__)
 
 BUCKET = "api"
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
-               "upgrade", "host", "content-length"}
 _CORS_PREFIX = "access-control-"
 _LEADER = "projectionist.cache.leader"
 _INVALIDATES = "projectionist.cache.invalidates"
@@ -55,15 +53,6 @@ _TOKEN_BEARING = ("plex-tv",)  # answers rewritten by the credential addons: ref
 
 class UpstreamFailed(Exception):
     """The upstream answered 5xx/429 where a stale entry can stand in."""
-
-
-@dataclass(frozen=True)
-class Fetched:
-    """An upstream answer as followers of a collapsed miss receive it."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
 
 
 class ResponseCache:
@@ -95,8 +84,7 @@ class ResponseCache:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cache-disk")
         self.disk = DiskLayer(home / "cache" / "responses", settings.disk_max_bytes)
         self.mirror = CacheMirror(Path(ctx.options.projectionist_db).expanduser()).start()
-        self.session = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-                                             connector=aiohttp.TCPConnector(limit=100))
+        self.session = upstream_session()
         self._spawn(self._load_index())
         self._spawn(self._apply_flush_requests_forever())
 
@@ -197,7 +185,7 @@ class ResponseCache:
             flow.metadata.pop(_LEADER, None)
             return self._serve(flow, info, key, stale, "stale",
                                detail=f"fwd=stale; fwd-status={fetched.status}; detail=stale-if-error")
-        flow.response = _to_response(fetched)
+        flow.response = fetched.to_response()
         info.cache = "miss"
 
     def _answer_failure(self, flow: http.HTTPFlow, info, key: str, stale: Entry | None, exc: Exception) -> None:
@@ -217,13 +205,7 @@ class ResponseCache:
         return await self._fetch_once(flow)
 
     async def _fetch_once(self, flow: http.HTTPFlow) -> Fetched:
-        request = flow.request
-        headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _HOP_BY_HOP]
-        async with self.session.request(request.method, request.url, headers=headers, allow_redirects=False,
-                                        timeout=aiohttp.ClientTimeout(total=self._timeout())) as r:
-            body = await r.read()
-        return Fetched(r.status, [(k, v) for k, v in r.raw_headers if k.lower().decode() not in _HOP_BY_HOP]
-                       + [(b"content-length", str(len(body)).encode())], body)
+        return await fetch(self.session, flow.request, self._timeout())
 
     # --- the response path --------------------------------------------------------------------
 
@@ -420,10 +402,3 @@ def _storable_ttl(rule: CacheRule, fetched: Fetched) -> float | None:
     if not rule.override_no_store and ("no-store" in cache_control or "private" in cache_control):
         return None
     return rule.ttl
-
-
-def _to_response(fetched: Fetched) -> http.Response:
-    response = http.Response(b"HTTP/1.1", fetched.status, b"", http.Headers(fetched.headers), None, None,
-                             time.time(), time.time())
-    response.raw_content = fetched.body
-    return response

@@ -1,0 +1,49 @@
+"""Fetching a flow's request from its upstream ourselves, beside mitmproxy's own forwarding: the
+response cache's misses and refreshes, and the rate limiter's retries of forwarded flows.
+
+Bodies stay encoded as received (no decompression), no cookies are kept between requests, no
+redirect is followed (the client sees it, as it would through mitmproxy), and hop-by-hop headers
+are dropped both ways; the answer carries its own Content-Length.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from mitmproxy import http
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+                        "upgrade", "host", "content-length"})
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """An upstream answer, as the followers of a collapsed miss also receive it."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    reason: bytes = b""
+
+    def to_response(self) -> http.Response:
+        response = http.Response(b"HTTP/1.1", self.status, self.reason, http.Headers(self.headers), None, None,
+                                 time.time(), time.time())
+        response.raw_content = self.body
+        return response
+
+
+def upstream_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                                 connector=aiohttp.TCPConnector(limit=100))
+
+
+async def fetch(session: aiohttp.ClientSession, request: http.Request, timeout: float) -> Fetched:
+    headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in HOP_BY_HOP]
+    async with session.request(request.method, request.url, headers=headers, allow_redirects=False,
+                               data=request.raw_content or None, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+        body = await r.read()
+    fields = [(k, v) for k, v in r.raw_headers if k.lower().decode() not in HOP_BY_HOP]
+    fields.append((b"content-length", str(len(body)).encode()))
+    return Fetched(r.status, fields, body, r.reason.encode() if r.reason else b"")
