@@ -159,7 +159,7 @@ def newest_vaulted_tokens(vault: Vault, user_id: int) -> dict[str, Any] | None:
     proxy, these replaced the ones we kept (Trakt refresh tokens are single use)."""
     found: dict[str, Any] = {}
     for kind, field in ((ACCESS_KIND, "access_token"), (REFRESH_KIND, "refresh_token")):
-        newest = vault.newest(user_id, kind)
+        newest = vault.newest(kind, user_id)
         if newest is None:
             return None
         found[field], expires_at = newest

@@ -218,7 +218,7 @@ class Vault:
         ).fetchone()
         return VaultEntry(row[0], row[1], row[2], self.box.decrypt(row[3]), row[4]) if row else None
 
-    def newest(self, user_id: int, kind: str) -> tuple[str, str | None] | None:
+    def newest(self, kind: str, user_id: int) -> tuple[str, str | None] | None:
         """(real, expires_at) of the user's newest live entry of `kind`."""
         row = self.conn.execute(
             "SELECT secret_enc, expires_at FROM vault_tokens WHERE user_id = ? AND kind = ? AND revoked_at IS NULL "

@@ -354,9 +354,9 @@ def test_repoint_keeps_the_surrogate_and_only_that_users(vault):
     assert vault.resolve(mine).real == new
     assert vault.resolve(theirs).real == old
     assert vault.find_real("trakt_access", new).id == vault.resolve(mine).id
-    assert vault.newest(alice, "trakt_access") == (new, later)
+    assert vault.newest("trakt_access", alice) == (new, later)
     assert vault.repoint("trakt_access", alice, old, new, later) == 0  # nothing stands for `old` any more
-    assert vault.newest(alice, "plex") is None
+    assert vault.newest("plex", alice) is None
 
 
 def test_user_credentials_roundtrip(vault):
