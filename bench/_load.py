@@ -208,6 +208,28 @@ async def measure(name: str, url: str, args, *, procs: Mapping, proxy: str | Non
     return out
 
 
+def cache_outcome(cache_status: str | None) -> str:
+    """`Cache-Status: Projectionist; hit; ttl=..` -> "hit"; fwd=stale -> "stale"; fwd=miss -> "miss"."""
+    if not cache_status:
+        return "none"
+    params = [p.strip() for p in cache_status.split(";")[1:]]
+    if "hit" in params:
+        return "hit"
+    if "fwd=stale" in params:
+        return "stale"
+    if "fwd=miss" in params or "fwd=uri-miss" in params:
+        return "miss"
+    return "other"
+
+
+def at_least_one(value: str) -> int:
+    """argparse type: a count that must be >= 1 (rounds, images, clients)."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
 def load_arguments(doc: str | None) -> argparse.ArgumentParser:
     """A parser with the options every closed-loop benchmark takes: --connections, --duration,
     --warmup, --json. Add the script's own, then `run_benchmark`."""

@@ -47,7 +47,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _load import load_arguments, measure, run_benchmark, run_load  # noqa: E402
+from _load import at_least_one, cache_outcome, load_arguments, measure, run_benchmark, run_load  # noqa: E402
 from _stack import REPO_ROOT, MitmdumpProcess, ProxyProcess, UpstreamProcess, forwarding_only  # noqa: E402
 from _upstream import TMDB_MOVIE_BODY  # noqa: E402
 
@@ -65,20 +65,6 @@ RATIO_TARGET = 2.0
 HIT_RATE_TARGET = 0.90
 # rules.yaml upstream name for each fake
 FAKE_TO_RULES = {"plex": "plex", "plextv": "plextv", "tmdb": "tmdb", "tmdb_images": "tmdb-images", "trakt": "trakt"}
-
-
-def cache_outcome(cache_status: str | None) -> str:
-    """`Cache-Status: Projectionist; hit; ttl=..` -> "hit"; fwd=stale -> "stale"; fwd=miss -> "miss"."""
-    if not cache_status:
-        return "none"
-    params = [p.strip() for p in cache_status.split(";")[1:]]
-    if "hit" in params:
-        return "hit"
-    if "fwd=stale" in params:
-        return "stale"
-    if "fwd=miss" in params or "fwd=uri-miss" in params:
-        return "miss"
-    return "other"
 
 
 def _classify(resp: aiohttp.ClientResponse) -> str:
@@ -583,7 +569,7 @@ async def bench(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = load_arguments(__doc__)
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target (ratio, hit rate) is missed")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=at_least_one, default=3,
                         help="alternate rounds of mitmdump and hits (default 3); the figure is their median ratio")
     parser.add_argument("--profile", metavar="PATH",
                         help="also profile the proxy serving hits with py-spy (GIL samples, raw format to PATH)")

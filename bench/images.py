@@ -54,7 +54,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _load import percentile, run_load  # noqa: E402
+from _load import at_least_one, cache_outcome, load_arguments, percentile, run_benchmark, run_load  # noqa: E402
 from _stack import LOCALHOST, REPO_ROOT, ProxyProcess, UpstreamProcess  # noqa: E402
 
 if str(REPO_ROOT) not in sys.path:
@@ -129,15 +129,6 @@ def image_upstream(count: int) -> UpstreamProcess:
 
 # --- measurements ----------------------------------------------------------------------------------
 
-def outcome(cache_status: str | None) -> str:
-    params = [p.strip() for p in (cache_status or "").split(";")[1:]]
-    if "hit" in params:
-        return "hit"
-    if "fwd=miss" in params:
-        return "miss"
-    return "other"
-
-
 async def fetch(session: aiohttp.ClientSession, url: str, proxy: str | None, accept: str = ACCEPT):
     t0 = time.perf_counter()
     async with session.get(url, proxy=proxy, headers={"Accept": accept}) as r:
@@ -152,7 +143,7 @@ async def misses(args, proxy_url: str, upstream_url: str, report: dict) -> None:
         for i in range(args.images):
             _, _, original, _ = await fetch(session, upstream_url + image_path(i), None, "*/*")
             status, headers, body, seconds = await fetch(session, "http://image.tmdb.org" + image_path(i), proxy_url)
-            rows.append({"i": i, "size": image_spec(i)[0], "status": status, "outcome": outcome(headers.get("Cache-Status")),
+            rows.append({"i": i, "size": image_spec(i)[0], "status": status, "outcome": cache_outcome(headers.get("Cache-Status")),
                          "content_type": headers.get("Content-Type"), "original": len(original), "sent": len(body),
                          "ms": seconds * 1000})
         again = [await fetch(session, "http://image.tmdb.org" + image_path(i), proxy_url) for i in range(args.images)]
@@ -169,13 +160,13 @@ async def misses(args, proxy_url: str, upstream_url: str, report: dict) -> None:
         "saved_fraction": round(1 - total_sent / total_original, 4),
         "webp_only_original_bytes": webp_original, "webp_only_sent_bytes": webp_sent,
         "webp_only_saved_fraction": round(1 - webp_sent / webp_original, 4),
-        "second_pass_outcomes": sorted({outcome(h.get("Cache-Status")) for _, h, _, _ in again}),
+        "second_pass_outcomes": sorted({cache_outcome(h.get("Cache-Status")) for _, h, _, _ in again}),
         "second_pass_statuses": sorted({s for s, _, _, _ in again}),
     }
 
 
 def _classify(resp: aiohttp.ClientResponse) -> str:
-    return outcome(resp.headers.get("Cache-Status"))
+    return cache_outcome(resp.headers.get("Cache-Status"))
 
 
 async def hits(args, proxy_url: str, report: dict) -> None:
@@ -233,7 +224,7 @@ def reencode_load(proxy_url: str, seconds: float, clients: int) -> None:
                 url = f"http://image.tmdb.org/t/p/w780/load-{run_id}{next(counter):05d}.jpg"
                 try:
                     status, headers, _, took = await fetch(session, url, proxy_url)
-                    done.append((status, outcome(headers.get("Cache-Status")), took * 1000))
+                    done.append((status, cache_outcome(headers.get("Cache-Status")), took * 1000))
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                     done.append((0, "error", 0.0))
 
@@ -354,6 +345,7 @@ async def run(args) -> dict:
                 "p50_ms": statistics.median(r["p50_ms"] for r in reencode),
                 "p99_ms": max(r["p99_ms"] for r in reencode)}
             report["exit_codes"]["proxy"] = proxy.stop()
+            report["errors_logged"] = proxy.logged_errors()
     return report
 
 
@@ -375,6 +367,8 @@ def judge(report: dict, args) -> None:
         problems.append(f"re-encode load: statuses {load['statuses']}, outcomes {load['outcomes']}")
     if set(report["exit_codes"].values()) != {0}:
         problems.append(f"exit codes {report['exit_codes']}")
+    if report["errors_logged"]:
+        problems.append(f"the proxy logged {len(report['errors_logged'])} errors, the first: {report['errors_logged'][0]}")
     ratio = report["api_loaded"]["p99_ms"] / report["api_idle"]["p99_ms"]
     report["p99_ratio"] = round(ratio, 2)
     report["p99_ratio_vs_control"] = round(report["api_loaded"]["p99_ms"] / report["api_control"]["p99_ms"], 2)
@@ -389,56 +383,61 @@ def _pf(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def print_report(report: dict) -> None:
+def render(report: dict) -> str:
     miss, hit, load = report["miss"], report["hit"], report["reencode_load"]
     idle, loaded = report["api_idle"], report["api_loaded"]
     mb = 1 / 1_000_000
+    lines = []
     if report["gc_threshold0"]:
-        print(f"(experiment: the proxy's gen-0 GC threshold capped at {report['gc_threshold0']})")
-    print(f"image set: {miss['images']} generated posters/backdrops, {miss['original_bytes'] * mb:.1f} MB of JPEG; "
+        lines.append(f"(experiment: the proxy's gen-0 GC threshold capped at {report['gc_threshold0']})")
+    lines.append(f"image set: {miss['images']} generated posters/backdrops, {miss['original_bytes'] * mb:.1f} MB of JPEG; "
           f"answers: {miss['content_types']}")
-    print(f"miss + re-encode   p50 {miss['p50_ms']:7.1f} ms   p99 {miss['p99_ms']:7.1f} ms   "
+    lines.append(f"miss + re-encode   p50 {miss['p50_ms']:7.1f} ms   p99 {miss['p99_ms']:7.1f} ms   "
           f"max {miss['max_ms']:7.1f} ms   (sequential, fetch + transcode + store)")
-    print(f"hit                {hit['rps']:8.0f} req/s   p50 {hit['p50_ms']:6.2f} ms   p99 {hit['p99_ms']:6.2f} ms   "
+    lines.append(f"hit                {hit['rps']:8.0f} req/s   p50 {hit['p50_ms']:6.2f} ms   p99 {hit['p99_ms']:6.2f} ms   "
           f"({hit['connections']} connections, {hit['count']} answers, all hits: {hit['classes'] == {'hit': hit['completed']}})")
-    print(f"bytes              originals {miss['original_bytes'] * mb:7.2f} MB -> sent {miss['sent_bytes'] * mb:7.2f} MB: "
+    lines.append(f"bytes              originals {miss['original_bytes'] * mb:7.2f} MB -> sent {miss['sent_bytes'] * mb:7.2f} MB: "
           f"saved {miss['saved_fraction']:.1%} (re-encoding and the 1280 px cap)")
-    print(f"WebP alone         originals {miss['webp_only_original_bytes'] * mb:7.2f} MB -> sent "
+    lines.append(f"WebP alone         originals {miss['webp_only_original_bytes'] * mb:7.2f} MB -> sent "
           f"{miss['webp_only_sent_bytes'] * mb:7.2f} MB: saved {miss['webp_only_saved_fraction']:.1%}   "
           f"target >= {WEBP_SAVING_TARGET:.0%}: {_pf(report['verdicts']['webp_saves_25pct'])}")
-    print(f"API hits idle      p50 {idle['p50_ms']:6.2f} ms   p99 {idle['p99_ms']:6.2f} ms   "
+    lines.append(f"API hits idle      p50 {idle['p50_ms']:6.2f} ms   p99 {idle['p99_ms']:6.2f} ms   "
           f"(median of {idle['rounds']} rounds, p99 each {idle['p99_ms_each']}; {idle['rate']:g} req/s steady)")
-    print(f"API hits + load    p50 {loaded['p50_ms']:6.2f} ms   p99 {loaded['p99_ms']:6.2f} ms   "
+    lines.append(f"API hits + load    p50 {loaded['p50_ms']:6.2f} ms   p99 {loaded['p99_ms']:6.2f} ms   "
           f"(median of {loaded['rounds']} rounds, p99 each {loaded['p99_ms_each']})")
     control = report["api_control"]
-    print(f"re-encode load     {load['clients']} clients, {load['per_second']:.1f} images/s re-encoded "
+    lines.append(f"re-encode load     {load['clients']} clients, {load['per_second']:.1f} images/s re-encoded "
           f"(miss p50 {load['p50_ms']:.0f} ms, p99 {load['p99_ms']:.0f} ms)")
-    print(f"API hits + control p50 {control['p50_ms']:6.2f} ms   p99 {control['p99_ms']:6.2f} ms   "
+    lines.append(f"API hits + control p50 {control['p50_ms']:6.2f} ms   p99 {control['p99_ms']:6.2f} ms   "
           f"(same transcodes outside the proxy; p99 each {control['p99_ms_each']})")
-    print(f"loaded/idle p99    {report['p99_ratio']:.2f}x   target <= {P99_RATIO_TARGET:g}x: "
+    lines.append(f"loaded/idle p99    {report['p99_ratio']:.2f}x   target <= {P99_RATIO_TARGET:g}x: "
           f"{_pf(report['verdicts']['loop_not_blocked'])}   (loaded/control p99 {report['p99_ratio_vs_control']:.2f}x: "
           f"what the proxy adds to the machine's own CPU contention)")
     for problem in report["problems"]:
-        print(f"PROBLEM: {problem}")
-    print(f"overall: {_pf(report['ok'] and all(report['verdicts'].values()))}")
+        lines.append(f"PROBLEM: {problem}")
+    lines.append(f"overall: {_pf(report['ok'] and all(report['verdicts'].values()))}")
+    return "\n".join(lines)
+
+
+async def bench(args) -> dict:
+    report = await run(args)
+    judge(report, args)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = load_arguments(__doc__)
     parser.add_argument("--images", type=int, default=60, help="generated posters/backdrops (default 60, min 50)")
-    parser.add_argument("--connections", type=int, default=10, help="connections for the hit mode (default 10)")
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per load mode (default 5)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each (default 1)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--api-rate", type=float, default=200.0, help="API probe requests per second (default 200)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of idle, loaded, control (default 3)")
+    parser.add_argument("--rounds", type=at_least_one, default=3, help="rounds of idle, loaded, control (default 3)")
     parser.add_argument("--gc-threshold0", type=int, metavar="N",
-                        help="experiment: cap the proxy's young-generation GC threshold at N (it sets 50000)")
+                        help="experiment: cap the proxy's young-generation GC threshold at N (it sets 5000)")
     parser.add_argument("--serve-upstream", type=int, metavar="N", help=argparse.SUPPRESS)
     parser.add_argument("--reencode-load", nargs=3, metavar=("PROXY", "SECONDS", "CLIENTS"), help=argparse.SUPPRESS)
     parser.add_argument("--control-load", nargs=2, metavar=("SECONDS", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # The same script is also its own image upstream and its load's child processes.
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
         return 0
@@ -453,13 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.images < 50:
         parser.error("--images must be at least 50")
-    report = asyncio.run(run(args))
-    judge(report, args)
-    if args.json:
-        print(json.dumps(report, indent=2, default=str))
-    else:
-        print_report(report)
-    return 0 if report["ok"] else 1
+    return run_benchmark(parser, argv, bench, render)
 
 
 if __name__ == "__main__":
