@@ -51,6 +51,17 @@ def forwarding_only(*routes: str):
     return edit
 
 
+def tmdb_default_limit(rate: str, burst: int, max_wait: float):
+    """A rules edit: the default TMDB key is limited by `tmdb-default` (per credential) and no other
+    upstream is limited at all."""
+    def edit(rules: dict) -> None:
+        rules["limits"] = {"tmdb-default": {"rate": rate, "burst": burst, "per": "credential",
+                                            "when_credential": "default", "max_wait": max_wait}}
+        for name, upstream in rules["upstreams"].items():
+            upstream["limits"] = ["tmdb-default"] if name == "tmdb" else []
+    return edit
+
+
 def process_cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a process (Linux /proc; None elsewhere)."""
     try:
@@ -85,6 +96,34 @@ def _stop(proc: subprocess.Popen | None, timeout: float = 15.0) -> int | None:
             proc.kill()
             proc.wait(5)
     return proc.returncode
+
+
+class RedisServer:
+    """A throw-away `redis-server` on a free loopback port: no persistence, stopped on exit."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOCALHOST}:{self.port}/0"
+
+    def __enter__(self) -> RedisServer:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.proc = subprocess.Popen([server, "--port", str(self.port), "--bind", LOCALHOST, "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_port(self.port, self.proc, time.monotonic() + 10)
+        except RuntimeError:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _stop(self.proc)
 
 
 class UpstreamProcess:

@@ -28,9 +28,7 @@ import asyncio
 import gc
 import json
 import shutil
-import socket
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -42,7 +40,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _load import percentile  # noqa: E402
-from _stack import ProxyProcess, free_port  # noqa: E402
+from _stack import ProxyProcess, RedisServer, free_port, tmdb_default_limit  # noqa: E402
 from _upstream import TMDB_MOVIE_BODY  # noqa: E402
 
 PATH = "/3/movie/603"
@@ -85,42 +83,11 @@ class UpstreamThread:
         self.thread.join(10)
 
 
-class RedisServer:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def __enter__(self) -> RedisServer:
-        self.proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.__exit__()
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
 def rules_edit(args):
+    limit = tmdb_default_limit(f"{args.rate:g}/s", args.burst, args.max_wait)
+
     def edit(rules: dict) -> None:
-        rules["limits"] = {"tmdb-default": {"rate": f"{args.rate:g}/s", "burst": args.burst, "per": "credential",
-                                            "when_credential": "default", "max_wait": args.max_wait}}
-        for name, upstream in rules["upstreams"].items():
-            upstream["limits"] = ["tmdb-default"] if name == "tmdb" else []
+        limit(rules)
         for route in rules["routes"]:
             if route["upstream"] == "tmdb":
                 route.pop("cache", None)  # measure the limiter, not the cache
@@ -213,18 +180,20 @@ async def scenario(name: str, args, upstream: UpstreamThread, processes: int, re
         result = await load([p.proxy_url for p in procs], clients, args.duration)
         exit_codes = [p.stop() for p in procs]  # SIGTERM: the event writers flush
         waited = queued_ms([p.db_path for p in procs])
+        errors_logged = [e for p in procs for e in p.logged_errors()]
     finally:
         for p in procs:
             p.stop()
             p.cleanup()
-    figures = upstream_figures(list(upstream.times), args.burst * (processes if not redis_url else 1))
+    budgets = 1 if redis_url else processes  # separate budgets: one per process unless they share Redis
+    figures = upstream_figures(list(upstream.times), args.burst * budgets)
     admitted = figures["requests"]
     delays = [0.0] * max(0, admitted - len(waited)) + waited
-    budget = args.rate * (processes if (processes > 1 and not redis_url) else 1)
     return {"scenario": name, "clients": clients, "processes": processes, "shared_state": "redis" if redis_url else "in-process",
-            "configured_rate": args.rate, "budget_rate": budget, **figures,
+            "configured_rate": args.rate, "budget_rate": args.rate * budgets, **figures,
             "ratio": _round3(figures["sustained_rate"] / args.rate if figures["sustained_rate"] else None),
-            **result, "queue_delay_ms": _distribution(delays), "queued": len(waited), "proxy_exit_codes": exit_codes}
+            **result, "queue_delay_ms": _distribution(delays), "queued": len(waited), "proxy_exit_codes": exit_codes,
+            "errors_logged": errors_logged}
 
 
 async def bench(args) -> dict:
@@ -251,6 +220,9 @@ async def bench(args) -> dict:
             problems.append(f"{s['scenario']}: statuses {other}, {s['errors']} errors {s['error_samples']}")
         if any(code != 0 for code in s["proxy_exit_codes"]):
             problems.append(f"{s['scenario']}: proxy exit codes {s['proxy_exit_codes']}")
+        if s["errors_logged"]:
+            problems.append(f"{s['scenario']}: the proxies logged {len(s['errors_logged'])} errors, "
+                            f"the first: {s['errors_logged'][0]}")
     report["problems"] = problems
     report["ok"] = not problems
     return report

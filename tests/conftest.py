@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+TESTS = Path(__file__).resolve().parent
+# tests/support.py, and the benchmarks' process helpers (bench/_stack.py), which tests share
+sys.path[:0] = [str(TESTS), str(TESTS.parent / "bench")]
 
 from support import FakesThread, make_stack  # noqa: E402
 

@@ -19,6 +19,7 @@ from aiohttp import web
 from projectionist.limits import LimitKey, MemoryBackend, parse_retry_after, policy_header, quota_window
 from proxy_addons.runner import EmbeddedProxy
 
+from _stack import tmdb_default_limit
 from support import LocalUpstream, start_embedded_proxy
 
 UNCACHED = "/3/uncached"  # no route: tmdb:other, under the tmdb upstream's limits only
@@ -60,11 +61,10 @@ class Upstream(LocalUpstream):
 
 def limit_rules(rate: str = "2/s", burst: int = 4, max_wait: float = 3, timeout: float = 5):
     """Only the default TMDB key is limited; tmdb.search is cached briefly (for stale-if-error)."""
+    limit = tmdb_default_limit(rate, burst, max_wait)
+
     def edit(rules: dict) -> None:
-        rules["limits"] = {"tmdb-default": {"rate": rate, "burst": burst, "per": "credential",
-                                            "when_credential": "default", "max_wait": max_wait}}
-        for name, upstream in rules["upstreams"].items():
-            upstream["limits"] = ["tmdb-default"] if name == "tmdb" else []
+        limit(rules)
         for route in rules["routes"]:
             if route["name"] == "tmdb.search":
                 route["cache"] = {"ttl": 1, "stale_if_error": 30, "scope": "shared"}

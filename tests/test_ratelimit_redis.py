@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
-import subprocess
-import sys
 import time
 
 import aiohttp
@@ -16,38 +14,17 @@ import redis
 
 from projectionist.limits import LimitKey, RedisBackend
 
-from support import REPO, free_port
+from _stack import ProxyProcess, RedisServer
+from support import free_port
 from test_ratelimit import ORIGIN, UNCACHED, assert_gcra, limit_rules, run_proxy, upstream  # noqa: F401 (a fixture)
-
-sys.path.insert(0, str(REPO / "bench"))
-from _stack import ProxyProcess  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def redis_url():
-    server = shutil.which("redis-server")
-    if server is None:
+    if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (.ci/run installs it)")
-    port = free_port()
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.05)
-        client.close()
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with RedisServer() as server:
+        yield server.url
 
 
 @pytest.fixture
