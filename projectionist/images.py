@@ -383,6 +383,8 @@ class ImageStore:
         return victims
 
     def _over_cap(self, keep: str | None = None) -> list[str]:
+        if self.bytes <= self.max_bytes:
+            return []  # the common case: no copy of the index under the lock hits also take
         victims = []
         for victim, (size, *_rest) in list(self._lru.items()):
             if self.bytes <= self.max_bytes:

@@ -69,16 +69,17 @@ from . import flowinfo
 from .local_responses import cors_headers
 from .router import Router
 from .rules_watch import RulesWatcher
+from .upstream_fetch import HOP_BY_HOP, upstream_session
 
 log = logging.getLogger(__name__)
 
 BUCKET = "images"
 YEAR = 31_536_000
-_NOT_FORWARDED = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
-                  "host", "content-length", "proxy-authorization", "accept", "accept-encoding", "range", "if-range",
-                  "if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "cookie"}
-_NOT_PASSED_BACK = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
-                    "content-length", "content-encoding", "set-cookie"}
+# The source is fetched whole, as an image, for every client: no client's conditions, ranges or
+# cookies go with it, and it comes back decompressed.
+_NOT_FORWARDED = HOP_BY_HOP | {"proxy-authorization", "accept", "accept-encoding", "range", "if-range", "if-none-match",
+                               "if-modified-since", "if-match", "if-unmodified-since", "cookie"}
+_NOT_PASSED_BACK = HOP_BY_HOP | {"content-encoding", "set-cookie"}
 _UPSTREAM_ACCEPT = "image/jpeg,image/png;q=0.9,image/*;q=0.8,*/*;q=0.5"
 
 
@@ -114,7 +115,6 @@ _NOT_MODIFIED = object()
 class _Source:
     url: str
     headers: list[tuple[str, str]]
-    upstream_kind: str
     route: str
     rule: ImageRule
     target: str | None
@@ -133,7 +133,6 @@ class ImageCache:
         self.supported: set[str] = set()
         self.db_path: Path | None = None
         self.index: dict[str, tuple[str, str]] = {}  # key -> (route, partition)
-        self.last_cleanup: dict | None = None
         self._disk: ThreadPoolExecutor | None = None
         self._ready: asyncio.Event | None = None
         self._inflight: dict[str, asyncio.Task] = {}
@@ -159,8 +158,7 @@ class ImageCache:
         self.pool = ImagePool(settings.workers or max(1, (os.cpu_count() or 2) - 1), settings.worker_timeout)
         self.db_path = Path(ctx.options.projectionist_db).expanduser()
         self.mirror = CacheMirror(self.db_path).start()
-        self.session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
-                                             connector=aiohttp.TCPConnector(limit=100))
+        self.session = upstream_session(auto_decompress=True)
         self._ready = asyncio.Event()
         self._spawn(self._start(directory if directory.is_absolute() else home / directory, settings.max_bytes))
         self._spawn(self._cleanup_forever())
@@ -359,7 +357,7 @@ class ImageCache:
     def _source(self, flow: http.HTTPFlow, info, rule: ImageRule, target: str | None, partition: str) -> _Source:
         request = flow.request
         headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _NOT_FORWARDED]
-        return _Source(request.url, headers, info.match.upstream.kind, info.route, rule, target, partition)
+        return _Source(request.url, headers, info.route, rule, target, partition)
 
     def _production(self, key: str, source: _Source, previous: ImageEntry | None, flow: http.HTTPFlow,
                     background: bool = False) -> tuple[asyncio.Task, bool]:
@@ -532,12 +530,11 @@ class ImageCache:
         now = time.time()
         keys, freed = await asyncio.get_running_loop().run_in_executor(self._disk, self.store.expired, now)
         self._forget(keys)
-        self.last_cleanup = {"at": now, "removed": len(keys), "freed_bytes": freed,
-                             "entries": len(self.index), "bytes": self.store.bytes}
         if keys:
             log.info("image cache cleanup: removed %d expired entries, freed %d bytes (%d entries, %d bytes left)",
                      len(keys), freed, len(self.index), self.store.bytes)
-        return self.last_cleanup
+        return {"at": now, "removed": len(keys), "freed_bytes": freed, "entries": len(self.index),
+                "bytes": self.store.bytes}
 
     def _forget(self, keys: list[str], evicted: bool = False) -> None:
         for key in keys:

@@ -34,8 +34,10 @@ class Fetched:
         return response
 
 
-def upstream_session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+def upstream_session(auto_decompress: bool = False) -> aiohttp.ClientSession:
+    """No cookie jar, at most 100 connections; bodies as received unless `auto_decompress` (the
+    image cache decodes what it fetches)."""
+    return aiohttp.ClientSession(auto_decompress=auto_decompress, cookie_jar=aiohttp.DummyCookieJar(),
                                  connector=aiohttp.TCPConnector(limit=100))
 
 
