@@ -345,11 +345,17 @@ def _pydantic_message(err: Mapping[str, Any]) -> str:
         return "unknown key (check its spelling and indentation)"
     if err["type"] == "missing":
         return "required key is missing"
-    if "input" in err and err["type"] not in ("model_type", "dict_type"):
+    if "input" in err and err["type"] not in ("model_type", "dict_type") and not _may_hold_secret(err.get("loc", ()), err["input"]):
         value = err["input"]
         shown = repr(value)
         return f"{msg} (got {shown if len(shown) <= 60 else type(value).__name__})"
     return msg
+
+
+def _may_hold_secret(loc: Loc, value: Any) -> bool:
+    """Not to be echoed in an error (errors reach logs and `check-rules` output): a URL with
+    user information, such as a `proxy.redis_url` carrying a password."""
+    return isinstance(value, str) and "@" in value and any(str(part).endswith("_url") for part in loc)
 
 
 def _cross_references(model: RulesFile) -> Iterator[tuple[Loc, str]]:

@@ -121,6 +121,9 @@ def test_rate_limits_throttles_and_redis_setting():
         "r.yaml:10:9: proxy.redis_url: String should match pattern '^(redis|rediss|unix)://' (got 'http://x')",
         "r.yaml:12:18: limits.a.per: Input should be 'credential', 'user', 'client', 'upstream', 'server' or "
         "'global' (got 'browser')"]
+    # A URL with a password is never echoed back: errors reach logs and check-rules output.
+    assert problems(MINIMAL + "proxy: {redis_url: 'http://:s3cret@redis:6379'}\n") == [
+        "r.yaml:10:9: proxy.redis_url: String should match pattern '^(redis|rediss|unix)://'"]
     assert problems(MINIMAL.replace('path: "/:/timeline"}', 'path: "/:/timeline", throttle: {interval: soon}}')) == [
         "r.yaml:9:75: routes[3].throttle.interval: Input should be a valid number, unable to parse string as a "
         "number (got 'soon')"]
