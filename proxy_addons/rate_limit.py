@@ -214,7 +214,7 @@ class RateLimit:
     async def fetch(self, flow: http.HTTPFlow, fetch_once: Callable[[http.HTTPFlow], Awaitable], *,
                     stale_ok: bool = False, background: bool = False):
         """The response cache's gate: a slot, the fetch, and retries of 429/503 inside the deadline.
-        `fetch_once(flow)` returns an object with `status` and `headers` (a list of byte pairs)."""
+        `fetch_once(flow)` returns an `upstream_fetch.Fetched`."""
         deadline = time.time() + self._timeout()
         await self.admit(flow, stale_ok=stale_ok, background=background)
         fetched = await fetch_once(flow)
@@ -222,7 +222,7 @@ class RateLimit:
         for attempt in range(MAX_RETRIES + 1):
             if fetched.status not in _RETRY_STATUSES:
                 break
-            await self.observe(flow, fetched.status, _header(fetched.headers, b"retry-after"))
+            await self.observe(flow, fetched.status, fetched.header(b"retry-after"))
             if not retries or attempt == MAX_RETRIES or not await self._before_retry(flow, attempt, deadline):
                 break
             fetched = await fetch_once(flow)
@@ -402,13 +402,6 @@ def _plex_param(request: http.Request, name: str) -> str | None:
 
 def _hash(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:16]
-
-
-def _header(headers, name: bytes) -> str | None:
-    for k, v in headers:
-        if (k.lower() if isinstance(k, bytes) else k.lower().encode()) == name:
-            return v.decode("latin-1") if isinstance(v, bytes) else v
-    return None
 
 
 # --- answers the proxy makes ---------------------------------------------------------------------

@@ -388,17 +388,13 @@ class ResponseCache:
             future.set_result(outcome)
 
 
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    return next((v for k, v in headers if k.lower() == name), None)
-
-
 def _storable_ttl(rule: CacheRule, fetched: Fetched) -> float | None:
     """How long an upstream answer may be kept (None: not at all)."""
     if fetched.status == 404:
         return rule.negative_ttl or None
     if fetched.status != 200:
         return None
-    cache_control = (_header(fetched.headers, b"cache-control") or b"").decode("latin-1").lower()
+    cache_control = (fetched.header(b"cache-control") or "").lower()
     if not rule.override_no_store and ("no-store" in cache_control or "private" in cache_control):
         return None
     return rule.ttl

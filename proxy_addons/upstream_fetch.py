@@ -27,6 +27,10 @@ class Fetched:
     body: bytes
     reason: bytes = b""
 
+    def header(self, name: bytes) -> str | None:
+        """The first value of the header `name` (lower case), decoded as Latin-1."""
+        return next((v.decode("latin-1") for k, v in self.headers if k.lower() == name), None)
+
     def to_response(self) -> http.Response:
         response = http.Response(b"HTTP/1.1", self.status, self.reason, http.Headers(self.headers), None, None,
                                  time.time(), time.time())
