@@ -5,7 +5,8 @@
 (usage.py), administration (admin.py), the response cache (cache_api.py), and the OpenAPI
 document of all of it (openapi.py). Each module brings its route table; this factory wires them
 with the security middlewares (security.py) and the resources they share, opened and closed by
-cleanup contexts: the read connection to the store, the vault's worker thread, the HTTP client.
+cleanup contexts: the read connection to the store, the vault's worker thread, the HTTP client, and
+the job scheduler (jobs.py; `GET /api/jobs`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from projectionist.config import Config
 from projectionist.redact import RedactSecrets
 from projectionist.store import connect, migrate, schema_version
 
-from . import admin, auth, cache_api, openapi, page, security, settings, trakt, usage
+from . import admin, auth, cache_api, jobs, openapi, page, security, settings, trakt, usage
+from . import maintenance  # noqa: F401  (registers the housekeeping jobs)
 from .keys import AUTH_RATE_LIMITER, CONFIG, DB, DB_LOCK, HTTP, OPERATIONS, OPTIONS, PLEX_CLIENT_ID, UPSTREAMS, VAULT
 from .options import ControlOptions
-from .sessions import purge_expired
 from .upstreams import Upstreams
 from .vault_executor import VaultExecutor
 
@@ -106,7 +107,7 @@ def create_app(config: Config, options: ControlOptions | None = None) -> web.App
     app.add_routes(routes)
     app.add_routes(page.routes)
     app.add_routes(openapi.routes)
-    openapi.register(app, auth.api, settings.api, usage.api, admin.api, trakt.api)
+    openapi.register(app, auth.api, settings.api, usage.api, admin.api, trakt.api, jobs.api)
     if isinstance(getattr(cache_api, "api", None), openapi.Api):  # documented from its models too
         openapi.register(app, cache_api.api)
     else:
@@ -124,7 +125,6 @@ def create_app(config: Config, options: ControlOptions | None = None) -> web.App
     async def vault(app: web.Application) -> AsyncIterator[None]:
         await app[VAULT].start()
         app[PLEX_CLIENT_ID] = await app[VAULT].run(auth.plex_client_identifier)
-        await app[VAULT].run(purge_expired)  # sessions long expired or revoked: nothing to keep them for
         yield
         await app[VAULT].close()
 
@@ -135,7 +135,9 @@ def create_app(config: Config, options: ControlOptions | None = None) -> web.App
             app[HTTP] = session
             yield
 
-    app.cleanup_ctx.extend([database, vault, http_client, trakt.refresh_sweeper])
+    # The scheduler starts last (its jobs use the others) and stops first. The jobs are those of
+    # control/jobs.py's registry: maintenance and trakt (imported above) register theirs.
+    app.cleanup_ctx.extend([database, vault, http_client, jobs.scheduler_context])
     return app
 
 

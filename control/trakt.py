@@ -29,6 +29,7 @@ from authlib.integrations.httpx_client import AsyncOAuth2Client
 from projectionist.vault import Vault
 
 from .errors import ApiError, upstream_failed
+from .jobs import JobContext, job
 from .keys import OPTIONS, UPSTREAMS, VAULT
 from .models import TraktDevicePoll, TraktDeviceStarted, TraktDisconnected, TraktStatus, TraktTokens
 from .openapi import USER, Api, Call
@@ -251,22 +252,14 @@ async def refresh_link(app: web.Application, user_id: int, force: bool = False) 
 
 
 
-async def refresh_sweeper(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: refresh every user's Trakt tokens that are due, every interval."""
+def _refresh_interval(app: web.Application) -> float:
+    return app[OPTIONS].trakt_refresh_interval
 
-    async def sweep_forever() -> None:
-        interval = app[OPTIONS].trakt_refresh_interval
-        while True:
-            await sweep(app)
-            await asyncio.sleep(interval)
 
-    task = asyncio.create_task(sweep_forever(), name="trakt-refresh")
-    yield
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
+@job("trakt-refresh", every=_refresh_interval, timeout=600, run_at_start=True,
+     summary="Refresh every user's Trakt tokens that are due")
+async def refresh_job(ctx: JobContext) -> int:
+    return await sweep(ctx.app)
 
 
 async def sweep(app: web.Application) -> int:

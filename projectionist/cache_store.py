@@ -99,6 +99,10 @@ class MemoryLRU:
             self.bytes -= entry.size
         return entry
 
+    def peek(self, key: str) -> Entry | None:
+        """The entry without counting it as used."""
+        return self._entries.get(key)
+
     def keys(self) -> list[str]:
         return list(self._entries)
 
@@ -123,6 +127,11 @@ class DiskLayer:
     def delete(self, keys: Iterable[str]) -> None:
         for key in keys:
             self.cache.delete(key)
+
+    def expire(self, known: Iterable[str]) -> set[str]:
+        """Remove the expired entries; returns which of the `known` keys are no longer stored."""
+        self.cache.expire()
+        return {k for k in known if k not in self.cache}
 
     def contains(self, keys: Iterable[str]) -> set[str]:
         return {k for k in keys if k in self.cache}

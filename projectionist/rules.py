@@ -10,6 +10,8 @@ check-rules` prints its errors. Shape:
     limits:     {NAME: {rate: 2/s, burst, per, when_credential, max_wait}}   # named rate limiters
     upstreams:  {NAME: {kind, hosts, base_url, listen, credentials, limits}}
     routes:     [{name, upstream, methods, path, query, cache | image, limits, throttle, credentials, stream}]
+    jobs:       {NAME: {every: 1h | cron: "30 3 * * *", timeout, enabled}}   # control/jobs.py schedules
+    retention:  {usage_events: 30d, rate_limit_events: 30d, sessions: 30d, ...}  # the retention job
 
 A request is first attributed to an upstream (by listener for reverse listeners, by host for the
 explicit proxy), then to the first route of that upstream whose method, path pattern and query
@@ -72,6 +74,22 @@ def _parse_rate(value: Any) -> Any:
 
 
 Rate = Annotated[float, BeforeValidator(_parse_rate), Field(gt=0)]
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
+_DURATION_SECONDS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _parse_duration(value: Any) -> Any:
+    """Durations are seconds, or written "90s", "15m", "1h", "30d", "2w"."""
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 15m, 1h, 30d or a number of seconds)")
+        return float(m.group(1)) * _DURATION_SECONDS[m.group(2)]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
 Seconds = Annotated[float, Field(ge=0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"}
@@ -245,6 +263,41 @@ class Route(_Strict):
         return v
 
 
+class JobSettings(_Strict):
+    """Overrides of one scheduled job's defaults (control/jobs.py): `every` or `cron`, not both."""
+
+    every: Duration | None = None
+    cron: str | None = None  # five fields, in the server's time zone (TZ): "30 3 * * *"
+    timeout: Duration | None = None
+    enabled: bool = True
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, v: str | None) -> str | None:
+        if v is not None:
+            from apscheduler.triggers.cron import CronTrigger
+            try:
+                CronTrigger.from_crontab(v, timezone="UTC")
+            except ValueError as exc:
+                raise ValueError(f"not a crontab expression (minute hour day month weekday): {exc}") from None
+        return v
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.every is not None and self.cron is not None:
+            raise ValueError("give either every or cron, not both")
+
+
+class RetentionSettings(_Strict):
+    """How long the retention job keeps raw rows; the hourly rollups are kept for good."""
+
+    usage_events: Duration = 30 * 86400
+    rate_limit_events: Duration = 30 * 86400
+    sessions: Duration = 30 * 86400  # expired or revoked sessions, kept a while for the record
+    auth_flows: Duration = 86400  # sign-in flows past their expiry
+    job_runs: Duration = 30 * 86400
+    cache_flush_requests: Duration = 7 * 86400  # applied ones
+
+
 class RulesFile(_Strict):
     version: Literal[1]
     proxy: ProxySettings = ProxySettings()
@@ -253,6 +306,8 @@ class RulesFile(_Strict):
     limits: dict[Name, Limit] = {}
     upstreams: dict[Name, Upstream]
     routes: list[Route] = []
+    jobs: dict[Name, JobSettings] = {}
+    retention: RetentionSettings = RetentionSettings()
 
 
 # --- errors with line numbers --------------------------------------------------------------------

@@ -368,6 +368,33 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        7,
+        "scheduled jobs: run history and leases",
+        """
+        -- One row per run of a scheduled job (control/jobs.py): what ran, when, how it ended, how
+        -- many items it handled. error is redacted text, never a secret. deadline_at: a run still
+        -- 'running' past it died with its process.
+        CREATE TABLE job_runs (
+            id INTEGER PRIMARY KEY,
+            job TEXT NOT NULL,
+            trigger TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            ended_at REAL,
+            deadline_at REAL NOT NULL,
+            status TEXT NOT NULL,
+            items INTEGER,
+            error TEXT
+        );
+        CREATE INDEX job_runs_job ON job_runs(job, started_at);
+        -- Single-instance leases of jobs across processes (when no Redis is configured).
+        CREATE TABLE job_locks (
+            job TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            expires_at REAL NOT NULL
+        );
+        """,
+    ),
 )
 
 SCHEMA_VERSION = max(version for version, _, _ in MIGRATIONS)

@@ -161,7 +161,6 @@ class ImageCache:
         self.session = upstream_session(auto_decompress=True)
         self._ready = asyncio.Event()
         self._spawn(self._start(directory if directory.is_absolute() else home / directory, settings.max_bytes))
-        self._spawn(self._cleanup_forever())
         self._loop = asyncio.get_running_loop()
         add_flush_handler(self.db_path, self._flush_from_thread)  # control-plane flushes
         self.watcher.subscribe(self._rules_changed)
@@ -515,16 +514,9 @@ class ImageCache:
 
     # --- background work --------------------------------------------------------------------------
 
-    async def _cleanup_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.watcher.rules.model.images.cleanup_interval)
-            try:
-                await self.cleanup()
-            except Exception:
-                log.exception("image cache cleanup failed")
-
     async def cleanup(self) -> dict:
-        """Remove the entries past their last usable moment; report (and log) what was freed."""
+        """Remove the entries past their last usable moment; report (and log) what was freed.
+        The control plane's cache-cleanup job asks for it (a flush request with target "expired")."""
         if not await self._wait_ready() or self.store is None:
             return {}
         now = time.time()
@@ -543,9 +535,11 @@ class ImageCache:
         self.mirror.deleted(list(keys), evicted=evicted)
 
     async def flush(self, target: str, value: str | None) -> int:
-        """Drop entries: all, the "images" bucket, one route, or a key prefix."""
+        """Drop entries: all, the "images" bucket, one route, a key prefix, or the expired ones."""
         if self.store is None:
             return 0
+        if target == "expired":
+            return (await self.cleanup()).get("removed", 0)
         if target == "all" or (target == "bucket" and value == BUCKET):
             keys = set(self.index) | set(self.memory.keys())
         elif target == "route":

@@ -301,7 +301,10 @@ class ResponseCache:
         return len(keys)
 
     async def flush(self, target: str, value: str | None) -> int:
-        """Drop entries: all, one bucket (this cache is the "api" bucket), one route, or a key prefix."""
+        """Drop entries: all, one bucket (this cache is the "api" bucket), one route, a key prefix, or
+        the expired ones (the control plane's cache-cleanup job)."""
+        if target == "expired":
+            return await self._drop_expired()
         if target == "all" or (target == "bucket" and value == BUCKET):
             keys = list(self.index) + self.memory.keys()
         elif target == "route":
@@ -312,6 +315,17 @@ class ResponseCache:
             return 0
         await self._forget_async(keys)
         return len(set(keys))
+
+    async def _drop_expired(self) -> int:
+        """Entries past their last usable moment: from memory, and from disk (diskcache knows their expiry)."""
+        now = time.time()
+        stale = [k for k in self.memory.keys() if (e := self.memory.peek(k)) is not None and e.expired_for_good(now)]
+        for key in stale:
+            self.memory.pop(key)
+        on_disk = await asyncio.get_running_loop().run_in_executor(self._executor, self.disk.expire, list(self.index))
+        gone = set(stale) | on_disk
+        self._forget(list(gone))
+        return len(gone)
 
     async def _forget_async(self, keys: list[str]) -> None:
         self._forget(keys)
