@@ -26,8 +26,9 @@ from projectionist.config import Config
 from projectionist.redact import RedactSecrets
 from projectionist.store import connect, migrate, schema_version
 
-from . import admin, auth, cache_api, jobs, openapi, page, security, settings, trakt, usage
+from . import admin, auth, cache_api, jobs, metrics, openapi, page, security, settings, trakt, usage
 from . import maintenance  # noqa: F401  (registers the housekeeping jobs)
+from .errors import ApiError
 from .keys import AUTH_RATE_LIMITER, CONFIG, DB, DB_LOCK, HTTP, OPERATIONS, OPTIONS, PLEX_CLIENT_ID, UPSTREAMS, VAULT
 from .options import ControlOptions
 from .upstreams import Upstreams
@@ -80,10 +81,11 @@ async def access_log(request: web.Request, handler) -> web.StreamResponse:
         response = await handler(request)
         status = response.status
         return response
-    except web.HTTPException as exc:
+    except (web.HTTPException, ApiError) as exc:  # answered by json_errors, outside this middleware
         status = exc.status
         raise
     finally:
+        metrics.count_request(request, status)
         log.info("request", extra={"fields": {
             "method": request.method, "path": request.path, "status": status,
             "ms": round((time.perf_counter() - started) * 1000, 2),
@@ -107,6 +109,7 @@ def create_app(config: Config, options: ControlOptions | None = None) -> web.App
     app.add_routes(routes)
     app.add_routes(page.routes)
     app.add_routes(openapi.routes)
+    app.add_routes(metrics.routes)
     openapi.register(app, auth.api, settings.api, usage.api, admin.api, trakt.api, jobs.api)
     if isinstance(getattr(cache_api, "api", None), openapi.Api):  # documented from its models too
         openapi.register(app, cache_api.api)

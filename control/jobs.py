@@ -49,6 +49,7 @@ from projectionist.store import connect
 
 from .errors import ApiError
 from .keys import CONFIG
+from .metrics import count_job
 from .openapi import ADMIN, Api, Call
 
 log = logging.getLogger("control.jobs")
@@ -347,6 +348,7 @@ async def scheduler_context(app: web.Application):
     rules = read_rules(app)
     redis_url = os.environ.get(REDIS_URL_ENV) or (rules.proxy.redis_url if rules else None)
     scheduler = app[JOBS] = JobScheduler(app, REGISTRY, rules, redis_url)
+    scheduler.listeners.append(count_job)  # job runs and durations, by status, for /metrics
     await scheduler.start()
     yield
     await scheduler.close()

@@ -4,7 +4,8 @@ retention      hourly and at start-up: expired/revoked sessions, sign-in flows p
                usage_events and rate_limit_events older than rules.yaml `retention:` (their hourly
                rollups stay), old job runs and applied cache flush requests. Deletes go in small
                batches so the proxy's usage writer is never locked out for long; freed pages are
-               reused, so the file stops growing under constant traffic (bench/retention.py).
+               reused, so the file stops growing under constant traffic (measured by
+               tests/test_jobs.py::test_database_size_stays_bounded_under_constant_traffic).
 cache-cleanup  every `images.cleanup_interval` (10 min): asks the proxy, which owns both caches,
                to drop the response and image cache entries past their last usable moment, through
                the `cache_flush_requests` channel (target "expired"), and waits for its answer.

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .cache_store import Entry
+from .metrics import IMAGE_BYTES_SAVED
 from .store import connect, utcnow_iso
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class CacheMirror:
 
     def saved(self, bucket: str, route: str, source_bytes: int, sent_bytes: int, ts: float) -> None:
         """An answer whose body was re-encoded or resized from a `source_bytes` original (images)."""
+        IMAGE_BYTES_SAVED.labels(bucket).inc(max(0, source_bytes - sent_bytes))
         hour = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:00")
         with self._hits_lock:
             counters = self._saved.setdefault((hour, bucket, route), [0, 0, 0, 0])

@@ -35,6 +35,8 @@ class Config:
     proxy_port: int = 8080
     control_port: int = 3001
     dashboard_port: int = 8001
+    # The proxy's /metrics and /health listener (loopback; 0: none).
+    proxy_metrics_port: int = 0
     # "name=url" pairs that send an upstream's traffic somewhere else (offline demo, tests).
     upstream_overrides: tuple[str, ...] = field(default_factory=tuple)
 
@@ -70,6 +72,7 @@ class Config:
             proxy_port=_env_int("PROJECTIONIST_PROXY_PORT", 8080),
             control_port=_env_int("PROJECTIONIST_CONTROL_PORT", 3001),
             dashboard_port=_env_int("PROJECTIONIST_DASHBOARD_PORT", 8001),
+            proxy_metrics_port=_env_int("PROJECTIONIST_PROXY_METRICS_PORT", 0),
             upstream_overrides=tuple(p for p in overrides_env.split(",") if p.strip()),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})

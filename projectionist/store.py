@@ -23,6 +23,8 @@ from pathlib import Path
 
 import sqlite_utils
 
+from .metrics import USAGE_ROWS_DROPPED, USAGE_ROWS_WRITTEN
+
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
@@ -663,11 +665,14 @@ class UsageWriter:
                     pending.extend(_drain(self._queue))
                 if pending and self._write(conn, pending):
                     self.written += len(pending)
+                    USAGE_ROWS_WRITTEN.inc(len(pending))
                     pending = []
             if pending:  # a last try on shutdown
                 if self._write(conn, pending):
                     self.written += len(pending)
+                    USAGE_ROWS_WRITTEN.inc(len(pending))
                 else:
+                    USAGE_ROWS_DROPPED.inc(len(pending))
                     log.error("usage writer: %d rows could not be written at shutdown", len(pending))
         finally:
             conn.close()

@@ -63,6 +63,7 @@ from projectionist.images import (
     transcode,
 )
 from projectionist.limits import RateLimited
+from projectionist.metrics import CACHE_EVICTIONS, IMAGE_ENCODES, add_cache_source, remove_cache_source
 from projectionist.rules import ImageRule, Rules
 
 from . import flowinfo
@@ -180,6 +181,7 @@ class ImageCache:
             except Exception:
                 log.exception("image workers did not start: images are served without re-encoding")
             self.store = store
+            add_cache_source(self._disk_size)
             log.info("image cache: %d entries (%d bytes) in %s; re-encodes to %s", len(self.index), store.bytes,
                      directory, ", ".join(sorted(self.supported)) or "nothing")
         except Exception:
@@ -187,7 +189,11 @@ class ImageCache:
         finally:
             self._ready.set()
 
+    def _disk_size(self) -> tuple[str, str, int, int]:
+        return BUCKET, "disk", len(self.index), self.store.bytes
+
     async def done(self) -> None:
+        remove_cache_source(self._disk_size)
         if self.db_path is not None:
             remove_flush_handler(self.db_path, self._flush_from_thread)
         for task in list(self._tasks):
@@ -393,6 +399,7 @@ class ImageCache:
                 result = await self.pool.run(transcode, Job(
                     body, source.target, source.rule.max_width, settings.source_max_pixels,
                     settings.webp_quality, settings.avif_quality, settings.jpeg_quality))
+                IMAGE_ENCODES.labels(result.outcome.lower()).inc()
                 if result.outcome == TOO_LARGE:
                     return Refusal(422, f"Unprocessable: the source image is too large ({result.detail})",
                                    "source-too-large")
@@ -529,6 +536,8 @@ class ImageCache:
                 "bytes": self.store.bytes}
 
     def _forget(self, keys: list[str], evicted: bool = False) -> None:
+        if evicted:
+            CACHE_EVICTIONS.labels(BUCKET).inc(len(keys))
         for key in keys:
             self.memory.pop(key)
             self.index.pop(key, None)

@@ -57,6 +57,7 @@ from projectionist.limits import (
     policy_header,
     ratelimit_header,
 )
+from projectionist.metrics import RATELIMIT_EVENTS, RATELIMIT_WAIT_SECONDS, RATELIMIT_WAITING
 from projectionist.rules import Limit, Rules, Throttle
 
 from . import flowinfo
@@ -190,7 +191,11 @@ class RateLimit:
                 self._record(flow, info, decision.binding or "limit", 0.0, "stale" if stale_ok else "refused")
             raise RateLimited(too_many_requests(flow.request, info.match.upstream.kind, limits, decision, cap), decision)
         if decision.wait > 0:
-            await asyncio.sleep(decision.wait)
+            RATELIMIT_WAITING.inc()
+            try:
+                await asyncio.sleep(decision.wait)
+            finally:
+                RATELIMIT_WAITING.dec()
             self._record(flow, info, decision.binding or "limit", decision.wait * 1000, "queued")
         return decision
 
@@ -324,6 +329,9 @@ class RateLimit:
         return self.watcher.rules.model.proxy.upstream_timeout if self.watcher.rules else 15.0
 
     def _record(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo, rule: str, waited_ms: float, outcome: str) -> None:
+        RATELIMIT_EVENTS.labels(rule, outcome).inc()
+        if waited_ms:
+            RATELIMIT_WAIT_SECONDS.labels(rule).observe(waited_ms / 1000)
         if self.writer is not None:
             self.writer.record(RateLimitEvent(
                 ts=time.time(), user_id=info.user_id, client=_hash(client_key(flow, info)), upstream=info.upstream,

@@ -35,6 +35,7 @@ from mitmproxy import ctx, http
 from projectionist.cache_store import DiskLayer, Entry, MemoryLRU, cache_key
 from projectionist.cache_mirror import CacheMirror
 from projectionist.limits import RateLimited
+from projectionist.metrics import CACHE_EVICTIONS, add_cache_source, remove_cache_source
 from projectionist.rules import CacheRule
 
 from . import flowinfo
@@ -87,8 +88,18 @@ class ResponseCache:
         self.session = upstream_session()
         self._spawn(self._load_index())
         self._spawn(self._apply_flush_requests_forever())
+        add_cache_source(self._memory_size)
+        add_cache_source(self._disk_size)
+
+    def _memory_size(self) -> tuple[str, str, int, int]:
+        return BUCKET, "memory", len(self.memory), self.memory.bytes
+
+    def _disk_size(self) -> tuple[str, str, int, int]:  # scraped from a thread: diskcache's own connection
+        return BUCKET, "disk", len(self.index), self.disk.volume()
 
     async def done(self) -> None:
+        remove_cache_source(self._memory_size)
+        remove_cache_source(self._disk_size)
         for task in list(self._tasks):
             task.cancel()
         if self.session is not None:
@@ -332,6 +343,8 @@ class ResponseCache:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.disk.delete, keys)
 
     def _forget(self, keys: list[str], evicted: bool = False) -> None:
+        if evicted:
+            CACHE_EVICTIONS.labels(BUCKET).inc(len(keys))
         for key in keys:
             self.memory.pop(key)
             self.index.pop(key, None)

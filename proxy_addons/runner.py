@@ -22,6 +22,7 @@ from projectionist.rules import load_rules
 from .credentials import CredentialStore
 from .dispatch import CachedDispatchAddonManager, install_inline_hooks
 from .image_cache import ImageCache
+from .ops_listener import OpsListener
 from .plex_tokens import PlexTokens
 from .rate_limit import RateLimit
 from .response_cache import ResponseCache
@@ -53,7 +54,7 @@ def projectionist_addons() -> list:
     return [watcher, router, Listeners(watcher, router), store, limiter.retry, PlexTokens(store, watcher, router),
             TmdbKey(store), TraktCredentials(store), cache, images, limiter,
             LargeBodies(watcher),
-            UsageRecorder(), ViewingHistory()]
+            UsageRecorder(), ViewingHistory(), OpsListener(watcher)]
 
 
 def mitmproxy_addons() -> list:
@@ -95,6 +96,7 @@ class EmbeddedProxy:
             projectionist_upstreams=list(cfg.upstream_overrides),
             projectionist_proxy_port=cfg.proxy_port,
             projectionist_manage_listeners=True,
+            projectionist_metrics_port=cfg.proxy_metrics_port,
         )
         self._task = asyncio.create_task(self.master.run(), name="mitmproxy-master")
         await self._wait_listening(len(opts.mode), timeout)
