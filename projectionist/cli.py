@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -28,6 +29,8 @@ from .rules import RulesError, load_rules
 DEMO_UPSTREAMS = {"plex": "plex", "plextv": "plextv", "tmdb": "tmdb",
                   "tmdb_images": "tmdb-images", "trakt": "trakt"}
 
+
+log = logging.getLogger("projectionist")
 
 def cmd_check_rules(args: argparse.Namespace) -> int:
     path = Path(args.file) if args.file else Config.from_env().rules_path
@@ -148,7 +151,10 @@ def _start_fakes(env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
     from .store import open_db
+
+    setup_logging("supervisor")  # its own lines look like the services' (stdout keeps the banner)
 
     config = Config.from_env()
     try:
@@ -186,14 +192,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if ready:
         print(_banner(config, demo=args.demo), flush=True)
     else:
-        print("projectionist: a service did not become ready; stopping", file=sys.stderr)
+        log.error("a service did not become ready; stopping")
         stopping = True
 
     exit_code = 0
     while not stopping:
         for name, child in children.items():
             if child.poll() is not None:
-                print(f"projectionist: {name} exited with {child.returncode}; stopping", file=sys.stderr)
+                log.error("a service exited; stopping", extra={"fields": {"service": name, "code": child.returncode}})
                 exit_code, stopping = 1, True
                 break
         time.sleep(0.5)
@@ -236,8 +242,15 @@ def _banner(config: Config, demo: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="projectionist", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .logs import FORMAT_ENV, FORMATS
+
+    logging_options = argparse.ArgumentParser(add_help=False)
+    logging_options.add_argument("--log-format", choices=FORMATS, default=argparse.SUPPRESS,
+                                 help="json | text (key=value) | auto: json unless stderr is a terminal "
+                                      f"(default: {FORMAT_ENV} or auto); passed on to every service")
+    parser._add_container_actions(logging_options)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="start proxy, control plane and dashboard")
+    run = sub.add_parser("run", help="start proxy, control plane and dashboard", parents=[logging_options])
     run.add_argument("--demo", action="store_true", help="also start fake upstreams and route to them")
     run.set_defaults(func=cmd_run)
     for name, func, text in (("proxy", cmd_proxy, "run the proxy"),
@@ -245,13 +258,15 @@ def main(argv: list[str] | None = None) -> int:
                              ("dashboard", cmd_dashboard, "run Datasette"),
                              ("migrate", cmd_migrate, "create or migrate the database"),
                              ("rotate-key", cmd_rotate_key, "re-encrypt every stored secret under a new key")):
-        sub.add_parser(name, help=text).set_defaults(func=func)
+        sub.add_parser(name, help=text, parents=[logging_options]).set_defaults(func=func)
     check = sub.add_parser("check-rules", help="validate rules.yaml; exit 1 with line-numbered errors")
     check.add_argument("file", nargs="?")
     check.set_defaults(func=cmd_check_rules)
     test = sub.add_parser("test", help="run the test suite (other arguments go to pytest)")
     test.set_defaults(func=cmd_test)
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "log_format", None):
+        os.environ[FORMAT_ENV] = args.log_format  # this process and the services it starts
     if args.command == "test":
         args.pytest_args = extra
     elif extra:

@@ -104,7 +104,8 @@ def datasette_command(config: Config, port: int | None = None) -> list[str]:
     # Served mutable (not -i): immutable mode misreads a WAL file under a concurrent writer.
     # Never --crossdb: the _memory database would take SQL across every attached file.
     cmd = [
-        sys.executable, "-m", "datasette", "serve", str(config.db_path),
+        # Datasette's CLI, wrapped so that it logs in the shared format (dashboard_server.py).
+        sys.executable, "-m", "projectionist.dashboard_server", "serve", str(config.db_path),
         "--metadata", str(metadata_path),
         "--host", config.host,
         "--port", str(config.dashboard_port if port is None else port),
