@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -463,13 +464,30 @@ def parse_rules(text: str, source: str = "rules.yaml") -> Rules:
     return Rules(model, source)
 
 
-def load_rules(path: Path | str) -> Rules:
+def read_rules_bytes(path: Path | str) -> bytes:
+    """The file's bytes; a file that cannot be read (missing, a directory, no permission) is a
+    RulesError naming why."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        if not stat.S_ISREG(path.stat().st_mode):  # a directory; a FIFO would block the read forever
+            raise RulesError([RuleProblem(str(path), None, None, (), "cannot read: not a regular file")])
+        return path.read_bytes()
     except OSError as exc:
-        raise RulesError([RuleProblem(str(path), None, None, (), f"cannot read: {exc.strerror}")]) from None
-    return parse_rules(text, str(path))
+        raise RulesError([RuleProblem(str(path), None, None, (), f"cannot read: {exc.strerror or exc}")]) from None
+
+
+def decode_rules(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise RulesError([RuleProblem(source, line, column, (),
+                                      f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})")]) from None
+
+
+def load_rules(path: Path | str) -> Rules:
+    return parse_rules(decode_rules(read_rules_bytes(path), str(path)), str(path))
 
 
 # --- compiled matcher ----------------------------------------------------------------------------

@@ -4,6 +4,11 @@ The directory is watched, not the file: editors save by writing a temporary file
 over the old one, which a watch on the file itself would lose. A valid edit replaces the rules in
 one assignment, so a request in flight keeps the match it was given; an invalid edit keeps the
 previous rules and logs every problem with its line number.
+
+Nothing stops the watch: a file that cannot be read or decoded (permissions, a directory, a
+deleted file, random bytes) is logged in one line and the running rules stay. A file is applied
+only once two reads `SETTLE` seconds apart are equal, so a file caught half-written (which may
+well be valid YAML, with half the routes) is not.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from pathlib import Path
 import watchfiles
 from mitmproxy import ctx, exceptions
 
-from projectionist.rules import Rules, RulesError, load_rules
+from projectionist.rules import Rules, RulesError, decode_rules, load_rules, parse_rules, read_rules_bytes
 
 log = logging.getLogger(__name__)
+
+SETTLE = 0.15  # seconds between the two reads that must agree
+MAX_SETTLE_ROUNDS = 40  # a file still changing after ~6 s is read again at its next change
 
 
 class RulesWatcher:
@@ -66,18 +74,35 @@ class RulesWatcher:
         def concerns_rules_file(_change: watchfiles.Change, changed: str) -> bool:
             return Path(changed).name == path.name
 
-        # Small debounce: a valid edit must apply well within a second.
-        async for _ in watchfiles.awatch(path.parent, watch_filter=concerns_rules_file,
-                                         debounce=100, step=20, recursive=False):
-            await self.reload()
+        while True:  # the watch itself must not end (e.g. its directory removed and made again)
+            try:
+                # Small debounce: a valid edit must apply well within a second.
+                async for _ in watchfiles.awatch(path.parent, watch_filter=concerns_rules_file,
+                                                 debounce=100, step=20, recursive=False):
+                    await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("watching %s failed (%s); keeping the current rules, retrying in 1 s",
+                          path, _cause(exc))
+            await asyncio.sleep(1)
 
     async def reload(self) -> bool:
-        """Re-read the file; keep the current rules if it is missing or invalid."""
+        """Re-read the file once it has settled; keep the current rules if it cannot be read or
+        is invalid."""
         assert self.path is not None
         try:
-            rules = await asyncio.to_thread(load_rules, self.path)
+            rules = await self._read_settled(self.path)
+        except asyncio.CancelledError:
+            raise
         except RulesError as exc:
-            log.error("rules.yaml not reloaded; keeping the previous rules:\n%s", exc)
+            log.error("rules.yaml not reloaded; keeping the previous rules: %s", "; ".join(map(str, exc.problems)))
+            return False
+        except Exception as exc:  # anything else must not end the watch either
+            log.error("rules.yaml not reloaded; keeping the previous rules: %s: %s", self.path, _cause(exc))
+            return False
+        if rules is None:
+            log.warning("rules.yaml not reloaded: %s is still changing; waiting for its next change", self.path)
             return False
         self.rules = rules
         self.reloads += 1
@@ -89,3 +114,19 @@ class RulesWatcher:
             except Exception:
                 log.exception("applying reloaded rules failed")
         return True
+
+    async def _read_settled(self, path: Path) -> Rules | None:
+        """The rules of `path` once two reads SETTLE apart agree (None if it never settles)."""
+        data = await asyncio.to_thread(read_rules_bytes, path)
+        for _ in range(MAX_SETTLE_ROUNDS):
+            await asyncio.sleep(SETTLE)
+            again = await asyncio.to_thread(read_rules_bytes, path)
+            if again == data:
+                # What `check-rules` runs: decoding, YAML, schema and cross-references.
+                return await asyncio.to_thread(parse_rules, decode_rules(data, str(path)), str(path))
+            data = again
+        return None
+
+
+def _cause(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
