@@ -25,6 +25,7 @@ class FlowInfo:
     credential_ref: int | None = None  # the vault row of the surrogate presented, if any
     cache: str = "none"  # none | miss | hit | stale | bypass
     bytes_streamed: int = 0
+    refused: str | None = None  # why the proxy refused it before routing (e.g. "misdirected")
 
     @property
     def upstream(self) -> str:
@@ -32,7 +33,7 @@ class FlowInfo:
 
     @property
     def route(self) -> str:
-        return self.match.route_name
+        return f"{self.upstream}:{self.refused}" if self.refused else self.match.route_name
 
 
 def get(flow: http.HTTPFlow) -> FlowInfo | None:

@@ -44,3 +44,28 @@ def unauthorized(request: http.Request, upstream_kind: str) -> http.Response:
     else:
         body, content_type = json.dumps(TRAKT_401).encode(), "application/json"
     return http.Response.make(401, body, {"Content-Type": content_type, **cors_headers(request, upstream_kind)})
+
+
+MISDIRECTED = "Misdirected Request: this proxy sends requests for this host only to its configured address"
+
+
+def misdirected(request: http.Request, upstream_kind: str) -> http.Response:
+    """421 in the upstream's own format: the request's Host, target and SNI name different places."""
+    wants_json = "json" in request.headers.get("Accept", "")
+    if upstream_kind == "plex-server":
+        body, content_type = (b"<html><head><title>Misdirected Request</title></head><body><h1>421 "
+                              b"Misdirected Request</h1></body></html>"), "text/html"
+    elif upstream_kind == "plex-tv":
+        error = {"code": 1421, "message": MISDIRECTED, "status": 421}
+        body, content_type = ((json.dumps({"errors": [error]}).encode(), "application/json") if wants_json else (
+            (f'<?xml version="1.0" encoding="UTF-8"?>\n<errors>\n  <error code="1421" message="{MISDIRECTED}" '
+             f'status="421"/>\n</errors>\n').encode(), "application/xml"))
+    elif upstream_kind in ("tmdb", "tmdb-images"):
+        body = json.dumps({"status_code": 421, "status_message": MISDIRECTED + ".", "success": False}).encode()
+        content_type = "application/json;charset=utf-8"
+    elif upstream_kind == "trakt":
+        body, content_type = json.dumps({"error": "misdirected_request", "error_description": MISDIRECTED}).encode(), \
+            "application/json"
+    else:
+        body, content_type = (MISDIRECTED + "\n").encode(), "text/plain; charset=utf-8"
+    return http.Response.make(421, body, {"Content-Type": content_type, **cors_headers(request, upstream_kind)})

@@ -22,6 +22,7 @@ import json
 import logging
 import re
 from collections import OrderedDict
+from xml.etree import ElementTree
 from dataclasses import dataclass
 
 import aiohttp
@@ -29,9 +30,9 @@ from mitmproxy import ctx, http
 
 from projectionist.vault import SURROGATE_PREFIX, VaultEntry, is_surrogate, upsert_plex_user
 
-from . import flowinfo
+from . import binding, flowinfo
 from .credentials import CredentialStore
-from .local_responses import unauthorized
+from .local_responses import misdirected, unauthorized
 from .router import Router
 from .rules_watch import RulesWatcher
 
@@ -51,6 +52,7 @@ _EMBEDDED_SURROGATE = re.compile(re.escape(SURROGATE_PREFIX) + r"[A-Za-z0-9_-]{2
 class TranscodeSession:
     real: str
     user_id: int | None
+    destination: tuple[str, int]  # the segments' token goes only where the session was started
 
 
 class PlexTokens:
@@ -88,6 +90,9 @@ class PlexTokens:
                 if entry is None or entry.kind != PLEX:
                     flow.response = unauthorized(request, kind)
                     return
+                if not self._bound_here(flow, info, entry):
+                    flow.response = misdirected(request, kind)
+                    return
                 real, users_entry = entry.real, entry.user_id
                 info.credential, info.credential_ref = "vault", entry.id
             else:
@@ -106,6 +111,9 @@ class PlexTokens:
                 if entry is None or entry.kind != PLEX:
                     flow.response = unauthorized(request, kind)
                     return
+                if not self._bound_here(flow, info, entry):
+                    flow.response = misdirected(request, kind)
+                    return
                 users.add(entry.user_id)
                 request.query[name] = request.query[name].replace(surrogate, entry.real)
         if len(users) > 1:  # surrogates of two different users in one request
@@ -113,6 +121,22 @@ class PlexTokens:
             return
         info.user_id = users.pop()
         self._remember_session(flow, info)
+
+    def _bound_here(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo, entry: VaultEntry) -> bool:
+        """A server's token goes only to that server's own connections: through the explicit proxy a
+        `*.plex.direct` destination must be one of the connections plex.tv listed for the server the
+        token belongs to (or the configured base_url). The router has already refused unknown ones."""
+        request = flow.request
+        if (info.listener != "regular" or info.match.upstream.kind != "plex-server" or info.upstream in self.router.overrides
+                or not binding.normal_host(request.host).endswith(binding.PLEX_DIRECT)):
+            return True
+        if binding.is_configured_address(self.watcher.rules, info.upstream, request.host, request.port):
+            return True
+        if entry.server_id in self.router.plex_connections.servers_at(request.host, request.port):
+            return True
+        log.warning("refused a Plex token of another server (or an account token) for %s:%s", request.host, request.port)
+        info.refused = "misdirected"
+        return False
 
     def _refuse_if_required(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> bool:
         # Preflights carry no credentials by design; the upstream answers them.
@@ -123,7 +147,7 @@ class PlexTokens:
     def _token_for_segment(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> bool:
         m = _SEGMENT.match(flow.request.path.split("?", 1)[0])
         session = self.sessions.get(m.group("sid")) if m else None
-        if session is None:
+        if session is None or session.destination != (flow.request.host, flow.request.port):
             return False
         flow.request.query[TOKEN] = session.real
         info.user_id, info.credential = session.user_id, "vault"
@@ -133,7 +157,8 @@ class PlexTokens:
         request = flow.request
         sid = request.query.get("session")
         if sid and _SESSION_START.match(request.path.split("?", 1)[0]):
-            self.sessions[sid] = TranscodeSession(request.query.get(TOKEN) or request.headers.get(TOKEN), info.user_id)
+            self.sessions[sid] = TranscodeSession(request.query.get(TOKEN) or request.headers.get(TOKEN), info.user_id,
+                                                  (request.host, request.port))
             self.sessions.move_to_end(sid)
             while len(self.sessions) > self.max_sessions:
                 self.sessions.popitem(last=False)
@@ -173,6 +198,10 @@ class PlexTokens:
             body = json.loads(flow.response.content)
         except ValueError:
             return
+        for node in _walk(body):  # the servers' real connections, before they are pointed at us
+            if _is_server(node.get("provides"), node.get("clientIdentifier")) and isinstance(node.get("connections"), list):
+                self.router.plex_connections.learn(node["clientIdentifier"],
+                                                   [c for c in node["connections"] if isinstance(c, dict)])
         if not _has_token_field(body):
             return
         owner = await self._owner(body, info)
@@ -188,6 +217,8 @@ class PlexTokens:
 
     async def _rewrite_xml(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> None:
         raw = flow.response.content
+        if b"<connection" in raw:
+            self._learn_xml_connections(raw)
         tokens = {m.group(2).decode() for m in _XML_TOKEN_ATTR.finditer(raw)}
         tokens = {t for t in tokens if not is_surrogate(t)}
         if not tokens:
@@ -201,6 +232,16 @@ class PlexTokens:
         if ctx.options.projectionist_rewrite_plex_connections and (public := self._public_url()):
             raw = _XML_CONNECTION_URI.sub(lambda m: m.group(1) + public.encode() + m.group(3), raw)
         flow.response.content = raw
+
+    def _learn_xml_connections(self, raw: bytes) -> None:
+        try:
+            root = ElementTree.fromstring(raw)
+        except ElementTree.ParseError:
+            return
+        for node in root.iter():
+            if _is_server(node.get("provides"), node.get("clientIdentifier")):
+                self.router.plex_connections.learn(node.get("clientIdentifier"),
+                                                   [dict(c.attrib) for c in node.iter("connection")])
 
     async def _owner(self, body, info: flowinfo.FlowInfo) -> int | None:
         """Whose tokens these are: the account described by the body (user, PIN), else the requester."""
@@ -225,7 +266,8 @@ class PlexTokens:
                    "X-Plex-Product": "Projectionist"}
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-                async with session.get(f"{base}/api/v2/user", headers=headers) as r:
+                # Never followed: a redirect would carry the token to wherever it points.
+                async with session.get(f"{base}/api/v2/user", headers=headers, allow_redirects=False) as r:
                     if r.status != 200:
                         return None
                     account = await r.json(content_type=None)
@@ -257,6 +299,10 @@ class PlexTokens:
     def _rewrites_connections(self, node: dict) -> bool:
         return (ctx.options.projectionist_rewrite_plex_connections and "connections" in node
                 and "server" in str(node.get("provides", "")) and self._public_url() is not None)
+
+
+def _is_server(provides, client_identifier) -> bool:
+    return isinstance(client_identifier, str) and bool(client_identifier) and "server" in str(provides or "")
 
 
 def _has_token_field(body) -> bool:

@@ -5,6 +5,10 @@
   goes to that upstream's `base_url`.
 - `projectionist_upstreams` ("name=url") sends an upstream's traffic elsewhere: the offline demo
   and the tests point the hard-coded hosts (plex.tv, TMDB, ...) at local fakes this way.
+- The connection address is configuration's, never the client's alone (proxy_addons/binding.py):
+  an explicit-proxy request whose Host, target and SNI disagree, or a `*.plex.direct` name that is
+  no known connection of a Plex server, is refused with 421 before any credential is added; an
+  absolute-form URL on a reverse listener never moves its connection off `base_url`.
 
 TLS to hosts that are not ours is not intercepted at all (`ignore_connection`), so the browser's
 unrelated traffic passes through byte for byte and is never recorded; or it is refused, by rule.
@@ -21,9 +25,10 @@ from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.net.http import url
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from projectionist.rules import Rules
+from projectionist.rules import Match, Rules
 
-from . import flowinfo
+from . import binding, flowinfo
+from .local_responses import misdirected
 from .rules_watch import RulesWatcher
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,7 @@ class Router:
     def __init__(self, watcher: RulesWatcher) -> None:
         self.watcher = watcher
         self.overrides: dict[str, str] = {}
+        self.plex_connections = binding.PlexConnections()  # filled by plex_tokens from plex.tv resources
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -80,8 +86,11 @@ class Router:
         rules = self.watcher.rules
         if rules is None or isinstance(data.context.client.proxy_mode, ReverseMode):
             return
-        host = data.client_hello.sni or (data.context.server.address or ("",))[0]
-        if rules.upstream_for_host(host) is None and rules.model.proxy.unknown_hosts == "pass":
+        # Passed through untouched only when neither the SNI nor the CONNECT target is ours: a
+        # foreign SNI for one of our hosts is intercepted, and refused by requestheaders (421).
+        sni, target = data.client_hello.sni, (data.context.server.address or ("",))[0]
+        if (rules.model.proxy.unknown_hosts == "pass" and (not sni or rules.upstream_for_host(sni) is None)
+                and rules.upstream_for_host(target) is None):
             data.ignore_connection = True
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -89,7 +98,15 @@ class Router:
         if rules is None:
             return
         mode = flow.client_conn.proxy_mode
-        name = self._upstream_for(rules, mode, _pretty_host(flow.request))
+        req = flow.request
+        if isinstance(mode, ReverseMode):
+            name, listener = rules.reverse_listener(mode.custom_listen_port or 0), "reverse"
+            if req.authority:  # absolute-form: the connection still goes to base_url (request())
+                req.authority = ""
+        else:
+            name, listener = rules.upstream_for_host(_pretty_host(req)), "regular"
+            if (refusal := self._misdirected(flow, rules, name)) is not None:
+                return self._refuse(flow, rules, *refusal)
         if name is None:
             if rules.model.proxy.unknown_hosts == "refuse":
                 flow.response = http.Response.make(
@@ -97,11 +114,31 @@ class Router:
                     {"Content-Type": "text/plain; charset=utf-8"},
                 )
             return
-        req = flow.request
         # req.query parses lazily: only routes with query conditions pay for it.
         match = rules.match(name, req.method, req.path.split("?", 1)[0], req.query)
-        listener = "reverse" if isinstance(mode, ReverseMode) else "regular"
         flowinfo.attach(flow, flowinfo.FlowInfo(match=match, listener=listener))
+        binding.remember_presented(flow)
+
+    def _misdirected(self, flow: http.HTTPFlow, rules: Rules, name: str | None) -> tuple[str, str] | None:
+        """(upstream, reason) if this explicit-proxy request may not go where it asks."""
+        if (found := binding.misdirection(flow, rules, name)) is not None:
+            return found
+        req = flow.request
+        # With an override the connection goes there, not to the name's embedded address.
+        if (name is not None and rules.upstreams[name].kind == "plex-server" and name not in self.overrides
+                and binding.normal_host(req.host).endswith(binding.PLEX_DIRECT)
+                and not binding.plex_direct_known(rules, name, self.plex_connections, req.host, req.port)):
+            return name, "not a known connection of a Plex server"
+        return None
+
+    def _refuse(self, flow: http.HTTPFlow, rules: Rules, name: str, reason: str) -> None:
+        req = flow.request
+        log.warning("refused a misdirected request for upstream %s (%s): Host %.100r, target %.100r, SNI %.100r",
+                    name, reason, req.host_header, f"{req.host}:{req.port}", flow.client_conn.sni)
+        upstream = rules.upstreams[name]
+        flowinfo.attach(flow, flowinfo.FlowInfo(match=Match(name, upstream, None), listener="regular",
+                                                refused="misdirected"))
+        flow.response = misdirected(req, upstream.kind)
 
     def request(self, flow: http.HTTPFlow) -> None:
         """Point the request at its upstream's address, once an addon has not answered it already
@@ -117,6 +154,23 @@ class Router:
             req = flow.request
             if (req.scheme, req.host, req.port) != (scheme, host, port):
                 req.scheme, req.host, req.port = scheme, host, port
+
+    def server_connect(self, data) -> None:
+        """`*.plex.direct` names connect to the IP embedded in them, as Plex's DNS resolves them (the
+        TLS SNI stays the name); the router has checked that IP is a known connection."""
+        host, port = data.server.address or ("", 0)
+        if (ip := binding.embedded_ip(host)) is not None:
+            data.server.address = (ip, port)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        """A redirect never carries the credentials the proxy injected (see binding.py)."""
+        response = flow.response
+        if (response is None or not 300 <= response.status_code < 400 or flowinfo.get(flow) is None
+                or "location" not in response.headers):
+            return
+        location = response.headers["location"]
+        if binding.scrub_location(flow, binding.redirect_is_same_host(flow, location)):
+            log.info("removed credentials from a redirect's Location (%s)", flowinfo.get(flow).route)
 
 
 @functools.lru_cache(maxsize=1024)

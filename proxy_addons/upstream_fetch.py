@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import aiohttp
 from mitmproxy import http
 
+from .binding import PlexDirectResolver
+
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
                         "upgrade", "host", "content-length"})
 
@@ -40,9 +42,9 @@ class Fetched:
 
 def upstream_session(auto_decompress: bool = False) -> aiohttp.ClientSession:
     """No cookie jar, at most 100 connections; bodies as received unless `auto_decompress` (the
-    image cache decodes what it fetches)."""
+    image cache decodes what it fetches); `*.plex.direct` names reach their embedded IP."""
     return aiohttp.ClientSession(auto_decompress=auto_decompress, cookie_jar=aiohttp.DummyCookieJar(),
-                                 connector=aiohttp.TCPConnector(limit=100))
+                                 connector=aiohttp.TCPConnector(limit=100, resolver=PlexDirectResolver()))
 
 
 async def fetch(session: aiohttp.ClientSession, request: http.Request, timeout: float) -> Fetched:
