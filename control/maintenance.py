@@ -6,6 +6,9 @@ retention      hourly and at start-up: expired/revoked sessions, sign-in flows p
                batches so the proxy's usage writer is never locked out for long; freed pages are
                reused, so the file stops growing under constant traffic (measured by
                tests/test_jobs.py::test_database_size_stays_bounded_under_constant_traffic).
+backup         daily at 04:15: a backup archive in <home>/backups/ (projectionist/backup.py), the
+               newest `retention.backups` kept; with PROJECTIONIST_BACKUP_PASSPHRASE it carries the
+               vault key and the proxy's CA, wrapped. items: bytes written.
 cache-cleanup  every `images.cleanup_interval` (10 min): asks the proxy, which owns both caches,
                to drop the response and image cache entries past their last usable moment, through
                the `cache_flush_requests` channel (target "expired"), and waits for its answer.
@@ -14,18 +17,22 @@ cache-cleanup  every `images.cleanup_interval` (10 min): asks the proxy, which o
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from datetime import UTC, datetime
 
+from projectionist.backup import PASSPHRASE_ENV, backup, prune_backups
+from projectionist.redact import RedactSecrets
 from projectionist.rules import RetentionSettings
 from projectionist.store import utcnow_iso
 
 from .jobs import JOBS, JobContext, job
-from .keys import VAULT
+from .keys import CONFIG, VAULT
 from .sessions import purge_expired
 
 BATCH = 2000  # rows per DELETE transaction
+RedactSecrets.register(os.environ.get(PASSPHRASE_ENV))
 
 
 def _iso(moment: float) -> str:
@@ -65,6 +72,23 @@ async def retention(ctx: JobContext) -> int:
     sessions = await ctx.app[VAULT].run(purge_expired, keep.sessions / 86400)
     deleted = await ctx.db(prune, keep)
     return sessions + sum(deleted.values())
+
+
+# --- scheduled backups --------------------------------------------------------------------------
+
+@job("backup", cron="15 4 * * *", timeout=1800,
+     summary="Back up the database (and, with PROJECTIONIST_BACKUP_PASSPHRASE, the vault key) to backups/")
+async def scheduled_backup(ctx: JobContext) -> int:
+    config = ctx.app[CONFIG]
+    keep = (ctx.rules.retention if ctx.rules else RetentionSettings()).backups
+    passphrase = os.environ.get(PASSPHRASE_ENV) or None
+
+    def write() -> int:
+        result = backup(config.home, config.db_path, passphrase=passphrase)
+        prune_backups(result.path.parent, keep)
+        return result.bytes
+
+    return await asyncio.to_thread(write)
 
 
 # --- the caches' expiry sweep -----------------------------------------------------------------

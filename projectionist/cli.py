@@ -64,6 +64,59 @@ def cmd_rotate_key(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _passphrase(confirm: bool) -> str | None:
+    from .backup import PASSPHRASE_ENV
+
+    if os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV]
+    if not sys.stdin.isatty():
+        return None
+    import getpass
+
+    phrase = getpass.getpass("Backup passphrase (protects the vault key and the proxy's CA): ")
+    if confirm and phrase and getpass.getpass("Again: ") != phrase:
+        raise SystemExit("the passphrases differ")
+    return phrase or None
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from .backup import PASSPHRASE_ENV, BackupError, backup
+
+    config = Config.from_env()
+    phrase = None if args.no_secrets else _passphrase(confirm=True)
+    if phrase is None and not args.no_secrets:
+        print(f"a backup carries the vault key (without it the tokens in the database are unreadable), wrapped "
+              f"with a passphrase: set {PASSPHRASE_ENV}, or pass --no-secrets if you keep secret.key elsewhere",
+              file=sys.stderr)
+        return 2
+    try:
+        result = backup(config.home, config.db_path, Path(args.file).expanduser() if args.file else None, phrase)
+    except BackupError as exc:
+        print(f"backup failed: {exc}", file=sys.stderr)
+        return 1
+    what = "database, vault key and proxy CA (passphrase-wrapped)" if result.secrets else "database only"
+    print(f"{result.path}: {result.bytes} bytes, schema version {result.schema_version}, {what}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .backup import BackupError, read_manifest, restore
+
+    config = Config.from_env()
+    archive = Path(args.file).expanduser()
+    try:
+        manifest = read_manifest(archive)
+        phrase = _passphrase(confirm=False) if manifest.get("secrets") else None
+        manifest = restore(archive, config.home, config.db_path, phrase, force=args.force)
+    except BackupError as exc:
+        print(f"restore failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"restored {archive} ({manifest['created_at']}, schema version {manifest['schema_version']}, now "
+          f"{manifest['migrated_to']}) into {config.home}" + ("" if manifest["secrets"] else
+          "; it carried no secrets: put the vault key (secret.key or PROJECTIONIST_SECRET_KEY) back yourself"))
+    return 0
+
+
 def cmd_proxy(_args: argparse.Namespace) -> int:
     from proxy_addons.runner import serve
 
@@ -259,6 +312,15 @@ def main(argv: list[str] | None = None) -> int:
                              ("migrate", cmd_migrate, "create or migrate the database"),
                              ("rotate-key", cmd_rotate_key, "re-encrypt every stored secret under a new key")):
         sub.add_parser(name, help=text, parents=[logging_options]).set_defaults(func=func)
+    backup = sub.add_parser("backup", help="write a consistent backup (safe while running)")
+    backup.add_argument("file", nargs="?", help="archive to write (default: <home>/backups/projectionist-<time>.tar.gz)")
+    backup.add_argument("--no-secrets", action="store_true",
+                        help="leave the vault key and the proxy CA out (you keep them elsewhere)")
+    backup.set_defaults(func=cmd_backup)
+    restore = sub.add_parser("restore", help="bring a backup back into the home (stop the services first)")
+    restore.add_argument("file")
+    restore.add_argument("--force", action="store_true", help="replace an existing database and key")
+    restore.set_defaults(func=cmd_restore)
     check = sub.add_parser("check-rules", help="validate rules.yaml; exit 1 with line-numbered errors")
     check.add_argument("file", nargs="?")
     check.set_defaults(func=cmd_check_rules)

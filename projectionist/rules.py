@@ -297,6 +297,7 @@ class RetentionSettings(_Strict):
     auth_flows: Duration = 86400  # sign-in flows past their expiry
     job_runs: Duration = 30 * 86400
     cache_flush_requests: Duration = 7 * 86400  # applied ones
+    backups: int = Field(default=7, ge=1)  # archives of the scheduled backup job kept (the newest)
 
 
 class RulesFile(_Strict):

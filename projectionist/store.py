@@ -12,6 +12,7 @@ commits them in batches (every ~100 ms or `batch_size` rows) and keeps the hourl
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -433,12 +434,20 @@ def _enable_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.01)
 
 
+PRE_MIGRATION_KEPT = 5  # snapshots of backups/pre-migration-*.db kept
+
+
 def migrate(conn: sqlite3.Connection) -> int:
-    """Apply pending migrations; returns the schema version. Safe to call from racing processes."""
+    """Apply pending migrations; returns the schema version. Safe to call from racing processes.
+    A database that has data and pending migrations is first copied to backups/ (a migration that
+    goes wrong, or a release rolled back, leaves the previous database at hand)."""
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations "
         "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
     )
+    current = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    if current and any(version not in current for version, _, _ in MIGRATIONS):
+        snapshot_before_migrating(conn, max(current))
     conn.execute("BEGIN IMMEDIATE")
     try:
         applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
@@ -458,6 +467,27 @@ def migrate(conn: sqlite3.Connection) -> int:
         conn.execute("ROLLBACK")
         raise
     return schema_version(conn)
+
+
+def snapshot_before_migrating(conn: sqlite3.Connection, version: int) -> Path | None:
+    """Copy the database (SQLite's online backup API) to backups/pre-migration-v<N>-<time>.db."""
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    if not path:  # in memory
+        return None
+    directory = Path(path).parent / "backups"
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"pre-migration-v{version}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}.db"
+    copy = sqlite3.connect(str(target))
+    try:
+        conn.backup(copy)
+        copy.execute("PRAGMA journal_mode = DELETE")
+    finally:
+        copy.close()
+    os.chmod(target, 0o600)  # it holds what the database holds
+    for old in sorted(directory.glob("pre-migration-v*.db"), key=lambda p: p.stat().st_mtime)[:-PRE_MIGRATION_KEPT]:
+        old.unlink(missing_ok=True)
+    log.info("database copied to %s before migrating from version %d", target, version)
+    return target
 
 
 def schema_version(conn: sqlite3.Connection) -> int:
