@@ -2,7 +2,8 @@
 
 `docker-compose config` (Debian's docker-compose 1.29, what CI installs) validates and resolves
 docker-compose.yml; the resolved YAML is then checked for the three services, the shared volume,
-the ports, the health checks and the rules.yaml mount. The health-check commands are run for real
+the ports, the health checks (real readiness endpoints; start order by service_healthy), the
+rules.yaml mount, PUID/PGID/TZ, the optional Redis profile and `.env.example` (every setting). The health-check commands are run for real
 against stand-in servers, and the Dockerfile is read for what the image must be: python:3.12-slim,
 a non-root user, the project installed, the state in /data, no secret, and commands that the
 `projectionist` CLI really has.
@@ -106,14 +107,33 @@ def test_service_runs_its_subcommand_from_the_one_image(compose, name):
     assert service.get("restart") == "unless-stopped"
 
 
-def test_all_services_share_the_named_volume_at_data(compose):
+def test_all_services_share_the_named_volume_at_config(compose):
     assert VOLUME in (compose.get("volumes") or {}), compose.get("volumes")
     for name in SERVICES:
         mounts = _volume_mounts(compose["services"][name])
-        data = [m for m in mounts if m["target"] == "/data"]
+        data = [m for m in mounts if m["target"] == "/config"]
         assert data and data[0]["source"] == VOLUME and not data[0]["read_only"], (name, mounts)
         env = compose["services"][name].get("environment", {})
-        assert env.get("PROJECTIONIST_HOME", "/data") == "/data", (name, env)
+        assert env.get("PROJECTIONIST_HOME", "/config") == "/config", (name, env)
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_services_take_puid_pgid_and_tz(compose, name):
+    env = compose["services"][name].get("environment", {})
+    assert env.get("PUID") == "10001" and env.get("PGID") == "10001" and env.get("TZ") == "UTC", env
+
+
+def test_no_obsolete_version_key():
+    assert "version" not in yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def test_redis_is_an_optional_profile(compose):
+    redis = compose["services"].get("redis")
+    assert redis and redis.get("profiles") == ["redis"], redis  # only with --profile redis
+    assert redis["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
+    for name in ("proxy", "control"):  # the shared budgets and job leases, once pointed at it
+        assert "PROJECTIONIST_REDIS_URL" in compose["services"][name]["environment"], name
+        assert "redis" not in (compose["services"][name].get("depends_on") or {}), name
 
 
 def test_ports_are_the_no_docker_defaults(compose):
@@ -143,10 +163,50 @@ def test_each_service_has_a_healthcheck(compose, name):
     assert isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, test
 
 
-def test_control_and_datasette_start_after_the_proxy(compose):
-    for name in ("control", "datasette"):
+def test_services_start_once_what_they_need_is_healthy(compose):
+    expected = {"control": {"proxy"}, "datasette": {"proxy", "control"}}
+    for name, needs in expected.items():
         depends = compose["services"][name].get("depends_on")
-        assert depends and "proxy" in depends, (name, depends)
+        assert isinstance(depends, dict) and set(depends) == needs, (name, depends)
+        assert all(d.get("condition") == "service_healthy" for d in depends.values()), (name, depends)
+
+
+def test_proxy_healthcheck_asks_the_proxys_readiness_endpoint(compose):
+    command = " ".join(compose["services"]["proxy"]["healthcheck"]["test"])
+    assert "/health" in command and "PROJECTIONIST_PROXY_METRICS_PORT" in command, command
+    env = compose["services"]["proxy"]["environment"]
+    assert env["PROJECTIONIST_PROXY_METRICS_PORT"] == "9464"
+    assert 9464 not in _published(compose["services"]["proxy"])  # /metrics is not published
+
+
+def _env_example() -> dict[str, str]:
+    out = {}
+    for line in (REPO / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def test_env_example_names_every_setting_the_containers_read(compose):
+    example = _env_example()
+    code = set()
+    for package in ("projectionist", "control", "proxy_addons"):
+        for path in (REPO / package).rglob("*.py"):
+            code |= set(re.findall(r"PROJECTIONIST_[A-Z0-9_]+", path.read_text()))
+    # set by the compose file or the image itself, or internal to one process tree
+    internal = {"PROJECTIONIST_HOME", "PROJECTIONIST_HOST", "PROJECTIONIST_PROXY_PORT", "PROJECTIONIST_CONTROL_PORT",
+                "PROJECTIONIST_DASHBOARD_PORT", "PROJECTIONIST_PROXY_METRICS_PORT", "PROJECTIONIST_RULES",
+                "PROJECTIONIST_DATASETTE_METADATA", "PROJECTIONIST_DEMO_PORT", "PROJECTIONIST_DASHBOARD_PASSWORD_HASH",
+                "PROJECTIONIST_VENV"}
+    assert code - internal <= set(example), sorted(code - internal - set(example))
+    passed = set()
+    for service in compose["services"].values():
+        passed |= set(service.get("environment", {}))
+    interpolation_only = {"PROJECTIONIST_PUBLISH", "PROJECTIONIST_RULES_DIR"}
+    assert set(example) - interpolation_only <= passed, sorted(set(example) - interpolation_only - passed)
+    assert not any(v for k, v in example.items() if re.search("SECRET|TOKEN|PASS|KEY", k)), "no secret values"
+    assert ".env" in (REPO / ".gitignore").read_text().split()
 
 
 def test_rules_are_a_read_only_directory_mount_so_edits_hot_reload(compose):
@@ -213,7 +273,7 @@ def _run_healthcheck(compose, name: str, port: int) -> int:
     assert argv[0] in ("python", "python3"), f"{name}: the slim image has python, not curl: {argv}"
     argv[0] = sys.executable
     env = dict(os.environ, PROJECTIONIST_PROXY_PORT=str(port), PROJECTIONIST_CONTROL_PORT=str(port),
-               PROJECTIONIST_DASHBOARD_PORT=str(port),
+               PROJECTIONIST_DASHBOARD_PORT=str(port), PROJECTIONIST_PROXY_METRICS_PORT=str(port),
                # A proxy configured in the container must not capture the loopback check.
                HTTP_PROXY="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9", NO_PROXY="", no_proxy="")
     timeout = int(str(compose["services"][name]["healthcheck"].get("timeout", "5s")).rstrip("s")) + 5
@@ -230,9 +290,10 @@ def test_healthcheck_fails_when_nothing_listens(compose, name):
     assert _run_healthcheck(compose, name, _free_port()) != 0
 
 
-def test_control_healthcheck_fails_when_degraded(compose, stand_in):
+@pytest.mark.parametrize("name", ("proxy", "control"))
+def test_healthcheck_fails_when_not_ready(compose, stand_in, name):
     _StandIn.health_status = "degraded"
-    assert _run_healthcheck(compose, "control", stand_in.server_address[1]) != 0
+    assert _run_healthcheck(compose, name, stand_in.server_address[1]) != 0
 
 
 # --- Dockerfile ------------------------------------------------------------------------------------
@@ -301,9 +362,10 @@ def cli_subcommands() -> set[str]:
     result = subprocess.run([sys.executable, "-m", "projectionist", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    match = re.search(r"\{([\w,-]+)\}", result.stdout)
-    assert match, result.stdout
-    return set(match.group(1).split(","))
+    groups = [set(g.split(",")) for g in re.findall(r"\{([\w,-]+)\}", result.stdout)]
+    commands = [g for g in groups if "run" in g]  # not the choices of an option (--log-format)
+    assert commands, result.stdout
+    return commands[0]
 
 
 def _final_stage(dockerfile):
@@ -324,11 +386,33 @@ def test_image_is_python_312_slim(dockerfile):
             aliases.add(words[2])
 
 
-def test_image_runs_as_a_non_root_user(dockerfile):
-    users = [args for keyword, args in _final_stage(dockerfile) if keyword == "USER"]
-    assert users, "the final stage must switch to a non-root USER"
-    user = users[-1].split(":")[0]
-    assert user not in ("root", "0"), user
+def test_image_runs_its_services_as_puid_pgid_never_root(dockerfile):
+    """Either the image's USER is not root, or its entrypoint drops to PUID:PGID (run here for real)."""
+    stage = _final_stage(dockerfile)
+    users = [args for keyword, args in stage if keyword == "USER"]
+    user = users[-1].split(":")[0] if users else "root"
+    if user not in ("root", "0"):
+        return
+    entrypoint = [_exec_form(a) for k, a in stage if k == "ENTRYPOINT"]
+    assert entrypoint, "a root image needs an entrypoint that drops privileges"
+    copied = {shlex.split(a)[-1]: shlex.split(a)[-2] for k, a in stage if k == "COPY" and "--from" not in a}
+    script = REPO / copied[entrypoint[-1][0]]
+    if os.geteuid() != 0:
+        pytest.skip("running the entrypoint's privilege drop needs root")
+    import tempfile
+
+    base = Path(tempfile.mkdtemp())  # pytest's own tmp dirs are 0700: another user cannot enter them
+    base.chmod(0o755)
+    try:
+        env = dict(os.environ, PROJECTIONIST_HOME=str(base / "config"), PUID="65534", PGID="65534")
+        out = subprocess.run([str(script), "sh", "-c", "id -u; id -g; touch \"$PROJECTIONIST_HOME/w\""],
+                             env=env, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and out.stdout.split() == ["65534", "65534"], out
+        assert (base / "config").stat().st_uid == 65534 and (base / "config" / "w").stat().st_uid == 65534
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    refused = subprocess.run([str(script), "true"], env=dict(env, PUID="0"), capture_output=True, text=True)
+    assert refused.returncode != 0 and "root" in refused.stderr
 
 
 def test_image_installs_the_project(dockerfile):
@@ -342,7 +426,7 @@ def test_image_environment(dockerfile):
     for keyword, args in _final_stage(dockerfile):
         if keyword == "ENV":
             env.update(_env_pairs(args))
-    assert env.get("PROJECTIONIST_HOME") == "/data", env
+    assert env.get("PROJECTIONIST_HOME") == "/config", env
     assert env.get("PROJECTIONIST_HOST") == "0.0.0.0", env
     # rules.yaml and datasette_metadata.yml are copied in, and the variables name the copies (the
     # installed package's repo-relative defaults do not exist in an image).
@@ -396,3 +480,31 @@ def test_compose_commands_are_real_subcommands(compose, cli_subcommands):
         command = compose["services"][name]["command"]
         argv = shlex.split(command) if isinstance(command, str) else list(command)
         assert _subcommand(argv) in cli_subcommands, (name, argv, cli_subcommands)
+
+
+# --- with a Docker engine: build and bring the stack up ------------------------------------------
+
+def _docker_engine() -> str | None:
+    exe = shutil.which("docker")
+    if exe is None:
+        return None
+    probe = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=30)
+    return exe if probe.returncode == 0 else None
+
+
+def test_the_stack_builds_and_becomes_healthy_with_a_docker_engine(tmp_path):
+    exe = _docker_engine()
+    if exe is None:
+        pytest.skip("no Docker engine on this machine (docker info fails or docker is absent): "
+                    "the image is not built and the stack not started; `docker-compose config` is checked above")
+    project = f"pjtest{os.getpid()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROJECTIONIST_")}
+    base = [exe, "compose", "-p", project, "-f", str(COMPOSE_FILE)]
+    try:
+        up = subprocess.run([*base, "up", "-d", "--build", "--wait"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=1200)
+        assert up.returncode == 0, up.stderr[-3000:]
+        ps = subprocess.run([*base, "ps", "--format", "json"], cwd=REPO, env=env, capture_output=True, text=True)
+        assert ps.returncode == 0 and "healthy" in ps.stdout, ps.stdout
+    finally:
+        subprocess.run([*base, "down", "-v"], cwd=REPO, env=env, capture_output=True, timeout=300)
