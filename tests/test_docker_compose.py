@@ -5,7 +5,7 @@ docker-compose.yml; the resolved YAML is then checked for the three services, th
 the ports, the health checks (real readiness endpoints; start order by service_healthy), the
 rules.yaml mount, PUID/PGID/TZ, the optional Redis profile and `.env.example` (every setting). The health-check commands are run for real
 against stand-in servers, and the Dockerfile is read for what the image must be: python:3.12-slim,
-a non-root user, the project installed, the state in /data, no secret, and commands that the
+a non-root user, the project installed, the state in /config, no secret, and commands that the
 `projectionist` CLI really has.
 """
 
