@@ -40,7 +40,10 @@ def cmd_check_rules(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         print(f"{len(exc.problems)} problem(s) in {path}", file=sys.stderr)
         return 1
-    print(f"{path}: OK ({len(rules.upstreams)} upstreams, {len(rules.routes)} routes)")
+    for warning in rules.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{path}: OK ({len(rules.upstreams)} upstreams, {len(rules.routes)} routes"
+          f"{f', {len(rules.warnings)} warning(s)' if rules.warnings else ''})")
     return 0
 
 

@@ -449,6 +449,26 @@ def _cross_references(model: RulesFile) -> Iterator[tuple[Loc, str]]:
                 yield ("routes", i, "invalidates", j), f"no route named {target!r} to invalidate"
 
 
+def _private_warnings(model: RulesFile) -> Iterator[tuple[Loc, str]]:
+    """`scope: shared` rules that are the first match for a path belonging to one account (USER_PATHS)."""
+    compiled = [(i, route, _compile_paths(route.path)) for i, route in enumerate(model.routes)]
+    warned: set[int] = set()
+    for name, upstream in model.upstreams.items():
+        for probe in USER_PATH_PROBES.get(upstream.kind, ()):
+            for i, route, path_re in compiled:
+                ups = [route.upstream] if isinstance(route.upstream, str) else route.upstream
+                if (name not in ups or route.query or not {"GET", "*"} & set(route.methods)
+                        or not path_re.match(probe)):
+                    continue
+                rule = route.cache or route.image
+                if rule is not None and rule.scope == "shared" and i not in warned:
+                    warned.add(i)
+                    yield (("routes", i, "path"),
+                           f"scope shared also matches {upstream.kind} paths that belong to one account (e.g. {probe}): "
+                           "those are cached per user; narrow the path or use scope: user")
+                break  # first match wins
+
+
 def parse_rules(text: str, source: str = "rules.yaml") -> Rules:
     data, marks = _compose_with_marks(text, source)
     if not isinstance(data, dict):
@@ -462,7 +482,8 @@ def parse_rules(text: str, source: str = "rules.yaml") -> Rules:
     problems = [_problem_at(source, marks, loc, msg) for loc, msg in _cross_references(model)]
     if problems:
         raise RulesError(problems)
-    return Rules(model, source)
+    warnings = [_problem_at(source, marks, loc, msg) for loc, msg in _private_warnings(model)]
+    return Rules(model, source, warnings=warnings)
 
 
 def read_rules_bytes(path: Path | str) -> bytes:
@@ -491,6 +512,35 @@ def load_rules(path: Path | str) -> Rules:
     return parse_rules(decode_rules(read_rules_bytes(path), str(path)), str(path))
 
 
+# --- what is never shared --------------------------------------------------------------------------
+# Answers that belong to one account whatever a route's `scope` says: these paths of each upstream
+# kind, and requests carrying a user's credential (Trakt's bearer token, a TMDB session, any Plex
+# token). A `shared` rule matching such a request is applied as `user` (Rules.user_specific), and
+# `check-rules` warns about shared rules that match one of the probes below.
+USER_PATHS: dict[str, tuple[str, ...]] = {
+    "trakt": ("/users/**", "/sync/**", "/recommendations/**", "/oauth/**", "/checkin/**", "/scrobble/**",
+              "/calendars/my/**", "/shows/{id}/progress/**"),
+    "tmdb": ("/3/account/**", "/3/authentication/**", "/3/guest_session/**", "/3/list/**", "/3/**/account_states",
+             "/3/**/rating", "/4/**"),
+    "plex-server": ("/**",),  # every Plex answer is shaped by the account that asks
+    "plex-tv": ("/**",),
+}
+USER_CREDENTIAL_HEADERS: dict[str, tuple[str, ...]] = {
+    "trakt": ("authorization",), "plex-server": ("x-plex-token",), "plex-tv": ("x-plex-token",)}
+USER_CREDENTIAL_PARAMS: dict[str, tuple[str, ...]] = {  # lower case, as `name=` in the query
+    "tmdb": ("session_id=", "guest_session_id="), "plex-server": ("x-plex-token=",), "plex-tv": ("x-plex-token=",)}
+USER_PATH_PROBES: dict[str, tuple[str, ...]] = {
+    "trakt": ("/users/someone/history", "/users/someone/watchlist/movies", "/users/me/ratings", "/sync/history",
+              "/sync/watchlist", "/recommendations/movies", "/calendars/my/shows/2024-01-01/7",
+              "/shows/1390/progress/watched"),
+    "tmdb": ("/3/account/1/favorite/movies", "/3/movie/603/account_states", "/3/tv/1399/season/1/episode/1/account_states",
+             "/3/list/1", "/3/guest_session/abc/rated/movies", "/3/authentication/session/new",
+             "/4/account/abc/lists", "/4/list/1"),
+    "plex-server": ("/library/sections", "/library/metadata/1", "/hubs/search"),
+    "plex-tv": ("/api/v2/user", "/api/v2/resources", "/library/sections/watchlist/all"),
+}
+
+
 # --- compiled matcher ----------------------------------------------------------------------------
 
 def _compile_path(pattern: str) -> str:
@@ -512,6 +562,9 @@ def _compile_path(pattern: str) -> str:
 def _compile_paths(patterns: str | list[str]) -> re.Pattern[str]:
     patterns = [patterns] if isinstance(patterns, str) else patterns
     return re.compile("|".join(f"(?:{_compile_path(p)})" for p in patterns) + r"\Z")
+
+
+_USER_PATH_RES = {kind: _compile_paths(list(paths)) for kind, paths in USER_PATHS.items()}
 
 
 @dataclass(frozen=True)
@@ -563,6 +616,8 @@ class Rules:
     _wildcard_hosts: list[tuple[str, str]] = field(default_factory=list)
     _routes_by_upstream: dict[str, list[CompiledRoute]] = field(default_factory=dict)
     _reverse_listeners: dict[int, str] = field(default_factory=dict)
+    # Things that are valid but probably wrong (check-rules prints them): shared rules over private paths.
+    warnings: list[RuleProblem] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name, up in self.model.upstreams.items():
@@ -601,6 +656,17 @@ class Rules:
             if fnmatch.fnmatchcase(host, pattern):
                 return name
         return None
+
+    def user_specific(self, kind: str, path: str, headers: Mapping[str, str]) -> bool:
+        """Whether the answer to this request belongs to one account, whatever its rule's scope:
+        a user-specific path of its upstream kind or a user's credential on the request. `path`
+        is the request target with its query (credentials in the query count too)."""
+        if any(name in headers for name in USER_CREDENTIAL_HEADERS.get(kind, ())):
+            return True
+        if "?" in path and any(param in path.lower() for param in USER_CREDENTIAL_PARAMS.get(kind, ())):
+            return True
+        private = _USER_PATH_RES.get(kind)
+        return private is not None and private.match(path.split("?", 1)[0]) is not None
 
     def reverse_listener(self, port: int) -> str | None:
         """The upstream whose reverse listener is on `port` (per request: no copy)."""

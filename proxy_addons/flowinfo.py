@@ -26,6 +26,11 @@ class FlowInfo:
     cache: str = "none"  # none | miss | hit | stale | bypass
     bytes_streamed: int = 0
     refused: str | None = None  # why the proxy refused it before routing (e.g. "misdirected")
+    user_specific: bool = False  # the answer belongs to one account (rules.Rules.user_specific)
+
+    def scope(self, declared: str) -> str:
+        """A cache or image rule's scope as applied: never `shared` for an answer that belongs to one account."""
+        return "user" if self.user_specific else declared
 
     @property
     def upstream(self) -> str:

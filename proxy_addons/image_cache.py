@@ -231,7 +231,8 @@ class ImageCache:
                 or not ctx.options.projectionist_images):
             return
         rule = info.match.route.rule.image
-        if rule is None or rule.scope != "shared" or rule.source_param or flow.request.method not in ("GET", "HEAD"):
+        if (rule is None or info.scope(rule.scope) != "shared" or rule.source_param
+                or flow.request.method not in ("GET", "HEAD")):
             return
         key = self._key(flow, info, rule, self._target(flow, rule), "shared")
         entry = self.memory.get(key)
@@ -252,7 +253,8 @@ class ImageCache:
             return
         if not ctx.options.projectionist_images or not await self._wait_ready() or self.store is None:
             return
-        partition = "shared" if rule.scope == "shared" else (f"u{info.user_id}" if info.user_id is not None else None)
+        partition = "shared" if info.scope(rule.scope) == "shared" else (
+            f"u{info.user_id}" if info.user_id is not None else None)
         if partition is None:  # a user's image, but whose? never stored, never shared
             info.cache = "bypass"
             return

@@ -120,7 +120,7 @@ class ResponseCache:
         if info is None or self.memory is None or not ctx.options.projectionist_cache or info.match.route is None:
             return
         rule = info.match.route.rule.cache
-        if rule is None or rule.scope != "shared" or flow.request.method not in ("GET", "HEAD"):
+        if rule is None or info.scope(rule.scope) != "shared" or flow.request.method not in ("GET", "HEAD"):
             return
         key = self._key(flow, info, rule, "shared")
         entry = self.memory.get(key)
@@ -391,7 +391,7 @@ class ResponseCache:
 
     @staticmethod
     def _partition(rule: CacheRule | None, info) -> str | None:
-        if rule is not None and rule.scope == "shared":
+        if rule is not None and info.scope(rule.scope) == "shared":
             return "shared"
         if info.user_id is None:
             return None

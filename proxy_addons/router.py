@@ -116,7 +116,8 @@ class Router:
             return
         # req.query parses lazily: only routes with query conditions pay for it.
         match = rules.match(name, req.method, req.path.split("?", 1)[0], req.query)
-        flowinfo.attach(flow, flowinfo.FlowInfo(match=match, listener=listener))
+        private = rules.user_specific(match.upstream.kind, req.path, req.headers)
+        flowinfo.attach(flow, flowinfo.FlowInfo(match=match, listener=listener, user_specific=private))
         binding.remember_presented(flow)
 
     def _misdirected(self, flow: http.HTTPFlow, rules: Rules, name: str | None) -> tuple[str, str] | None:
