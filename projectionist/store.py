@@ -398,6 +398,20 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        8,
+        "library sync: guids, added/updated times, section and server of media items",
+        """
+        -- Filled by the control plane's library-sync job (control/library.py) from each Plex
+        -- server's sections; the proxy's viewing history keeps writing the columns it knows.
+        ALTER TABLE media_items ADD COLUMN guids TEXT;  -- JSON list: tmdb://603, imdb://tt0133093, ...
+        ALTER TABLE media_items ADD COLUMN added_at REAL;
+        ALTER TABLE media_items ADD COLUMN plex_updated_at REAL;
+        ALTER TABLE media_items ADD COLUMN section TEXT;
+        ALTER TABLE media_items ADD COLUMN server TEXT;
+        CREATE INDEX media_items_plex_updated ON media_items(server, section, plex_updated_at);
+        """,
+    ),
 )
 
 SCHEMA_VERSION = max(version for version, _, _ in MIGRATIONS)
