@@ -401,6 +401,32 @@ def _not_found(request: web.Request) -> web.Response:
     return html_error(404)
 
 
+# --- watch history (what the history import reads) -------------------------------------------------
+@routes.get("/status/sessions/history/all")
+async def history_all(request: web.Request) -> web.Response:
+    """Every account's views, newest first (PMS: the owner sees all accounts, others 401). One entry
+    per watched item and account, from the fake's view states (`viewedAt` = last viewed)."""
+    account = require_account(request)
+    if not account.owner:
+        raise web.HTTPUnauthorized()
+    views = sorted(((acc_id, key, v) for (acc_id, key), v in get_state(request).view_states.items()
+                    if v.view_count and v.last_viewed_at and key in ITEMS), key=lambda e: -e[2].last_viewed_at)
+    nodes = []
+    for n, (acc_id, key, view) in enumerate(views):
+        item = ITEMS[key]
+        attrs = {"historyKey": f"/status/sessions/history/{5000 + n}", "key": f"/library/metadata/{key}",
+                 "ratingKey": key, "title": item.title, "type": item.type, "viewedAt": view.last_viewed_at,
+                 "accountID": acc_id, "deviceID": 1}
+        if item.type == "episode":
+            attrs.update(grandparentTitle=item.show.name, parentIndex=item.season.number, index=item.obj.number)
+        nodes.append(Node("Video", attrs, json_key="Metadata"))
+    try:
+        page, page_attrs, headers = paginate(request, nodes)
+    except BadPaging:
+        return html_error(400)
+    return respond(request, container(page_attrs, page), headers=headers)
+
+
 PMS_CORS = CorsPolicy(
     echo_origin=True,
     allow_methods="POST, GET, OPTIONS, DELETE, PUT, HEAD",

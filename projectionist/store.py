@@ -412,6 +412,17 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX media_items_plex_updated ON media_items(server, section, plex_updated_at);
         """,
     ),
+    (
+        9,
+        "history import: the origin's id of imported plays",
+        """
+        -- Plays imported from a Plex server's history or a user's Trakt history (control/history.py)
+        -- carry their origin's id: unique per source, so an import never adds a play twice.
+        -- Timeline plays have none (NULLs never collide in a unique index).
+        ALTER TABLE plays ADD COLUMN external_id TEXT;
+        CREATE UNIQUE INDEX plays_external ON plays(source, external_id);
+        """,
+    ),
 )
 
 SCHEMA_VERSION = max(version for version, _, _ in MIGRATIONS)
