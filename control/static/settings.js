@@ -1,7 +1,7 @@
 // The settings page: everything through the JSON API; state-changing calls carry the CSRF token.
 "use strict";
 
-const state = { csrf: null };
+const state = { csrf: null, admin: false };
 const $ = (id) => document.getElementById(id);
 
 async function api(method, path, body) {
@@ -37,7 +37,8 @@ async function loadSession() {
   }
   state.csrf = result.data.csrf_token;
   $("username").textContent = result.data.user.username;
-  $("admin-badge").hidden = !result.data.user.is_admin;
+  state.admin = result.data.user.is_admin;
+  $("admin-badge").hidden = !state.admin;
   $("session-expires").textContent = new Date(result.data.session.expires_at).toLocaleString();
   $("signed-out").hidden = true;
   $("signed-in").hidden = false;
@@ -73,9 +74,60 @@ async function loadUsage() {
   body.dataset.loaded = String(Date.now());
 }
 
+function when(value) {
+  return value ? new Date(value).toLocaleString() : "";
+}
+
+async function loadJobs() {
+  const section = $("jobs");
+  if (!state.admin) { section.hidden = true; return; }
+  const result = await api("GET", "/api/jobs");
+  if (!result.ok) { $("jobs-message").textContent = errorText(result); return; }
+  section.hidden = false;
+  const body = $("jobs-table");
+  body.replaceChildren();
+  for (const job of result.data.jobs) {
+    const row = document.createElement("tr");
+    row.id = `job-${job.name}`;
+    const last = job.last_run;
+    const status = job.running ? "running" : last ? `${last.status} ${when(last.ended_at || last.started_at)}` : "never";
+    const cells = [job.name, job.enabled ? job.schedule : "disabled", when(job.next_run_at), status,
+                   last && last.items !== null ? String(last.items) : ""];
+    for (const value of cells) {
+      const cell = document.createElement("td");
+      cell.textContent = value;
+      row.appendChild(cell);
+    }
+    row.cells[3].className = "job-status";
+    if (last && last.error) row.cells[3].title = last.error;
+    const action = document.createElement("td");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.id = `run-${job.name}`;
+    button.textContent = "Run now";
+    button.disabled = job.running;
+    button.addEventListener("click", () => runJob(job.name));
+    action.appendChild(button);
+    row.appendChild(action);
+    body.appendChild(row);
+  }
+  body.dataset.loaded = String(Date.now());
+}
+
+async function runJob(name) {
+  const result = await api("POST", `/api/jobs/${encodeURIComponent(name)}/run`);
+  $("jobs-message").textContent = result.ok ? `Started ${name}.` : errorText(result);
+  for (let i = 0; i < 30; i++) {  // follow the run until it ends (a minute at most)
+    await loadJobs();
+    const row = $(`job-${name}`);
+    if (row && !row.cells[3].textContent.startsWith("running")) break;
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+  }
+}
+
 async function refreshAll() {
   if (await loadSession()) {
-    await Promise.all([loadSettings(), loadUsage()]);
+    await Promise.all([loadSettings(), loadUsage(), loadJobs()]);
   }
 }
 
@@ -162,6 +214,7 @@ async function start() {
   $("import-button").addEventListener("click", importSettings);
   $("trakt-connect").addEventListener("click", connectTrakt);
   $("trakt-disconnect").addEventListener("click", disconnectTrakt);
+  $("jobs-refresh").addEventListener("click", loadJobs);
 
   const params = new URLSearchParams(window.location.search);
   const outcome = params.get("login");
