@@ -322,7 +322,7 @@ def media_node(ctx: Ctx, item: Item) -> Node:
     duration = item.duration
     bitrate = max(1, size * 8 // max(duration, 1))  # kbit/s
     clip = item.type == "clip"
-    container_fmt = "mp4" if clip else "mkv"
+    container_fmt = "mp4"  # the fake serves real MP4 (fake_upstreams/media.py) for every part
     height = 1080 if clip else (800 if item.type == "movie" else 720)
     width = 1920 if height != 720 else 1280
     part_attrs = {

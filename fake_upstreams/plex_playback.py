@@ -14,11 +14,8 @@ Mirrors PMS behaviour the web player relies on:
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import math
 import re
-import struct
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,11 +23,11 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
-from . import data, images
+from . import data, images, media
 from .common import param
 from .mediacontainer import container, html_error, respond
 from .plex_model import (
-    ITEMS, ITEMS_BY_PART, PLAYED_FRACTION, Ctx, Item, Session, children_of, container_attrs, get_state,
+    ITEMS, ITEMS_BY_PART, PART_SIZES, PLAYED_FRACTION, Ctx, Item, Session, children_of, container_attrs, get_state,
     item_node, leaves_of, require_account, streams_of,
 )
 
@@ -39,7 +36,7 @@ routes = web.RouteTableDef()
 POSTER_SIZE = (1000, 1500)
 ART_SIZE = (1920, 1080)
 STILL_SIZE = (1280, 720)
-SEGMENT_MS = 4000
+SEGMENT_MS = media.SEGMENT_SECONDS * 1000
 MAX_TRANSCODE_SIDE = 4096
 
 
@@ -101,44 +98,15 @@ async def photo_transcode(request: web.Request) -> web.Response:
 
 
 # --- direct play parts -----------------------------------------------------------------------------
-BLOCK = 64 * 1024
+# Each part is real H.264/AAC media (fake_upstreams/media.py: a 12 s clip looped to the part's size), so a
+# browser plays it; every byte range is computed on the fly, never held in memory.
 WRITE_CHUNK = 256 * 1024
-# Matroska files start with an EBML header; the rest of each 64 KiB block is a per-part pseudo-random
-# pattern whose first 8 bytes hold the block's offset, so every range is distinguishable and checkable.
-EBML_MAGIC = b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81"
-MP4_MAGIC = b"\x00\x00\x00\x20ftyp"  # the trailer extra is an .mp4
 
 
-@functools.lru_cache(maxsize=64)
-def _base_block(part_id: int) -> bytes:
-    return hashlib.shake_256(f"fake-plex-part-{part_id}".encode()).digest(BLOCK)
-
-
-def _block(part_id: int, index: int) -> bytes:
-    if index == 0:
-        item = ITEMS_BY_PART.get(part_id)
-        head = MP4_MAGIC if item is not None and item.type == "clip" else EBML_MAGIC
-    else:
-        head = struct.pack(">Q", index * BLOCK)
-    return head + _base_block(part_id)[8:]
-
-
-def iter_part(part_id: int, start: int, end: int) -> Iterator[bytes]:
-    """Yield the bytes `start..end` (inclusive) of a part in chunks of at most WRITE_CHUNK."""
-    pos = start
-    buf: list[bytes] = []
-    buffered = 0
-    while pos <= end:
-        index, offset = divmod(pos, BLOCK)
-        piece = _block(part_id, index)[offset:offset + (end - pos + 1)]
-        buf.append(piece)
-        buffered += len(piece)
-        pos += len(piece)
-        if buffered >= WRITE_CHUNK:
-            yield b"".join(buf)
-            buf, buffered = [], 0
-    if buf:
-        yield b"".join(buf)
+def iter_part(part_id: int, start: int, end: int, size: int | None = None) -> Iterator[bytes]:
+    """Yield the bytes `start..end` (inclusive) of a part in chunks of about WRITE_CHUNK."""
+    size = size if size is not None else PART_SIZES[part_id]
+    return media.Part(size).iter_bytes(start, end, WRITE_CHUNK)
 
 
 def part_bytes(part_id: int, start: int, end: int) -> bytes:
@@ -173,7 +141,7 @@ async def part_file(request: web.Request) -> web.StreamResponse:
     size = state.part_sizes.get(part_id)
     if size is None:
         return html_error(404)
-    content_type = "video/mp4" if request.match_info["filename"].endswith(".mp4") else "video/x-matroska"
+    content_type = "video/mp4"
     wanted = parse_range(request.headers.get("Range"), size)
     headers = {"Content-Type": content_type, "Accept-Ranges": "bytes"}
     if wanted is False:
@@ -187,9 +155,9 @@ async def part_file(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     if request.method != "HEAD":
         try:
-            for chunk in iter_part(part_id, start, end):
+            for chunk in iter_part(part_id, start, end, size):
                 await response.write(chunk)
-        except ConnectionResetError:
+        except ConnectionError:
             return response  # players hang up mid-file all the time (seeking); not an error
     await response.write_eof()
     return response
@@ -272,8 +240,14 @@ def _iso_duration(ms: int) -> str:
     return f"PT{ms / 1000:.3f}S"
 
 
+STREAMS = ("video", "audio")  # the {stream} number in segment URLs -> media.stream() name
+
+
 def build_mpd(session: Session) -> str:
+    """A static DASH manifest over the session's segments (relative URLs, no token, as PMS sends)."""
     sid, duration = session.session_id, session.duration
+    video, audio = media.stream("video"), media.stream("audio")
+    seg = SEGMENT_MS
     template = ('<SegmentTemplate timescale="1000" duration="{seg}" initialization="session/{sid}/{n}/header" '
                 'media="session/{sid}/{n}/$Number$.m4s" startNumber="0" />')
     return "\n".join([
@@ -281,21 +255,22 @@ def build_mpd(session: Session) -> str:
         '<MPD xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xmlns="urn:mpeg:dash:schema:mpd:2011" '
         'xsi:schemaLocation="urn:mpeg:DASH:schema:MPD:2011 DASH-MPD.xsd" '
         'profiles="urn:mpeg:dash:profile:isoff-live:2011" type="static" '
-        f'mediaPresentationDuration="{_iso_duration(duration)}" maxSegmentDuration="PT{SEGMENT_MS // 1000}S" '
+        f'mediaPresentationDuration="{_iso_duration(duration)}" maxSegmentDuration="PT{seg // 1000}S" '
         'minBufferTime="PT4S">',
         f'<Period id="0" start="PT0S" duration="{_iso_duration(duration)}">',
-        '<AdaptationSet id="0" segmentAlignment="true" maxWidth="1920" maxHeight="800" maxFrameRate="24000/1001">',
-        '<Representation id="0" mimeType="video/mp4" codecs="avc1.640028" bandwidth="4211000" width="1920" '
-        'height="800" frameRate="24000/1001" sar="1:1" startWithSAP="1">',
-        template.format(seg=SEGMENT_MS, sid=sid, n=0),
+        f'<AdaptationSet id="0" segmentAlignment="true" maxWidth="{media.WIDTH}" maxHeight="{media.HEIGHT}" '
+        f'maxFrameRate="{media.FRAME_RATE}">',
+        f'<Representation id="0" mimeType="video/mp4" codecs="{video.codec}" bandwidth="{media.VIDEO_BANDWIDTH}" '
+        f'width="{media.WIDTH}" height="{media.HEIGHT}" frameRate="{media.FRAME_RATE}" sar="1:1" startWithSAP="1">',
+        template.format(seg=seg, sid=sid, n=0),
         "</Representation>",
         "</AdaptationSet>",
         '<AdaptationSet id="1" segmentAlignment="true" lang="eng">',
-        '<Representation id="1" mimeType="audio/mp4" codecs="mp4a.40.2" bandwidth="256000" '
-        'audioSamplingRate="48000">',
+        f'<Representation id="1" mimeType="audio/mp4" codecs="{audio.codec}" bandwidth="{media.AUDIO_BANDWIDTH}" '
+        f'audioSamplingRate="{media.SAMPLE_RATE}">',
         '<AudioChannelConfiguration schemeIdUri="urn:mpeg:dash:23003:3:audio_channel_configuration:2011" '
-        'value="2" />',
-        template.format(seg=SEGMENT_MS, sid=sid, n=1),
+        'value="1" />',
+        template.format(seg=seg, sid=sid, n=1),
         "</Representation>",
         "</AdaptationSet>",
         "</Period>",
@@ -304,34 +279,50 @@ def build_mpd(session: Session) -> str:
     ])
 
 
-@routes.get("/video/:/transcode/universal/start.mpd")
-async def start_mpd(request: web.Request) -> web.Response:
+def build_hls(session: Session) -> str:
+    """The HLS master playlist: one video rendition and one audio group, fMP4 segments (HLS 7) that are
+    the same files as the DASH ones (`session/{sid}/{n}/index.m3u8` lists them)."""
+    sid = session.session_id
+    video, audio = media.stream("video"), media.stream("audio")
+    return "\n".join([
+        "#EXTM3U", "#EXT-X-VERSION:7", "#EXT-X-INDEPENDENT-SEGMENTS",
+        f'#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID="audio",NAME="English",LANGUAGE="eng",DEFAULT=YES,AUTOSELECT=YES,'
+        f'CHANNELS="1",URI="session/{sid}/1/index.m3u8"',
+        f'#EXT-X-STREAM-INF:BANDWIDTH={media.VIDEO_BANDWIDTH + media.AUDIO_BANDWIDTH},'
+        f'CODECS="{video.codec},{audio.codec}",RESOLUTION={media.WIDTH}x{media.HEIGHT},'
+        f'FRAME-RATE={media.FRAME_RATE:.3f},AUDIO="audio"',
+        f"session/{sid}/0/index.m3u8", "",
+    ])
+
+
+def build_hls_media(session: Session) -> str:
+    """A VOD media playlist of one stream: the init segment (`header`) and `{n}.m4s`, relative to it."""
+    count = math.ceil(session.duration / SEGMENT_MS)
+    last = (session.duration - (count - 1) * SEGMENT_MS) / 1000
+    lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-TARGETDURATION:{SEGMENT_MS // 1000}",
+             "#EXT-X-MEDIA-SEQUENCE:0", "#EXT-X-PLAYLIST-TYPE:VOD", '#EXT-X-MAP:URI="header"']
+    for n in range(count):
+        lines += [f"#EXTINF:{SEGMENT_MS / 1000 if n < count - 1 else last:.3f},", f"{n}.m4s"]
+    return "\n".join([*lines, "#EXT-X-ENDLIST", ""])
+
+
+async def _start_manifest(request: web.Request, build, content_type: str) -> web.Response:
     require_account(request)
     item = _item_from_path(request)
     if item is None or item.part_id is None:
         return html_error(400)
     session = _start_session(request, item)
-    return web.Response(body=build_mpd(session).encode(), headers={"Content-Type": "application/dash+xml"})
+    return web.Response(body=build(session).encode(), headers={"Content-Type": content_type})
 
 
-def _box(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", 8 + len(payload)) + kind + payload
+@routes.get("/video/:/transcode/universal/start.mpd")
+async def start_mpd(request: web.Request) -> web.Response:
+    return await _start_manifest(request, build_mpd, "application/dash+xml")
 
 
-@functools.lru_cache(maxsize=256)
-def init_segment(rating_key: str, stream: int) -> bytes:
-    """An fMP4 initialisation segment: `ftyp` + `moov` (payload is filler, the box layout is real)."""
-    filler = hashlib.shake_256(f"init-{rating_key}-{stream}".encode()).digest(1024)
-    return _box(b"ftyp", b"iso6\x00\x00\x02\x00iso6dashmp41") + _box(b"moov", _box(b"mvhd", filler))
-
-
-@functools.lru_cache(maxsize=256)
-def media_segment(rating_key: str, stream: int, number: int) -> bytes:
-    """A media segment: `styp` + `moof` + `mdat`; video ~192 KiB, audio ~16 KiB, deterministic."""
-    size = 192 * 1024 if stream == 0 else 16 * 1024
-    payload = hashlib.shake_256(f"seg-{rating_key}-{stream}-{number}".encode()).digest(size)
-    moof = _box(b"moof", _box(b"mfhd", struct.pack(">II", 0, number + 1)))
-    return _box(b"styp", b"msdh\x00\x00\x00\x00msdhmsix") + moof + _box(b"mdat", payload)
+@routes.get("/video/:/transcode/universal/start.m3u8")
+async def start_m3u8(request: web.Request) -> web.Response:
+    return await _start_manifest(request, build_hls, "application/vnd.apple.mpegurl")
 
 
 def _segment_session(request: web.Request) -> Session:
@@ -341,33 +332,49 @@ def _segment_session(request: web.Request) -> Session:
     return session
 
 
+def _stream_of(request: web.Request) -> media.Stream:
+    stream = int(request.match_info.get("stream", 0))
+    if stream >= len(STREAMS):
+        raise web.HTTPNotFound(headers={"Content-Type": "text/html"})
+    return media.stream(STREAMS[stream])
+
+
 @routes.get(r"/video/:/transcode/universal/session/{sid}/{stream:\d+}/header")
 async def segment_header(request: web.Request) -> web.Response:
-    session = _segment_session(request)
-    stream = int(request.match_info["stream"])
-    if stream > 1:
-        return html_error(404)
-    return web.Response(body=init_segment(session.rating_key, stream), headers={"Content-Type": "video/mp4"})
+    _segment_session(request)
+    return web.Response(body=_stream_of(request).init, headers={"Content-Type": "video/mp4"})
 
 
-async def _media_segment(request: web.Request, stream: int) -> web.Response:
+@routes.get(r"/video/:/transcode/universal/session/{sid}/{stream:\d+}/index.m3u8")
+async def hls_media_playlist(request: web.Request) -> web.Response:
     session = _segment_session(request)
+    _stream_of(request)
+    return web.Response(body=build_hls_media(session).encode(),
+                        headers={"Content-Type": "application/vnd.apple.mpegurl"})
+
+
+# DASH media segments start with a segment type box (ISO/IEC 23009-1 6.3.4.2), as the transcoder's do.
+SEGMENT_TYPE = b"\x00\x00\x00\x18styp" + b"msdh\x00\x00\x00\x00msdhmsix"
+
+
+async def _media_segment(request: web.Request) -> web.Response:
+    session = _segment_session(request)
+    stream = _stream_of(request)
     number = int(request.match_info["n"])
-    if stream > 1 or number >= math.ceil(session.duration / SEGMENT_MS):
+    if number >= math.ceil(session.duration / SEGMENT_MS):
         return html_error(404)
-    return web.Response(body=media_segment(session.rating_key, stream, number),
-                        headers={"Content-Type": "video/mp4"})
+    return web.Response(body=SEGMENT_TYPE + stream.segment(number), headers={"Content-Type": "video/mp4"})
 
 
 @routes.get(r"/video/:/transcode/universal/session/{sid}/{stream:\d+}/{n:\d+}.m4s")
 async def segment(request: web.Request) -> web.Response:
-    return await _media_segment(request, int(request.match_info["stream"]))
+    return await _media_segment(request)
 
 
 @routes.get(r"/video/:/transcode/universal/session/{sid}/{n:\d+}.m4s")
 async def segment_flat(request: web.Request) -> web.Response:
-    """Single-stream form of the segment URL (muxed), as listed in the Plex API spec."""
-    return await _media_segment(request, 0)
+    """Single-stream form of the segment URL, as listed in the Plex API spec (the video stream here)."""
+    return await _media_segment(request)
 
 
 @routes.get("/video/:/transcode/universal/stop")
@@ -497,4 +504,4 @@ async def get_play_queue(request: web.Request) -> web.Response:
     return _queue_response(request, queue_id, keys, uri)
 
 
-__all__ = ["routes", "part_bytes", "iter_part", "parse_range", "build_mpd", "EBML_MAGIC", "BLOCK"]
+__all__ = ["routes", "part_bytes", "iter_part", "parse_range", "build_mpd", "build_hls"]

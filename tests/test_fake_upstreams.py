@@ -21,9 +21,9 @@ from fake_upstreams.data import (
     TRAKT_REFRESH_TOKEN,
 )
 from fake_upstreams.images import BOMB_NAME, NOT_AN_IMAGE_NAME
-from fake_upstreams.plex_playback import EBML_MAGIC, part_bytes
+from fake_upstreams.plex_playback import part_bytes
 
-MATRIX_PART = f"/library/parts/3001/1700503600/file.mkv?X-Plex-Token={PLEX_SERVER_TOKEN}"
+MATRIX_PART = f"/library/parts/3001/1700503600/file.mp4?X-Plex-Token={PLEX_SERVER_TOKEN}"
 JSON = {"Accept": "application/json"}
 TRAKT_HEADERS = {"trakt-api-version": "2", "trakt-api-key": TRAKT_CLIENT_ID, "Content-Type": "application/json"}
 
@@ -185,9 +185,9 @@ async def test_plex_part_supports_ranges_without_reading_500_mb(fakes, http):
         assert resp.status == 206
         assert resp.headers["Content-Range"] == f"bytes 0-15/{MATRIX_PART_SIZE}"
         assert resp.headers["Accept-Ranges"] == "bytes"
-        assert resp.headers["Content-Type"] == "video/x-matroska"
+        assert resp.headers["Content-Type"] == "video/mp4"
         first = await resp.read()
-    assert first[:4] == EBML_MAGIC[:4] and first == part_bytes(3001, 0, 15)
+    assert first[4:8] == b"ftyp" and first == part_bytes(3001, 0, 15)
 
     middle = 250_000_000
     async with http.get(url, headers={"Range": f"bytes={middle}-{middle + 199_999}"}) as resp:
@@ -205,7 +205,7 @@ async def test_plex_part_supports_ranges_without_reading_500_mb(fakes, http):
     async with http.get(url) as resp:  # full GET: read a little, then hang up
         assert resp.status == 200 and resp.content_length == MATRIX_PART_SIZE
         assert len(await resp.content.readexactly(1 << 20)) == 1 << 20
-    async with http.get(plex_url(fakes, "/library/parts/9999/1/file.mkv")) as resp:
+    async with http.get(plex_url(fakes, "/library/parts/9999/1/file.mp4")) as resp:
         assert resp.status == 404
 
 
