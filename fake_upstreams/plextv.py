@@ -432,6 +432,8 @@ def _not_found(request: web.Request) -> web.Response:
 
 
 def create_app(state: PlexTvState | None = None) -> web.Application:
-    return build_app(state or PlexTvState(), STATE_KEY, routes,
+    from . import plextv_web  # the app.plex.tv sign-in page and avatars (it uses this module's helpers)
+
+    return build_app(state or PlexTvState(), STATE_KEY, [*routes, *plextv_web.routes],
                      cors=CorsPolicy(echo_origin=True, max_age=86400),
                      not_found=_not_found, default_headers={"Cache-Control": "no-cache"})

@@ -254,6 +254,33 @@ async def test_approve(request: web.Request) -> web.Response:
     return _json({"approved": True})
 
 
+# trakt.tv/activate, which the offline demo routes here: the user types the device flow's user code.
+ACTIVATE_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Trakt: activate (offline demo)</title></head>
+<body style="font-family: system-ui, sans-serif; max-width: 30rem; margin: 3rem auto">
+<h1>Trakt</h1><p>The offline demo's stand-in for trakt.tv/activate.</p>{message}
+<form method="post" action="/activate"><label>Code <input name="code" autocomplete="off" required
+ autofocus></label> <button type="submit">Allow</button></form></body></html>
+"""
+
+
+@routes.get("/activate")
+async def activate_page(_request: web.Request) -> web.Response:
+    return web.Response(text=ACTIVATE_PAGE.format(message=""), content_type="text/html")
+
+
+@routes.post("/activate")
+async def activate(request: web.Request) -> web.Response:
+    code = str((await request.post()).get("code", "")).strip().upper()
+    try:
+        get_state(request).approve(code)
+    except KeyError:
+        return web.Response(text=ACTIVATE_PAGE.format(message="<p>That code is unknown or expired.</p>"),
+                            status=404, content_type="text/html")
+    return web.Response(text=ACTIVATE_PAGE.format(message="<p id=done>Allowed: return to the app.</p>"),
+                        content_type="text/html")
+
+
 # --- public lists ---------------------------------------------------------------------------------------
 def _watchers(popularity: float) -> int:
     return max(1, int(popularity // 3))

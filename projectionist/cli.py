@@ -28,6 +28,9 @@ from .rules import RulesError, load_rules
 # Fake upstream names (fake_upstreams) -> upstream names in the shipped rules.yaml.
 DEMO_UPSTREAMS = {"plex": "plex", "plextv": "plextv", "tmdb": "tmdb",
                   "tmdb_images": "tmdb-images", "trakt": "trakt"}
+# Upstreams of the shipped rules.yaml that one of those fakes also serves: the fake plex.tv answers
+# app.plex.tv's sign-in page (an Approve button), the fake Trakt trakt.tv/activate, in the demo.
+DEMO_ALSO_SERVES = {"plex-web": "plextv", "trakt-web": "trakt"}
 
 
 log = logging.getLogger("projectionist")
@@ -203,7 +206,17 @@ def _start_fakes(env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
         name, sep, url = line.strip().partition("=")
         if sep and name in DEMO_UPSTREAMS:
             overrides[DEMO_UPSTREAMS[name]] = url
+    for upstream, fake in DEMO_ALSO_SERVES.items():
+        overrides[upstream] = overrides[DEMO_UPSTREAMS[fake]]
     return fakes, [f"{name}={url}" for name, url in overrides.items()]
+
+
+def demo_credentials() -> dict[str, str]:
+    """The app credentials the fake upstreams accept, which the demo's proxy injects (Trakt's
+    client id and secret; the fake TMDB takes the shipped default key)."""
+    from fake_upstreams.data import TRAKT_CLIENT_ID, TRAKT_CLIENT_SECRET
+
+    return {"PROJECTIONIST_TRAKT_CLIENT_ID": TRAKT_CLIENT_ID, "PROJECTIONIST_TRAKT_CLIENT_SECRET": TRAKT_CLIENT_SECRET}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -226,6 +239,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.demo:
         children["fakes"], overrides = _start_fakes(env)
         env["PROJECTIONIST_UPSTREAMS"] = ",".join(overrides)
+        env.update(demo_credentials())
     for service in ("proxy", "control", "dashboard"):
         # Services log to stderr (Datasette's server logs to stdout): stdout carries only the banner.
         children[service] = subprocess.Popen([sys.executable, "-m", "projectionist", service], env=env,

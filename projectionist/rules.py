@@ -8,7 +8,7 @@ check-rules` prints its errors. Shape:
     cache:      {memory_max_bytes, disk_max_bytes}            # response cache sizing
     images:     {max_bytes, directory, formats, ...}          # image cache and re-encoding
     limits:     {NAME: {rate: 2/s, burst, per, when_credential, max_wait}}   # named rate limiters
-    upstreams:  {NAME: {kind, hosts, base_url, listen, credentials, limits}}
+    upstreams:  {NAME: {kind, hosts, base_url, listen, credentials, limits, intercept}}
     routes:     [{name, upstream, methods, path, query, cache | image, limits, throttle, credentials, stream}]
     jobs:       {NAME: {every: 1h | cron: "30 3 * * *", timeout, enabled}}   # control/jobs.py schedules
     retention:  {usage_events: 30d, rate_limit_events: 30d, sessions: 30d, ...}  # the retention job
@@ -206,6 +206,9 @@ class Upstream(_Strict):
     public_url: str | None = None
     credentials: CredentialKind = "none"
     limits: list[str] = []
+    # `when_overridden`: its hosts pass through untouched (TLS not intercepted) unless an upstream override
+    # (PROJECTIONIST_UPSTREAMS) sends them elsewhere: the offline demo serves app.plex.tv's sign-in page.
+    intercept: Literal["always", "when_overridden"] = "always"
 
     @field_validator("base_url", "public_url")
     @classmethod

@@ -82,15 +82,24 @@ class Router:
             return rules.reverse_listener(mode.custom_listen_port or 0)
         return rules.upstream_for_host(host)
 
+    def _passed_through(self, rules: Rules, name: str) -> bool:
+        """An upstream intercepted only when overridden (app.plex.tv outside the demo) is not ours."""
+        return rules.upstreams[name].intercept == "when_overridden" and name not in self.overrides
+
+    def _ours(self, rules: Rules, host: str) -> str | None:
+        name = rules.upstream_for_host(host)
+        return None if name is None or self._passed_through(rules, name) else name
+
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         rules = self.watcher.rules
         if rules is None or isinstance(data.context.client.proxy_mode, ReverseMode):
             return
         # Passed through untouched only when neither the SNI nor the CONNECT target is ours: a
         # foreign SNI for one of our hosts is intercepted, and refused by requestheaders (421).
+        # Hosts of an upstream intercepted only when overridden pass through even with `refuse`.
         sni, target = data.client_hello.sni, (data.context.server.address or ("",))[0]
-        if (rules.model.proxy.unknown_hosts == "pass" and (not sni or rules.upstream_for_host(sni) is None)
-                and rules.upstream_for_host(target) is None):
+        if (not sni or self._ours(rules, sni) is None) and self._ours(rules, target) is None and (
+                rules.model.proxy.unknown_hosts == "pass" or rules.upstream_for_host(sni or target) is not None):
             data.ignore_connection = True
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -105,6 +114,8 @@ class Router:
                 req.authority = ""
         else:
             name, listener = rules.upstream_for_host(_pretty_host(req)), "regular"
+            if name is not None and self._passed_through(rules, name):
+                return
             if (refusal := self._misdirected(flow, rules, name)) is not None:
                 return self._refuse(flow, rules, *refusal)
         if name is None:

@@ -239,8 +239,11 @@ class Stack:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self, timeout: float = 90.0) -> Stack:
-        overrides = ",".join(f"{FAKE_TO_RULES[name]}={url}" for name, url in self.fakes.urls.items()
-                             if name in FAKE_TO_RULES)
+        from projectionist.cli import DEMO_ALSO_SERVES  # app.plex.tv and trakt.tv/activate, as the demo
+
+        overrides = ",".join([f"{FAKE_TO_RULES[name]}={url}" for name, url in self.fakes.urls.items()
+                              if name in FAKE_TO_RULES]
+                             + [f"{up}={self.fakes.urls[fake]}" for up, fake in DEMO_ALSO_SERVES.items()])
         self.env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
         self.env.update(
             PROJECTIONIST_HOME=str(self.home),
