@@ -27,7 +27,7 @@ from projectionist.redact import RedactSecrets
 from projectionist.store import connect, migrate, schema_version
 
 from . import admin, auth, cache_api, jobs, metrics, openapi, page, security, settings, trakt, usage
-from . import history, library, maintenance  # noqa: F401  (they register their jobs)
+from . import history, library, maintenance, reports  # noqa: F401  (they register their jobs)
 from .errors import ApiError
 from .keys import AUTH_RATE_LIMITER, CONFIG, DB, DB_LOCK, HTTP, OPERATIONS, OPTIONS, PLEX_CLIENT_ID, UPSTREAMS, VAULT
 from .options import ControlOptions
