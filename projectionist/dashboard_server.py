@@ -16,6 +16,11 @@ def main(argv: list[str]) -> None:
     setup_logging("dashboard")
     uvicorn.run = functools.partial(uvicorn.run, log_config=uvicorn_log_config())  # datasette calls uvicorn.run
     from datasette.cli import cli
+    from datasette.plugins import pm
+
+    from . import dashboard_guard
+
+    pm.register(dashboard_guard, name="projectionist-dashboard-guard")  # password guessing is throttled
 
     cli.main(args=argv, prog_name="datasette")
 

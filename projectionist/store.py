@@ -423,6 +423,19 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE UNIQUE INDEX plays_external ON plays(source, external_id);
         """,
     ),
+    (
+        10,
+        "dashboard sign-in failures per hour",
+        """
+        -- Counted by the dashboard's login throttle (projectionist/dashboard_guard.py): no address,
+        -- no user name, only how many attempts failed and how many started a lock-out.
+        CREATE TABLE dashboard_login_failures (
+            hour TEXT PRIMARY KEY,
+            failures INTEGER NOT NULL DEFAULT 0,
+            lockouts INTEGER NOT NULL DEFAULT 0
+        );
+        """,
+    ),
 )
 
 SCHEMA_VERSION = max(version for version, _, _ in MIGRATIONS)

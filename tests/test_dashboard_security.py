@@ -34,6 +34,7 @@ import yaml
 
 from projectionist.analytics import MetadataBody, PlaybackReport, PlaybackWriter
 from projectionist.config import Config
+from projectionist.dashboard_guard import LIMIT_ENV
 from projectionist.dashboard import (
     ADMIN_USER,
     PASSWORD_HASH_ENV,
@@ -178,6 +179,9 @@ def _running_dashboard(metadata: Path):
         config.ensure_dirs()
         _seed(config)
         env = datasette_env(config)
+        # These tests send wrong credentials on purpose, hundreds of times from one address; the
+        # login throttle has its own tests (tests/security/test_dashboard_login.py).
+        env[LIMIT_ENV] = "1000000/60"
         DYNAMIC.update({"dashboard password": admin_password(config),
                         "dashboard password hash": env[PASSWORD_HASH_ENV].rsplit("$", 1)[-1]})
         anonymous = requests.Session()
