@@ -41,7 +41,7 @@ from .models import (
     ValidateResponse,
 )
 from .openapi import PUBLIC, USER, Api, Call
-from .security import client_ip, is_https, request_origin
+from .security import browser_origin, client_ip, is_https
 from .sessions import (
     Identity,
     clear_session_cookie,
@@ -184,7 +184,7 @@ async def start_plex_login(request: web.Request, call: Call) -> web.StreamRespon
     lifetime = int(pin.get("expiresIn") or DEFAULT_PIN_LIFETIME)
     nonce = secrets.token_urlsafe(32)
     await request.app[VAULT].run(record_pin, int(pin["id"]), str(pin["code"]), nonce, lifetime)
-    forward = f"{request_origin(request)}/api/auth/plex/{int(pin['id'])}"
+    forward = f"{browser_origin(request)}/api/auth/plex/{int(pin['id'])}"
     auth_url = PLEX_APP_AUTH + urlencode({
         "clientID": request.app[PLEX_CLIENT_ID], "code": pin["code"], "forwardUrl": forward,
         "context[device][product]": PRODUCT,

@@ -11,16 +11,20 @@
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import logging
 import math
+import socket
 import time
 from collections import OrderedDict
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from yarl import URL
 
 from .errors import ApiError, error_response
-from .keys import AUTH_RATE_LIMITER, OPTIONS
+from .keys import AUTH_RATE_LIMITER, CONFIG, OPTIONS
 
 log = logging.getLogger("control.security")
 
@@ -65,12 +69,80 @@ def is_https(request: web.Request) -> bool:
 
 
 def request_origin(request: web.Request) -> str:
-    """This control plane's origin as the browser sees it."""
+    """The origin this request was made to (for same-origin checks: an Origin must agree with
+    it; a browser cannot forge both). Never put it in a URL handed to a browser: `browser_origin`."""
     options = request.app[OPTIONS]
     if options.public_origin:
         return options.public_origin
     host = _forwarded(request, "X-Forwarded-Host") or request.host
     return f"{'https' if is_https(request) else 'http'}://{host}"
+
+
+def browser_origin(request: web.Request) -> str:
+    """The origin for URLs this control plane hands out (sign-in forwardUrl, links): from
+    configuration, never from what a client wrote in Host. `PROJECTIONIST_CONTROL_URL` when set,
+    else the forwarded host behind a trusted front proxy, else the Host header only when it names
+    this machine at the listener's port (so http://localhost:3001 keeps its cookies), else the
+    listener's own address."""
+    options = request.app[OPTIONS]
+    if options.public_origin:
+        return options.public_origin
+    scheme = "https" if is_https(request) else "http"
+    forwarded = _forwarded(request, "X-Forwarded-Host")
+    if forwarded:
+        return f"{scheme}://{forwarded}"
+    config = request.app[CONFIG]
+    try:
+        claimed = URL(f"{scheme}://{request.host}")
+        host, port = claimed.host or "", claimed.port
+    except ValueError:
+        host, port = "", None
+    if host and port == config.control_port and _names_this_machine(host, config.host):
+        return f"{scheme}://{request.host}"
+    listen = "localhost" if config.host in WILDCARD_HOSTS else config.host
+    return f"{scheme}://{_bracket(listen)}:{config.control_port}"
+
+
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+@functools.lru_cache(maxsize=256)
+def _names_this_machine(host: str, listen_host: str) -> bool:
+    """Is `host` the listener itself, or (for a loopback or wildcard listener) this machine?"""
+    host = host.strip("[]").lower().rstrip(".")
+    if host == listen_host.lower():
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if host in LOOPBACK_NAMES or (address is not None and address.is_loopback):
+        return listen_host in WILDCARD_HOSTS or _is_loopback(listen_host)
+    if listen_host not in WILDCARD_HOSTS:
+        return False
+    # A wildcard listener answers on every address of this machine: its names and its addresses.
+    names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    if host in names:
+        return True
+    try:
+        own = {info[4][0] for name in names for info in socket.getaddrinfo(name, None)}
+    except OSError:
+        own = set()
+    return address is not None and str(address) in own
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def client_ip(request: web.Request) -> str:

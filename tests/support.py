@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 from aiohttp import web
+from requests.adapters import HTTPAdapter
 
 from fake_upstreams.data import TRAKT_CLIENT_ID, TRAKT_CLIENT_SECRET
 
@@ -297,3 +298,15 @@ def make_stack(home: Path, fakes) -> Stack:
     rules = write_test_rules(home / "rules.yaml", plex_port)
     return Stack(home=home, rules_path=rules, proxy_port=free_port(), plex_port=plex_port,
                  control_port=free_port(), dashboard_port=free_port(), fakes=fakes)
+
+
+class SourceAddressAdapter(HTTPAdapter):
+    """requests from a chosen loopback address (127.0.0.0/8 is all this machine): one per client."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["source_address"] = (self.address, 0)
+        return super().init_poolmanager(*args, **kwargs)

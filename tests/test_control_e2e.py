@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
-from requests.adapters import HTTPAdapter
+from support import SourceAddressAdapter
 from test_e2e_credentials import RecordingClient
 
 from fake_upstreams.data import (
@@ -46,16 +46,6 @@ def next_loopback() -> str:
     with _address_lock:
         n = next(_addresses)
     return f"127.0.{n // 250}.{n % 250 + 2}"
-
-
-class SourceAddressAdapter(HTTPAdapter):
-    def __init__(self, address: str) -> None:
-        self.address = address
-        super().__init__()
-
-    def init_poolmanager(self, *args, **kwargs):
-        kwargs["source_address"] = (self.address, 0)
-        return super().init_poolmanager(*args, **kwargs)
 
 
 class ControlClient:
