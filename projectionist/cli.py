@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .config import REPO_ROOT, Config
+from .config import PRIVATE_UMASK, REPO_ROOT, Config
 from .rules import RulesError, load_rules
 
 # Fake upstream names (fake_upstreams) -> upstream names in the shipped rules.yaml.
@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "log_format", None):
         os.environ[FORMAT_ENV] = args.log_format  # this process and the services it starts
+    if args.command != "test":
+        os.umask(PRIVATE_UMASK)  # state, logs and backups are private from the first file on
     if args.command == "test":
         args.pytest_args = extra
     elif extra:

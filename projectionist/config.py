@@ -8,6 +8,7 @@ sharing a volume) see the same files. Environment variables override each defaul
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,27 @@ def _env_path(name: str, default: Path) -> Path:
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value else default
+
+
+# Files 0600, directories 0700: the home holds the database, tokens' ciphertext, caches of
+# private answers, logs and backups. Set for the whole process: its threads and pools create files too.
+PRIVATE_UMASK = 0o077
+
+
+def make_private(top: Path) -> None:
+    """chmod go-rwx everything under `top` (symlinks are not followed: they may point outside)."""
+    for root, dirs, files in os.walk(top):
+        for name in (*dirs, *files):
+            path = os.path.join(root, name)
+            try:
+                mode = os.lstat(path).st_mode
+                if not stat.S_ISLNK(mode) and mode & 0o077:
+                    os.chmod(path, stat.S_IMODE(mode) & 0o700)
+            except FileNotFoundError:  # a cache file removed while we walk
+                continue
+    mode = os.stat(top).st_mode
+    if mode & 0o077:
+        os.chmod(top, stat.S_IMODE(mode) & 0o700)
 
 
 @dataclass(frozen=True)
@@ -58,8 +80,12 @@ class Config:
         return self.mitmproxy_confdir / "mitmproxy-ca-cert.pem"
 
     def ensure_dirs(self) -> None:
+        """Create the home, private to this account: what the process creates from now on is
+        0600/0700 (umask), and what an older version or another tool left readable is fixed."""
+        os.umask(PRIVATE_UMASK)
         for d in (self.home, self.cache_dir, self.mitmproxy_confdir):
             d.mkdir(parents=True, exist_ok=True)
+        make_private(self.home)
 
     @classmethod
     def from_env(cls, **overrides) -> Config:
