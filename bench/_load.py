@@ -209,15 +209,22 @@ async def measure(name: str, url: str, args, *, procs: Mapping, proxy: str | Non
 
 
 def cache_outcome(cache_status: str | None) -> str:
-    """`Cache-Status: Projectionist; hit; ttl=..` -> "hit"; fwd=stale -> "stale"; fwd=miss -> "miss"."""
+    """`Cache-Status: Projectionist; hit; ttl=..` -> "hit"; a stale entry served (fwd=stale without
+    a usable fwd-status) -> "stale"; forwarded (fwd=uri-miss, vary-miss, request, a stale entry
+    refetched, ...) -> "miss"; fwd=bypass -> "bypass"."""
     if not cache_status:
         return "none"
     params = [p.strip() for p in cache_status.split(";")[1:]]
     if "hit" in params:
         return "hit"
-    if "fwd=stale" in params:
+    fwd = next((p.partition("=")[2] for p in params if p.startswith("fwd=")), None)
+    fwd_status = next((p.partition("=")[2] for p in params if p.startswith("fwd-status=")), "")
+    answered = fwd_status.isdigit() and int(fwd_status) < 500 and int(fwd_status) != 429
+    if fwd == "stale" and not answered:
         return "stale"
-    if "fwd=miss" in params or "fwd=uri-miss" in params:
+    if fwd == "bypass":
+        return "bypass"
+    if fwd:
         return "miss"
     return "other"
 

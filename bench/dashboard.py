@@ -40,6 +40,9 @@ from projectionist.store import UsageEvent, UsageWriter, connect, open_db  # noq
 
 LIMIT_S = 1.0
 
+# Why misses happened (usage_events.cache_reason), in about the mix a browsing session shows.
+MISS_REASONS = ("uri-miss", "uri-miss", "uri-miss", "stale:expired", "uri-miss:new-partition", "vary-miss",
+                "uri-miss:evicted", "uri-miss:invalidated")
 # (upstream, route, weight, mean latency ms, bytes, cacheable hit rate, credential kind)
 ROUTES = [
     ("plex", "plex.timeline", 30, 8, 300, 0.0, "vault"),
@@ -119,13 +122,17 @@ def generate(db_path: Path, rows: int, *, days: int = 14, seed: int = 1, now: fl
             if hit_rate:
                 cache = "hit" if rng.random() < hit_rate else ("stale" if rng.random() < 0.05 else "miss")
             latency = rng.lognormvariate(math.log(mean), 0.6) if cache not in ("hit", "stale") else rng.uniform(0.3, 3)
+            reason = None if cache == "hit" else (
+                "bypass:no-rule" if cache == "none" else "stale:stale-while-revalidate" if cache == "stale"
+                else rng.choice(MISS_REASONS))
             if upstream == "tmdb":
                 credential = "custom" if user in custom_key_users else "default"
             batch.append(UsageEvent(ts=ts, listener="reverse" if upstream == "plex" else "regular",
                                     upstream=upstream, route=route, method="GET", status=status,
                                     latency_ms=round(latency, 3), bytes_in=0 if route != "plex.timeline" else 120,
                                     bytes_out=int(size * rng.uniform(0.5, 1.5)) if status == 200 else 200,
-                                    cache=cache, user_id=user, credential=credential, error=error))
+                                    cache=cache, user_id=user, credential=credential, error=error,
+                                    cache_reason=reason))
             if status == 429 or (upstream == "tmdb" and rng.random() < 0.01):
                 limits.append((ts, user, "10.0.0.%d" % (user or 0), upstream, f"{upstream}-per-ip",
                                round(rng.uniform(5, 800), 1), "refused" if status == 429 else "queued"))

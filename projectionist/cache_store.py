@@ -20,15 +20,35 @@ import diskcache
 
 # Query parameters that carry credentials: never part of a key (the scope partition is).
 CREDENTIAL_PARAMS = frozenset({"x-plex-token", "api_key", "access_token"})
+# Parameters that say which device, app or play session asks, not what it asks for: a fresh
+# browser profile (new client identifier) or a second device must hit what the first stored.
+DEVICE_PARAMS = frozenset({
+    "x-plex-client-identifier", "x-plex-session-identifier", "x-plex-session-id", "x-plex-product",
+    "x-plex-version", "x-plex-platform", "x-plex-platform-version", "x-plex-device", "x-plex-device-name",
+    "x-plex-device-screen-resolution", "x-plex-device-vendor", "x-plex-model", "x-plex-features",
+    "x-plex-provider-version", "x-plex-drm", "x-plex-client-profile-name", "x-plex-client-platform",
+})
+KEY_NEUTRAL_PARAMS = CREDENTIAL_PARAMS | DEVICE_PARAMS
+
+
+def key_query(query: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The query as part of a key: sorted, without credentials and device identity."""
+    return sorted((k, v) for k, v in query if k.lower() not in KEY_NEUTRAL_PARAMS)
+
+
+def uri_key(upstream: str, method: str, path: str, query: Iterable[tuple[str, str]]) -> str:
+    """What the request names, whoever asks and whatever its varied headers: a miss whose URI is
+    stored for another partition or another variant is told apart from a URI never seen."""
+    raw = f"{method} {upstream} {path}?{urlencode(key_query(query))}"
+    return hashlib.sha256(raw.encode()).hexdigest()
 
 
 def cache_key(upstream: str, method: str, path: str, query: Iterable[tuple[str, str]],
               vary: Mapping[str, str], partition: str) -> str:
-    """method + upstream + path + sorted query without credentials + declared vary headers +
-    scope partition ("shared", or "u<user id>" for user-scoped routes), hashed."""
-    q = sorted((k, v) for k, v in query if k.lower() not in CREDENTIAL_PARAMS)
+    """method + upstream + path + sorted query without credentials or device identity + declared
+    vary headers + scope partition ("shared", or "u<user id>" for user-scoped routes), hashed."""
     varied = "&".join(f"{k.lower()}={v}" for k, v in sorted(vary.items()))
-    raw = f"{method} {upstream} {path}?{urlencode(q)}\n{varied}\n{partition}"
+    raw = f"{method} {upstream} {path}?{urlencode(key_query(query))}\n{varied}\n{partition}"
     return hashlib.sha256(raw.encode()).hexdigest()
 
 

@@ -436,6 +436,25 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        11,
+        "cache: why each miss happened",
+        """
+        -- Why a request was not a fresh cache hit, as its Cache-Status said (RFC 9211 fwd and
+        -- detail): "uri-miss:new-partition", "stale:expired", "bypass:no-rule", ... NULL for hits.
+        ALTER TABLE usage_events ADD COLUMN cache_reason TEXT;
+        -- The same per hour, upstream, route and reason (UsageWriter, with the rows): the
+        -- dashboard's "misses by reason and route" reads this, never usage_events.
+        CREATE TABLE cache_reason_hourly (
+            hour TEXT NOT NULL,
+            upstream TEXT NOT NULL,
+            route TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            requests INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (hour, upstream, route, reason)
+        );
+        """,
+    ),
 )
 
 SCHEMA_VERSION = max(version for version, _, _ in MIGRATIONS)
@@ -563,7 +582,7 @@ def _split_sql(script: str) -> Iterable[str]:
 
 USAGE_COLUMNS = (
     "ts", "listener", "upstream", "route", "method", "status", "latency_ms",
-    "bytes_in", "bytes_out", "cache", "user_id", "credential", "error",
+    "bytes_in", "bytes_out", "cache", "user_id", "credential", "error", "cache_reason",
 )
 
 
@@ -584,6 +603,7 @@ class UsageEvent:
     user_id: int | None = None
     credential: str | None = None
     error: str | None = None
+    cache_reason: str | None = None
 
     def as_row(self) -> tuple:
         return tuple(getattr(self, c) for c in USAGE_COLUMNS)
@@ -661,6 +681,22 @@ def hourly_rollup(events: Iterable[UsageEvent]) -> list[tuple]:
             cumulative.append(running)
         rows.append(key + tuple(b[:13]) + tuple(cumulative))
     return rows
+
+
+_UPSERT_CACHE_REASON = """
+INSERT INTO cache_reason_hourly (hour, upstream, route, reason, requests) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (hour, upstream, route, reason) DO UPDATE SET requests = requests + excluded.requests
+"""
+
+
+def cache_reason_rollup(events: Iterable[UsageEvent]) -> list[tuple]:
+    """cache_reason_hourly rows: requests per hour/upstream/route/reason (those with a reason)."""
+    counts: dict[tuple, int] = {}
+    for e in events:
+        if e.cache_reason:
+            key = (datetime.fromtimestamp(e.ts, UTC).strftime("%Y-%m-%dT%H:00"), e.upstream, e.route, e.cache_reason)
+            counts[key] = counts.get(key, 0) + 1
+    return [key + (n,) for key, n in counts.items()]
 
 
 def credential_rollup(events: Iterable[UsageEvent]) -> list[tuple]:
@@ -752,6 +788,7 @@ class UsageWriter:
             conn.executemany(_INSERT_USAGE, [e.as_row() for e in events])
             conn.executemany(_UPSERT_HOURLY, hourly_rollup(events))
             conn.executemany(_UPSERT_CREDENTIAL, credential_rollup(events))
+            conn.executemany(_UPSERT_CACHE_REASON, cache_reason_rollup(events))
             conn.execute("COMMIT")
             return True
         except sqlite3.Error as exc:

@@ -5,11 +5,18 @@ grace, RFC 5861, RFC 9111, RFC 9211):
 
 - fresh entry: answered from memory (or disk, then promoted), `Cache-Status: …; hit`;
 - stale inside `stale_while_revalidate`: answered at once, one background refresh per key;
-- miss: the first request fetches upstream itself (with a deadline), concurrent identical
-  misses wait for that one answer (`fwd=miss; collapsed`);
+- miss: the cache fetches upstream in a task it owns (with a deadline); every concurrent
+  identical miss waits for that one answer (`collapsed`). The task belongs to no client: one that
+  disconnects, times out or meets a limiter's refusal neither cancels it nor sends the others
+  upstream on their own, and what it fetches is stored all the same;
 - upstream down, timing out, 5xx or 429: stale inside `stale_if_error`, else a quick 502/504.
 
-Keys never contain credentials; `user`-scoped routes are partitioned by the real account, so two
+Every miss says why (RFC 9211 `fwd=` uri-miss / vary-miss / stale / request / bypass, plus
+`fwd-status`, `stored`, `collapsed`, `ttl` and a `detail=`: expired, evicted, new-partition,
+uncacheable-status, no-store, invalidated, flushed, no-rule, write, unknown-user), and the usage
+recorder keeps the same reason per request (usage_events.cache_reason).
+
+Keys never contain credentials nor device identity (cache_store.KEY_NEUTRAL_PARAMS); `user`-scoped routes are partitioned by the real account, so two
 users never share an entry and requests whose user is unknown bypass the cache. Writes on routes
 with `invalidates` drop the named routes' entries of the same partition. Every answer carries
 `Cache-Status` and `Age`, and CORS headers for the requesting Origin.
@@ -17,7 +24,8 @@ with `invalidates` drop the named routes' entries of the same partition. Every a
 The cache fetches misses itself (aiohttp, bodies kept encoded as received) rather than letting
 mitmproxy forward them: that gives a deadline, and one code path for misses and refreshes. The
 entry is stored in the `response` hook, after the credential addons rewrote the answer, so what is
-stored is what a client may see.
+stored is what a client may see; plex.tv answers (rewritten per user) keep that in-flow path,
+everything else is stored by the fetching task itself.
 """
 
 from __future__ import annotations
@@ -25,14 +33,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
 from mitmproxy import ctx, http
 
-from projectionist.cache_store import DiskLayer, Entry, MemoryLRU, cache_key
+from projectionist.cache_store import DiskLayer, Entry, MemoryLRU, cache_key, uri_key
 from projectionist.cache_mirror import CacheMirror
 from projectionist.limits import RateLimited
 from projectionist.metrics import CACHE_EVICTIONS, add_cache_source, remove_cache_source
@@ -50,10 +60,50 @@ _CORS_PREFIX = "access-control-"
 _LEADER = "projectionist.cache.leader"
 _INVALIDATES = "projectionist.cache.invalidates"
 _TOKEN_BEARING = ("plex-tv",)  # answers rewritten by the credential addons: refreshed only in-flow
+_STATUS = "projectionist.cache.status"  # Cache-Status for a forwarded flow, set in `response`
+_GONE_MAX = 100_000  # why recently dropped keys went: remembered for this many keys
+_FOLLOW_SLACK = 6.0  # seconds a waiter allows beyond the upstream timeout (a limiter's queue)
 
 
 class UpstreamFailed(Exception):
     """The upstream answered 5xx/429 where a stale entry can stand in."""
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    """Why a request went upstream (RFC 9211 `fwd` and `detail`)."""
+
+    fwd: str  # uri-miss | vary-miss | stale | request | bypass | miss
+    detail: str | None = None
+
+    def params(self, *, fwd_status: int | None = None, stored: bool = False, collapsed: bool = False,
+               ttl: float | None = None) -> str:
+        parts = [f"fwd={self.fwd}"]
+        if fwd_status is not None:
+            parts.append(f"fwd-status={fwd_status}")
+        if stored:
+            parts.append("stored")
+        if collapsed:
+            parts.append("collapsed")
+        if ttl is not None:
+            parts.append(f"ttl={int(ttl)}")
+        if self.detail:
+            parts.append(f"detail={self.detail}")
+        return "; ".join(parts)
+
+    @property
+    def reason(self) -> str:
+        """As recorded in usage_events.cache_reason: "uri-miss:new-partition"."""
+        return f"{self.fwd}:{self.detail}" if self.detail else self.fwd
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """What the cache's own fetch of a miss brought back."""
+
+    fetched: Fetched
+    stored: bool
+    ttl: float | None
 
 
 class ResponseCache:
@@ -64,7 +114,12 @@ class ResponseCache:
         self.mirror: CacheMirror | None = None
         self.session: aiohttp.ClientSession | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._inflight: dict[str, asyncio.Future] = {}
+        self._inflight: dict[str, asyncio.Future] = {}  # key -> the fetch (task or in-flow leader)
+        # What each stored key names (uri_key), and the stored keys per URI: how a miss of a known
+        # URI (another variant, another partition) is told from a URI never seen.
+        self._uri_of: dict[str, str] = {}
+        self._variants: dict[str, dict[str, str]] = {}
+        self._gone: OrderedDict[str, str] = OrderedDict()  # key -> why it was dropped
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         # key -> (route, partition): what flush and invalidation select on.
@@ -120,7 +175,8 @@ class ResponseCache:
         if info is None or self.memory is None or not ctx.options.projectionist_cache or info.match.route is None:
             return
         rule = info.match.route.rule.cache
-        if rule is None or info.scope(rule.scope) != "shared" or flow.request.method not in ("GET", "HEAD"):
+        if (rule is None or info.scope(rule.scope) != "shared" or flow.request.method not in ("GET", "HEAD")
+                or _asks_no_cache(flow.request)):
             return
         key = self._key(flow, info, rule, "shared")
         entry = self.memory.get(key)
@@ -143,38 +199,110 @@ class ResponseCache:
         partition = self._partition(rule.cache, info)
         if partition is None:  # user-scoped data of an unknown user: never shared, never stored
             info.cache = "bypass"
+            self._bypass(flow, info, Miss("bypass", "unknown-user"))
             return
         key = self._key(flow, info, rule.cache, partition)
-        entry = await self._lookup(key)
+        uri = self._uri(flow, info)
+        entry = await self._lookup(key, uri)
         now = time.time()
-        if entry is not None and entry.fresh(now):
+        no_cache = _asks_no_cache(flow.request)
+        if entry is not None and entry.fresh(now) and not no_cache:
             return self._serve(flow, info, key, entry, "hit", now)
         cache = rule.cache
         revalidates_in_background = (cache.stale_while_revalidate > 0
                                      and info.match.upstream.kind not in _TOKEN_BEARING)
-        if entry is not None and revalidates_in_background and entry.usable_stale(cache.stale_while_revalidate, now):
+        if (entry is not None and not no_cache and revalidates_in_background
+                and entry.usable_stale(cache.stale_while_revalidate, now)):
             self._serve(flow, info, key, entry, "stale", now, detail="fwd=stale")
-            if key not in self._refreshing:
+            info.cache_reason = "stale:stale-while-revalidate"
+            if key not in self._refreshing and key not in self._inflight:
                 self._refreshing.add(key)
-                self._spawn(self._refresh(key, flow.copy()))
+                self._spawn(self._refresh(key, uri, flow.copy()))
             return
+        if no_cache:
+            miss = Miss("request")
+        elif entry is not None:
+            miss = Miss("stale", "expired")
+        else:
+            miss = self._why_missing(key, uri, partition)
+        info.cache_reason = miss.reason
+        if info.match.upstream.kind in _TOKEN_BEARING:
+            return await self._miss_in_flow(flow, info, key, entry, miss)
+        owned = self._inflight.get(key)
+        collapsed = owned is not None
+        if owned is None:
+            stale_ok = entry is not None and entry.usable_stale(cache.stale_if_error)
+            owned = self._inflight[key] = self._spawn(self._owned_fetch(key, uri, flow.copy(), stale_ok))
+            owned.add_done_callback(lambda done, key=key: self._inflight.pop(key, None) if self._inflight.get(key) is done else None)
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(owned), self._timeout() + _FOLLOW_SLACK)
+        except TimeoutError as exc:  # the fetch goes on and stores; this client gets its 504 now
+            outcome = exc
+        except asyncio.CancelledError:
+            if owned.cancelled():  # the proxy is shutting down
+                outcome = ConnectionError("cancelled")
+            else:
+                raise
+        self._answer(flow, info, key, entry, miss, outcome, collapsed)
+
+    async def _owned_fetch(self, key: str, uri: str, flow: http.HTTPFlow, stale_ok: bool) -> Fetch | Exception:
+        """The cache's own fetch of a miss: nobody's request, so nobody's disconnect ends it."""
+        info = flowinfo.get(flow)
+        try:
+            fetched = await self._fetch(flow, stale_ok=stale_ok)
+        except (RateLimited, TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return exc
+        stored, ttl = False, None
+        if fetched.status < 500 and fetched.status != 429:
+            stored = self._store(key, uri, flow, info, fetched)
+            ttl = _storable_ttl(info.match.route.rule.cache, fetched) if stored else None
+        else:
+            self._remember_gone(key, "uncacheable-status")
+        return Fetch(fetched, stored, ttl)
+
+    def _answer(self, flow: http.HTTPFlow, info, key: str, stale: Entry | None, miss: Miss,
+                outcome: Fetch | Exception, collapsed: bool) -> None:
+        rule = info.match.route.rule.cache
+        stale_ok = stale is not None and stale.usable_stale(rule.stale_if_error)
+        info.cache = "miss"
+        if isinstance(outcome, Fetch):
+            fetched = outcome.fetched
+            if (fetched.status >= 500 or fetched.status == 429) and stale_ok:
+                info.cache_reason = "stale:stale-if-error"
+                return self._serve(flow, info, key, stale, "stale",
+                                   detail=f"fwd=stale; fwd-status={fetched.status}; detail=stale-if-error")
+            flow.response = self._response(flow, info, fetched, miss.params(
+                fwd_status=fetched.status, stored=outcome.stored and not collapsed, collapsed=collapsed,
+                ttl=outcome.ttl))
+        elif isinstance(outcome, RateLimited):  # no slot for the upstream: stale if usable, else the 429
+            if stale_ok:
+                info.cache_reason = "stale:rate-limited"
+                return self._serve(flow, info, key, stale, "stale", detail="fwd=stale; detail=rate-limited")
+            flow.response = outcome.response.copy()
+            flow.response.headers["Cache-Status"] = f"Projectionist; {miss.params(fwd_status=429)}"
+        else:
+            self._answer_failure(flow, info, key, stale, outcome, miss)
+
+    async def _miss_in_flow(self, flow: http.HTTPFlow, info, key: str, entry: Entry | None, miss: Miss) -> None:
+        """plex.tv: the answer is stored once the credential addons rewrote it (`response`), so the
+        first request is the leader and the others follow it."""
         if (leader := self._inflight.get(key)) is not None:
             try:
                 outcome = await asyncio.wait_for(asyncio.shield(leader), self._timeout())
             except TimeoutError as exc:
                 outcome = exc
             if isinstance(outcome, Fetched):
-                flow.response = self._response(flow, info, outcome, "fwd=miss; collapsed")
+                flow.response = self._response(flow, info, outcome, miss.params(fwd_status=outcome.status, collapsed=True))
                 info.cache = "miss"
                 return
             if isinstance(outcome, Exception):  # the leader's upstream failed: so would ours
-                return self._answer_failure(flow, info, key, entry, outcome)
-        await self._fetch_as_leader(flow, info, key, entry)
+                return self._answer_failure(flow, info, key, entry, outcome, miss)
+        await self._fetch_as_leader(flow, info, key, entry, miss)
 
-    async def _fetch_as_leader(self, flow: http.HTTPFlow, info, key: str, stale: Entry | None) -> None:
+    async def _fetch_as_leader(self, flow: http.HTTPFlow, info, key: str, stale: Entry | None, miss: Miss) -> None:
         future = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
-        flow.metadata[_LEADER] = key
+        flow.metadata[_LEADER] = (key, self._uri(flow, info), miss)
         rule = info.match.route.rule.cache
         stale_ok = stale is not None and stale.usable_stale(rule.stale_if_error)
         try:
@@ -190,7 +318,7 @@ class ResponseCache:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self._finish(key, exc)
             flow.metadata.pop(_LEADER, None)  # nothing of this answer is stored
-            return self._answer_failure(flow, info, key, stale, exc)
+            return self._answer_failure(flow, info, key, stale, exc, miss)
         if (fetched.status >= 500 or fetched.status == 429) and stale is not None and stale.usable_stale(rule.stale_if_error):
             self._finish(key, UpstreamFailed(fetched.status))
             flow.metadata.pop(_LEADER, None)
@@ -199,16 +327,35 @@ class ResponseCache:
         flow.response = fetched.to_response()
         info.cache = "miss"
 
-    def _answer_failure(self, flow: http.HTTPFlow, info, key: str, stale: Entry | None, exc: Exception) -> None:
+    def _answer_failure(self, flow: http.HTTPFlow, info, key: str, stale: Entry | None, exc: Exception,
+                        miss: Miss = Miss("miss")) -> None:
         """No upstream answer: stale inside stale_if_error, else a quick clean 504 or 502."""
         if stale is not None and stale.usable_stale(info.match.route.rule.cache.stale_if_error):
+            info.cache_reason = "stale:stale-if-error"
             return self._serve(flow, info, key, stale, "stale", detail="fwd=stale; detail=stale-if-error")
         gateway = 504 if isinstance(exc, TimeoutError) else 502
         flow.response = http.Response.make(
             gateway, f"{'Gateway Timeout' if gateway == 504 else 'Bad Gateway'}: the upstream did not answer\n",
-            {"Content-Type": "text/plain; charset=utf-8", "Cache-Status": f"Projectionist; fwd=miss; fwd-status={gateway}",
+            {"Content-Type": "text/plain; charset=utf-8", "Cache-Status": f"Projectionist; {miss.params(fwd_status=gateway)}",
              **cors_headers(flow.request, info.match.upstream.kind)})
         info.cache = "miss"
+
+    def _bypass(self, flow: http.HTTPFlow, info, miss: Miss) -> None:
+        """A request the cache forwards untouched: its answer says why (set in `response`)."""
+        flow.metadata[_STATUS] = miss
+        info.cache_reason = miss.reason
+
+    def _why_missing(self, key: str, uri: str, partition: str) -> Miss:
+        if (gone := self._gone.get(key)) is not None:
+            return Miss("uri-miss", gone)
+        variants = self._variants.get(uri)
+        if variants:
+            if partition in variants.values():
+                return Miss("vary-miss")
+            return Miss("uri-miss", "new-partition")
+        if key in self.index:  # stored once, gone from both layers since
+            return Miss("uri-miss", "evicted")
+        return Miss("uri-miss")
 
     async def _fetch(self, flow: http.HTTPFlow, *, stale_ok: bool = False, background: bool = False) -> Fetched:
         if self.upstream_gate is not None:
@@ -224,23 +371,32 @@ class ResponseCache:
         info = flowinfo.get(flow)
         if info is None or self.memory is None:
             return
-        if (key := flow.metadata.pop(_LEADER, None)) is not None:
-            fetched = Fetched(flow.response.status_code, list(flow.response.headers.fields), flow.response.raw_content or b"")
+        response = flow.response
+        if (leader := flow.metadata.pop(_LEADER, None)) is not None:
+            key, uri, miss = leader
+            fetched = Fetched(response.status_code, list(response.headers.fields), response.raw_content or b"")
             self._finish(key, fetched)
-            stored = self._store(key, flow, info, fetched)
-            flow.response.headers["Cache-Status"] = f"Projectionist; fwd=miss{'; stored' if stored else ''}"
-        if (invalidates := flow.metadata.pop(_INVALIDATES, None)) and flow.response.status_code < 400:
+            stored = self._store(key, uri, flow, info, fetched)
+            ttl = _storable_ttl(info.match.route.rule.cache, fetched) if stored else None
+            response.headers["Cache-Status"] = f"Projectionist; {miss.params(fwd_status=fetched.status, stored=stored, ttl=ttl)}"
+        elif "Cache-Status" not in response.headers and not response.stream:
+            miss = flow.metadata.pop(_STATUS, None) or _not_cached(flow)
+            response.headers["Cache-Status"] = f"Projectionist; {miss.params(fwd_status=response.status_code)}"
+            if info.cache_reason is None:
+                info.cache_reason = miss.reason
+        if (invalidates := flow.metadata.pop(_INVALIDATES, None)) and response.status_code < 400:
             await self.invalidate(*invalidates)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        # The client went away (or the flow was killed) before the answer: release the followers.
-        if (key := flow.metadata.pop(_LEADER, None)) is not None:
-            self._finish(key, None)
+        # plex.tv's in-flow leader went away before the answer: its followers fetch for themselves.
+        if (leader := flow.metadata.pop(_LEADER, None)) is not None:
+            self._finish(leader[0], None)
 
-    def _store(self, key: str, flow: http.HTTPFlow, info, fetched: Fetched, now: float | None = None) -> bool:
+    def _store(self, key: str, uri: str, flow: http.HTTPFlow, info, fetched: Fetched, now: float | None = None) -> bool:
         rule: CacheRule = info.match.route.rule.cache
         ttl = _storable_ttl(rule, fetched)
         if ttl is None:
+            self._remember_gone(key, "no-store" if fetched.status in (200, 404) else "uncacheable-status")
             return False
         entry = Entry(
             status=fetched.status,
@@ -252,15 +408,15 @@ class ResponseCache:
             route=info.match.route_name, partition=self._partition(rule, info) or "",
             memory_only=rule.memory_only,
         )
-        self._put(key, entry)
+        self._put(key, uri, entry)
         return True
 
-    def _put(self, key: str, entry: Entry) -> None:
+    def _put(self, key: str, uri: str, entry: Entry) -> None:
         # Disk holds every other entry: only a memory-only entry is lost when memory evicts it.
         lost = [old_key for old_key, old in self.memory.put(key, entry) if old.memory_only]
         if lost:
             self._forget(lost, evicted=True)
-        self.index[key] = (entry.route, entry.partition)
+        self._known(key, uri, entry)
         if not entry.memory_only:
             self._executor.submit(self.disk.put, key, entry)
         self.mirror.stored(key, BUCKET, entry)
@@ -293,13 +449,13 @@ class ResponseCache:
 
     # --- background work ----------------------------------------------------------------------
 
-    async def _refresh(self, key: str, flow: http.HTTPFlow) -> None:
+    async def _refresh(self, key: str, uri: str, flow: http.HTTPFlow) -> None:
         """Stale-while-revalidate: fetch again and store, while clients get the stale entry."""
         info = flowinfo.get(flow)
         try:
             fetched = await self._fetch(flow, background=True)
             if fetched.status < 500 and fetched.status != 429:
-                self._store(key, flow, info, fetched)
+                self._store(key, uri, flow, info, fetched)
         except (TimeoutError, aiohttp.ClientError, OSError, RateLimited) as exc:
             log.info("background refresh of %s failed: %s", info.route, type(exc).__name__)
         finally:
@@ -308,7 +464,7 @@ class ResponseCache:
     async def invalidate(self, routes: Iterable[str], partition: str) -> int:
         routes = set(routes)
         keys = [k for k, (route, part) in self.index.items() if route in routes and part == partition]
-        await self._forget_async(keys)
+        await self._forget_async(keys, reason="invalidated")
         return len(keys)
 
     async def flush(self, target: str, value: str | None) -> int:
@@ -324,7 +480,7 @@ class ResponseCache:
             keys = [k for k in set(self.index) | set(self.memory.keys()) if k.startswith(value or "\0")]
         else:
             return 0
-        await self._forget_async(keys)
+        await self._forget_async(keys, reason="flushed")
         return len(set(keys))
 
     async def _drop_expired(self) -> int:
@@ -338,25 +494,45 @@ class ResponseCache:
         self._forget(list(gone))
         return len(gone)
 
-    async def _forget_async(self, keys: list[str]) -> None:
-        self._forget(keys)
+    async def _forget_async(self, keys: list[str], reason: str) -> None:
+        self._forget(keys, reason=reason)
         await asyncio.get_running_loop().run_in_executor(self._executor, self.disk.delete, keys)
 
-    def _forget(self, keys: list[str], evicted: bool = False) -> None:
+    def _forget(self, keys: list[str], evicted: bool = False, reason: str | None = None) -> None:
         if evicted:
             CACHE_EVICTIONS.labels(BUCKET).inc(len(keys))
+        reason = reason or ("evicted" if evicted else "expired")
         for key in keys:
             self.memory.pop(key)
             self.index.pop(key, None)
+            if (uri := self._uri_of.pop(key, None)) is not None:
+                variants = self._variants.get(uri)
+                if variants is not None:
+                    variants.pop(key, None)
+                    if not variants:
+                        del self._variants[uri]
+            self._remember_gone(key, reason)
         self.mirror.deleted(keys, evicted=evicted)
 
-    async def _lookup(self, key: str) -> Entry | None:
+    def _known(self, key: str, uri: str, entry: Entry) -> None:
+        self.index[key] = (entry.route, entry.partition)
+        self._uri_of[key] = uri
+        self._variants.setdefault(uri, {})[key] = entry.partition
+        self._gone.pop(key, None)
+
+    def _remember_gone(self, key: str, reason: str) -> None:
+        self._gone[key] = reason
+        self._gone.move_to_end(key)
+        while len(self._gone) > _GONE_MAX:
+            self._gone.popitem(last=False)
+
+    async def _lookup(self, key: str, uri: str) -> Entry | None:
         entry = self.memory.get(key)
         if entry is None:  # the disk also holds what an earlier run stored
             entry = await asyncio.get_running_loop().run_in_executor(self._executor, self.disk.get, key)
             if entry is not None:
                 self.memory.put(key, entry)
-                self.index.setdefault(key, (entry.route, entry.partition))
+                self._known(key, uri, entry)
         if entry is not None and entry.expired_for_good():
             self._forget([key])
             return None
@@ -381,10 +557,11 @@ class ResponseCache:
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _timeout(self) -> float:
         return self.watcher.rules.model.proxy.upstream_timeout if self.watcher.rules else 15.0
@@ -408,11 +585,33 @@ class ResponseCache:
         return cache_key(info.upstream, request.method if request.method != "HEAD" else "GET",
                          request.path.split("?", 1)[0], request.query.items(multi=True), vary, partition)
 
+    @staticmethod
+    def _uri(flow: http.HTTPFlow, info) -> str:
+        request = flow.request
+        return uri_key(info.upstream, request.method if request.method != "HEAD" else "GET",
+                       request.path.split("?", 1)[0], request.query.items(multi=True))
+
     def _finish(self, key: str, outcome: Fetched | Exception | None) -> None:
         """Hand the leader's outcome to the followers (None: they fetch for themselves)."""
         future = self._inflight.pop(key, None)
         if future is not None and not future.done():
             future.set_result(outcome)
+
+
+def _asks_no_cache(request: http.Request) -> bool:
+    """The client asked for a fresh answer (RFC 9111 request `no-cache`; Pragma for HTTP/1.0)."""
+    value = request.headers.get("Cache-Control") or request.headers.get("Pragma")
+    return value is not None and "no-cache" in value.lower()
+
+
+def _not_cached(flow: http.HTTPFlow) -> Miss:
+    """Why a request that reached no cache rule went upstream."""
+    method = flow.request.method
+    if method == "OPTIONS":
+        return Miss("bypass", "preflight")
+    if method not in ("GET", "HEAD"):
+        return Miss("bypass", "write")
+    return Miss("bypass", "no-rule")
 
 
 def _storable_ttl(rule: CacheRule, fetched: Fetched) -> float | None:

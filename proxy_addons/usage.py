@@ -23,6 +23,20 @@ log = logging.getLogger(__name__)
 _RECORDED = "projectionist.recorded"
 
 
+def reason_from_cache_status(response: http.Response | None) -> str | None:
+    """"Projectionist; fwd=uri-miss; fwd-status=200; detail=evicted" -> "uri-miss:evicted"; None
+    for a hit or no Cache-Status (answers of addons that set their own, e.g. the image cache)."""
+    value = response.headers.get("Cache-Status") if response is not None else None
+    if not value:
+        return None
+    params = dict(p.strip().partition("=")[::2] for p in value.split(";")[1:])
+    fwd = params.get("fwd")
+    if not fwd:
+        return None if "hit" in params else "miss"
+    detail = params.get("detail", "").strip('"')
+    return f"{fwd}:{detail}" if detail else fwd
+
+
 class UsageRecorder:
     def __init__(self) -> None:
         self.writer: UsageWriter | None = None
@@ -85,6 +99,7 @@ class UsageRecorder:
             bytes_in=len(flow.request.raw_content or b""),
             bytes_out=bytes_out,
             cache=info.cache,
+            cache_reason=info.cache_reason or reason_from_cache_status(response),
             user_id=info.user_id,
             credential=info.credential,
             error=error,

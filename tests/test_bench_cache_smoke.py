@@ -25,7 +25,7 @@ def test_cache_bench_smoke():
     # upstream was not asked; the pass-through mode was never answered by the cache.
     hit = modes["hit"]
     assert hit["classes"] == {"hit": hit["completed"]}, hit["classes"]
-    assert hit["primed_with"].startswith("Projectionist") and "fwd=miss" in hit["primed_with"]
+    assert hit["primed_with"].startswith("Projectionist") and "fwd=uri-miss" in hit["primed_with"]
     assert hit["cpu_us_per_request"].get("upstream", 0) == 0
     assert "hit" not in modes["passthrough"]["classes"], modes["passthrough"]["classes"]
 

@@ -92,7 +92,7 @@ async def client(proxy):
 
 async def test_miss_then_hit_with_cache_status_and_age(client, upstream):
     status, headers, body = await client.get(TMDB_PATH)
-    assert status == 200 and headers["Cache-Status"] == "Projectionist; fwd=miss; stored"
+    assert status == 200 and headers["Cache-Status"] == "Projectionist; fwd=uri-miss; fwd-status=200; stored; ttl=1"
     status, headers, again = await client.get(TMDB_PATH)
     assert status == 200 and again == body
     assert headers["Cache-Status"].startswith("Projectionist; hit; ttl=")
@@ -112,8 +112,96 @@ async def test_concurrent_identical_misses_make_one_upstream_request(client, ups
     assert upstream.calls[TMDB_PATH] == 1
     assert all(status == 200 and body["n"] == 1 for status, _, body in results)
     statuses = [headers["Cache-Status"] for _, headers, _ in results]
-    assert statuses.count("Projectionist; fwd=miss; stored") == 1
-    assert statuses.count("Projectionist; fwd=miss; collapsed") == 99
+    assert statuses.count("Projectionist; fwd=uri-miss; fwd-status=200; stored; ttl=1") == 1
+    assert statuses.count("Projectionist; fwd=uri-miss; fwd-status=200; collapsed; ttl=1") == 99
+
+
+async def test_the_fetch_outlives_a_leader_that_disconnects(tmp_path, upstream):
+    """Origin at 1 s; the first client gives up at 0.4 s; 100 identical requests meanwhile: still
+    one upstream request, every follower answered from it, and the answer stored."""
+    def slow_origin(rules: dict) -> None:
+        short_ttls(rules)
+        rules["proxy"]["upstream_timeout"] = 5
+    proxy = await start_embedded_proxy(tmp_path, [f"tmdb={upstream.url}"], slow_origin)
+    client = Client(proxy)
+    try:
+        await _leader_disconnects(client, upstream)
+    finally:
+        await client.close()
+        await proxy.stop()
+
+
+async def _leader_disconnects(client: Client, upstream: Upstream) -> None:
+    upstream.delay = 1.0
+    leader = asyncio.ensure_future(client.get(TMDB_PATH))
+    await asyncio.sleep(0.1)
+    followers = [asyncio.ensure_future(client.get(TMDB_PATH)) for _ in range(100)]
+    await asyncio.sleep(0.3)
+    leader.cancel()  # the connection closes: the proxy sees its client go away
+    results = await asyncio.gather(*followers)
+    assert upstream.calls[TMDB_PATH] == 1
+    assert all(status == 200 and body["n"] == 1 and "collapsed" in headers["Cache-Status"]
+               for status, headers, body in results)
+    _, headers, _ = await client.get(TMDB_PATH)
+    assert headers["Cache-Status"].startswith("Projectionist; hit") and upstream.calls[TMDB_PATH] == 1
+
+
+async def test_device_identity_never_splits_a_key(client, upstream):
+    await client.get(f"{TMDB_PATH}?X-Plex-Client-Identifier=browser-1&X-Plex-Product=Player")
+    _, headers, _ = await client.get(f"{TMDB_PATH}?X-Plex-Client-Identifier=browser-2&X-Plex-Session-Identifier=s2",
+                                     **{"X-Plex-Client-Identifier": "browser-2"})
+    assert "hit" in headers["Cache-Status"] and upstream.calls[TMDB_PATH] == 1
+    _, headers, _ = await client.get(f"{TMDB_PATH}?language=de")  # what is asked for still does
+    assert "fwd=uri-miss" in headers["Cache-Status"]
+
+
+async def test_every_miss_says_why_in_cache_status_and_usage(proxy, client, upstream):
+    statuses = []
+    for path, setup in [("/3/movie/1", None), ("/3/movie/1", "expire"),
+                        ("/3/movie/2", "no-store"), ("/3/movie/2", None),
+                        ("/3/movie/3", "500"), ("/3/movie/3", None),
+                        ("/3/movie/4", None), ("/3/movie/4", "no-cache"),
+                        ("/3/account", None)]:
+        headers = {}
+        upstream.cache_control, upstream.status = None, 200
+        if setup == "expire":
+            await asyncio.sleep(3.1)  # past ttl + stale-while-revalidate
+        elif setup == "no-store":
+            upstream.cache_control = "no-store"
+        elif setup == "500":
+            upstream.status = 500
+        elif setup == "no-cache":
+            headers["Cache-Control"] = "no-cache"
+        _, response_headers, _ = await client.get(path, **headers)
+        statuses.append(response_headers["Cache-Status"])
+        await asyncio.sleep(0.5)  # inside TMDB's default-key budget (2/s): no limiter in the way
+    expected = [
+        "Projectionist; fwd=uri-miss; fwd-status=200; stored; ttl=1",
+        "Projectionist; fwd=stale; fwd-status=200; stored; ttl=1; detail=expired",
+        "Projectionist; fwd=uri-miss; fwd-status=200",
+        "Projectionist; fwd=uri-miss; fwd-status=200; stored; ttl=1; detail=no-store",
+        "Projectionist; fwd=uri-miss; fwd-status=500",
+        "Projectionist; fwd=uri-miss; fwd-status=200; stored; ttl=1; detail=uncacheable-status",
+        "Projectionist; fwd=uri-miss; fwd-status=200; stored; ttl=1",
+        "Projectionist; fwd=request; fwd-status=200; stored; ttl=1",
+        "Projectionist; fwd=bypass; fwd-status=200; detail=no-rule",
+    ]
+    assert statuses == expected
+    db = tmp_db(proxy)
+    for _ in range(100):
+        rows = db.execute("SELECT route, cache_reason FROM usage_events ORDER BY id").fetchall()
+        if len(rows) == len(expected):
+            break
+        await asyncio.sleep(0.05)
+    assert [reason for _, reason in rows] == [
+        "uri-miss", "stale:expired", "uri-miss", "uri-miss:no-store", "uri-miss",
+        "uri-miss:uncacheable-status", "uri-miss", "request", "bypass:no-rule"]
+    hourly = dict(db.execute("SELECT reason, sum(requests) FROM cache_reason_hourly GROUP BY reason").fetchall())
+    assert hourly["uri-miss"] == 4 and hourly["stale:expired"] == 1 and hourly["bypass:no-rule"] == 1
+
+
+def tmp_db(proxy: EmbeddedProxy) -> sqlite3.Connection:
+    return sqlite3.connect(proxy.config.db_path)
 
 
 async def test_stale_while_revalidate_answers_at_once_and_refreshes_once(client, upstream):

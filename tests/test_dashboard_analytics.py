@@ -171,6 +171,10 @@ def test_every_canned_query_runs_and_agrees_with_the_raw_rows(tmp_path):
                                   "OR error IS NOT NULL").fetchone()[0]
     keys = {r["credential"]: 0 for r in run_query(conn, "tmdb_key_usage")}
     assert set(keys) == {"default", "custom"}
+    reasons = {(r["route"], r["reason"]): r["requests"] for r in run_query(conn, "cache_misses_by_reason")}
+    assert reasons == {(route, reason): n for route, reason, n in conn.execute(
+        "SELECT route, cache_reason, count(*) FROM usage_events WHERE cache_reason IS NOT NULL GROUP BY 1, 2")}
+    assert ("tmdb.details", "uri-miss:new-partition") in reasons
     plays = run_query(conn, "plays_by_day")
     assert sum(r["plays"] for r in plays) == conn.execute(
         "SELECT count(*) FROM plays WHERE source = 'timeline'").fetchone()[0]

@@ -20,12 +20,13 @@ def plex_server_token(stack, account_token: str) -> tuple[RecordingClient, str]:
 def test_two_users_never_share_plex_entries(stack, clean_fakes):
     alice, token_a = plex_server_token(stack, PLEX_ACCOUNT_TOKEN)
     bob, token_b = plex_server_token(stack, PLEX_ACCOUNT_TOKEN_2)
-    url = f"{stack.plex_url}/library/onDeck"
-    a1 = alice.request("GET", f"{url}?X-Plex-Token={token_a}")
-    a2 = alice.request("GET", f"{url}?X-Plex-Token={token_a}")
-    b1 = bob.request("GET", f"{url}?X-Plex-Token={token_b}")
-    assert "fwd=miss" in a1.headers["Cache-Status"] and "hit" in a2.headers["Cache-Status"]
-    assert "fwd=miss" in b1.headers["Cache-Status"]  # same URL, other account: never alice's entry
+    url = f"{stack.plex_url}/library/onDeck?includeMeta=1"  # a URL of this test only
+    a1 = alice.request("GET", f"{url}&X-Plex-Token={token_a}")
+    a2 = alice.request("GET", f"{url}&X-Plex-Token={token_a}")
+    b1 = bob.request("GET", f"{url}&X-Plex-Token={token_b}")
+    assert "fwd=uri-miss" in a1.headers["Cache-Status"] and "hit" in a2.headers["Cache-Status"]
+    # Same URL, other account: never alice's entry, and the miss says so.
+    assert "fwd=uri-miss" in b1.headers["Cache-Status"] and "detail=new-partition" in b1.headers["Cache-Status"]
     assert len([r for r in clean_fakes.requests["plex"] if r.path == "/library/onDeck"]) == 2
     assert a1.content == a2.content
 
@@ -39,6 +40,23 @@ def test_xml_and_json_are_cached_apart(stack, clean_fakes):
     assert as_xml.headers["Content-Type"].startswith("text/xml")
     again = player.request("GET", url, headers={"Accept": "application/xml"})
     assert "hit" in again.headers["Cache-Status"] and again.content == as_xml.content
+    fresh = f"{stack.plex_url}/library/sections?includeMeta=2&X-Plex-Token={token}"
+    player.request("GET", fresh, headers={"Accept": "application/json"})
+    other_variant = player.request("GET", fresh, headers={"Accept": "application/xml"})
+    assert "fwd=vary-miss" in other_variant.headers["Cache-Status"]
+
+
+def test_a_new_sign_in_of_the_same_account_on_another_device_hits(stack, clean_fakes):
+    """A fresh browser profile signs in again: new surrogate, new client identifier, same account,
+    same partition."""
+    first, token_1 = plex_server_token(stack, PLEX_ACCOUNT_TOKEN)
+    second, token_2 = plex_server_token(stack, PLEX_ACCOUNT_TOKEN)
+    url = f"{stack.plex_url}/library/sections/1/all?sort=titleSort&X-Plex-Container-Start=0&X-Plex-Container-Size=100"
+    one = first.request("GET", f"{url}&X-Plex-Client-Identifier=profile-1&X-Plex-Token={token_1}")
+    two = second.request("GET", f"{url}&X-Plex-Client-Identifier=profile-2&X-Plex-Product=Player&X-Plex-Token={token_2}",
+                         headers={"X-Plex-Client-Identifier": "profile-2", "X-Plex-Session-Identifier": "s-2"})
+    assert one.status_code == two.status_code == 200
+    assert "hit" in two.headers["Cache-Status"] and two.content == one.content
 
 
 def test_default_and_custom_key_users_share_tmdb_entries(stack, clean_fakes):
@@ -56,7 +74,7 @@ def test_default_and_custom_key_users_share_tmdb_entries(stack, clean_fakes):
     finally:
         vault.delete_user_credential(user_id, "tmdb")
         vault.close()
-    assert "fwd=miss" in first.headers["Cache-Status"] and "hit" in second.headers["Cache-Status"]
+    assert "fwd=uri-miss" in first.headers["Cache-Status"] and "hit" in second.headers["Cache-Status"]
     assert first.json() == second.json()
     assert len([r for r in clean_fakes.requests["tmdb"] if r.path == "/3/movie/27205"]) == 1
 
@@ -77,4 +95,4 @@ def test_timeline_stop_invalidates_on_deck_and_metadata(stack, clean_fakes):
     assert stopped.status_code == 200
     stack.wait_usage("route = 'plex.timeline.stopped'")
     for url in (on_deck, metadata):
-        assert "fwd=miss" in player.request("GET", url).headers["Cache-Status"]
+        assert "fwd=uri-miss" in player.request("GET", url).headers["Cache-Status"]

@@ -35,7 +35,7 @@ def test_stats_keys_and_flush_reach_the_proxy(stack, clean_fakes):
 
     flushed = admin.request("POST", "/api/cache/flush", json={"target": "route", "value": "tmdb.details"})
     assert flushed.status_code == 202 and flushed.json()["status"] == "queued"
-    wait_for(lambda: "fwd=miss" in player.request("GET", MOVIE).headers["Cache-Status"],
+    wait_for(lambda: "fwd=uri-miss" in player.request("GET", MOVIE).headers["Cache-Status"],
              what="the proxy to apply the flush")
 
 

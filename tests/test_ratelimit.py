@@ -308,7 +308,7 @@ async def test_upstream_429_pauses_the_credential_and_stale_is_served(tmp_path, 
         assert after and min(after) - paused_at >= 3 - 0.05  # nothing reached the upstream for 3 s
         upstream.plan.clear()
         status, headers, _, _ = await client.tmdb(f"{search}?query=matrix")
-        assert status == 200 and "fwd=miss" in headers["Cache-Status"]
+        assert status == 200 and "fwd-status=200; stored" in headers["Cache-Status"]
     finally:
         await proxy.stop()
     paused = db(tmp_path).execute("SELECT upstream, rule, waited_ms FROM rate_limit_events WHERE outcome = 'paused'").fetchall()
