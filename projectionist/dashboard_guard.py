@@ -1,4 +1,5 @@
-"""A Datasette plugin that throttles guessing of the dashboard password.
+"""Datasette plugin hooks that guard the dashboard: password guessing is throttled, and a query
+cut off by the time limit is a clear 400 on every format (Datasette's CSV path answered 500).
 
 The dashboard's login is HTTP Basic (datasette-auth-passwords), checked on every request (its
 `/-/login` form is behind it too). Each attempt that carries credentials is counted per client
@@ -24,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from datasette import hookimpl
+from datasette.database import QueryInterrupted
+from datasette.utils.asgi import Response
 
 from .dashboard import DATABASE
 
@@ -168,3 +171,10 @@ def throttle_from_env() -> LoginThrottle:
 def asgi_wrapper(datasette):
     throttle = throttle_from_env()
     return lambda app: guard(app, datasette, throttle)
+
+
+@hookimpl
+def handle_exception(datasette, request, exception):
+    if isinstance(exception, QueryInterrupted):
+        return Response.text("The query took longer than the dashboard allows; narrow its date range or filters.\n",
+                             status=400)

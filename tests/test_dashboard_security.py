@@ -180,7 +180,7 @@ def _running_dashboard(metadata: Path):
         _seed(config)
         env = datasette_env(config)
         # These tests send wrong credentials on purpose, hundreds of times from one address; the
-        # login throttle has its own tests (tests/security/test_dashboard_login.py).
+        # login throttle has its own tests (tests/security/test_dashboard_guard.py).
         env[LIMIT_ENV] = "1000000/60"
         DYNAMIC.update({"dashboard password": admin_password(config),
                         "dashboard password hash": env[PASSWORD_HASH_ENV].rsplit("$", 1)[-1]})

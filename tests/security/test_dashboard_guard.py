@@ -1,7 +1,6 @@
-"""Guessing the dashboard password: the real Datasette process, attacked over HTTP from several
-loopback addresses (127.0.0.0/8 is all this machine, so each address is a different client).
-
-Limit 4/60: after 1 failure an address waits 1 s, 2 s, 4 s per attempt; the 4th failure locks the
+"""The dashboard's guard plugin in the real Datasette process. Guessing the password, over HTTP
+from several loopback addresses (127.0.0.0/8 is all this machine, so each address is a different
+client), with the limit 4/60: after 1 failure an address waits 1 s, 2 s, 4 s per attempt; the 4th failure locks the
 address out; 12 failures on the account from anywhere lock the account out."""
 
 from __future__ import annotations
@@ -40,10 +39,30 @@ def failures(home) -> tuple[int, int]:
         conn.close()
 
 
-def test_password_guessing_is_delayed_then_locked_out_per_address_and_per_account(tmp_path):
+def dashboard_home(tmp_path) -> Config:
     config = Config(home=tmp_path, rules_path=REPO / "rules.yaml", datasette_metadata=REPO / "datasette_metadata.yml")
     config.ensure_dirs()
     open_db(config.db_path).conn.close()
+    return config
+
+
+def test_a_query_cut_off_by_the_time_limit_is_a_400_in_every_format(tmp_path):
+    config = dashboard_home(tmp_path)
+    conn = sqlite3.connect(config.db_path)
+    with conn:
+        conn.executemany("INSERT INTO usage_events (ts, listener, upstream, route, method, status, latency_ms) "
+                         "VALUES (?, 'regular', 'tmdb', ?, 'GET', 200, ?)",
+                         ((1.7e9 + n, f"tmdb.route{n % 97}", n % 1000) for n in range(300_000)))
+    conn.close()
+    with running_dashboard(tmp_path) as (base, admin):
+        for suffix in ("", ".json", ".csv"):
+            # Sorting 300,000 rows by an unindexed column takes far longer than 1 ms.
+            r = admin.get(f"{base}/projectionist/usage_events{suffix}?_sort_desc=latency_ms&_timelimit=1", timeout=60)
+            assert r.status_code == 400, (suffix, r.status_code, r.text[:300])
+
+
+def test_password_guessing_is_delayed_then_locked_out_per_address_and_per_account(tmp_path):
+    config = dashboard_home(tmp_path)
     env = datasette_env(config)
     env[LIMIT_ENV] = "4/60"
     password = admin_password(config)
