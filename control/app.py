@@ -26,10 +26,12 @@ from projectionist.config import Config
 from projectionist.redact import RedactSecrets
 from projectionist.store import connect, migrate, schema_version
 
-from . import admin, auth, cache_api, jobs, metrics, openapi, page, security, settings, trakt, usage
+from . import admin, auth, cache_api, jobs, metrics, openapi, page, security, settings, setup, trakt, upstream_health, usage
 from . import history, library, maintenance, reports  # noqa: F401  (they register their jobs)
 from .errors import ApiError
-from .keys import AUTH_RATE_LIMITER, CONFIG, DB, DB_LOCK, HTTP, OPERATIONS, OPTIONS, PLEX_CLIENT_ID, UPSTREAMS, VAULT
+from .keys import (AUTH_RATE_LIMITER, CONFIG, DB, DB_LOCK, HTTP, LIVE_RULES, OPERATIONS, OPTIONS, PLEX_CLIENT_ID,
+                   UPSTREAM_HEALTH, UPSTREAMS, VAULT)
+from .live_rules import LiveRules
 from .options import ControlOptions
 from .upstreams import Upstreams
 from .vault_executor import VaultExecutor
@@ -56,7 +58,10 @@ VERSIONS = _versions()
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    """Liveness plus a real round trip to the database."""
+    """Liveness plus a real round trip to the database, and whether each Plex server answers.
+
+    An unreachable Plex server makes the status `degraded` (HTTP 200: this service works and
+    serves the setup page that explains it); a database failure is a 503."""
     app = request.app
     started = time.perf_counter()
     try:
@@ -67,8 +72,13 @@ async def health(request: web.Request) -> web.Response:
     except sqlite3.Error as exc:
         log.error("health: database check failed: %s", exc)
         db = {"ok": False, "error": "database unavailable"}
-    status = "ok" if db["ok"] else "degraded"
-    return web.json_response({"status": status, "service": "control", "db": db, "versions": VERSIONS},
+    health = app[UPSTREAM_HEALTH]
+    failing = health.failing()
+    status = "ok" if db["ok"] and not failing else "degraded"
+    return web.json_response({"status": status, "service": "control", "db": db,
+                              "upstreams": {name: c.as_dict() for name, c in health.checks.items()},
+                              "upstreams_checked": health.checked, "failing": failing,
+                              "setup": "/setup", "versions": VERSIONS},
                              status=200 if db["ok"] else 503)
 
 
@@ -102,12 +112,14 @@ def create_app(config: Config, options: ControlOptions | None = None) -> web.App
     app[OPTIONS] = options
     app[DB_LOCK] = asyncio.Lock()
     app[UPSTREAMS] = Upstreams(config.upstream_overrides)
+    app[LIVE_RULES] = LiveRules(config.rules_path)
     app[AUTH_RATE_LIMITER] = security.RateLimiter(*options.auth_rate)
     app[VAULT] = VaultExecutor(config.db_path, config.home)
     app[OPERATIONS] = []
     app[trakt.REFRESH_LOCKS] = {}
     app.add_routes(routes)
     app.add_routes(page.routes)
+    setup.install(app)
     app.add_routes(openapi.routes)
     app.add_routes(metrics.routes)
     openapi.register(app, auth.api, settings.api, usage.api, admin.api, trakt.api, jobs.api)
@@ -140,7 +152,7 @@ def create_app(config: Config, options: ControlOptions | None = None) -> web.App
 
     # The scheduler starts last (its jobs use the others) and stops first. The jobs are those of
     # control/jobs.py's registry: maintenance and trakt (imported above) register theirs.
-    app.cleanup_ctx.extend([database, vault, http_client, jobs.scheduler_context])
+    app.cleanup_ctx.extend([database, vault, http_client, upstream_health.monitor, jobs.scheduler_context])
     return app
 
 

@@ -24,3 +24,5 @@ UPSTREAMS = web.AppKey("upstreams", "Upstreams")
 AUTH_RATE_LIMITER = web.AppKey("auth_rate_limiter", "RateLimiter")
 OPERATIONS = web.AppKey("operations", "list[Operation]")
 PLEX_CLIENT_ID = web.AppKey("plex_client_id", str)
+LIVE_RULES = web.AppKey("live_rules", "LiveRules")  # rules.yaml, re-read when it changes
+UPSTREAM_HEALTH = web.AppKey("upstream_health", "UpstreamHealth")

@@ -260,7 +260,7 @@ def cmd_run(args: argparse.Namespace) -> int:
              and _wait_http(f"http://{host}:{config.control_port}/health", deadline)
              and _wait_http(f"http://{host}:{config.dashboard_port}/-/versions.json", deadline))
     if ready:
-        print(_banner(config, demo=args.demo), flush=True)
+        print(_banner(config, demo=args.demo, upstreams=_upstream_checks(config)), flush=True)
     else:
         log.error("a service did not become ready; stopping")
         stopping = True
@@ -289,23 +289,69 @@ def _terminate(children) -> None:
             child.kill()
 
 
-def _banner(config: Config, demo: bool) -> str:
+def _upstream_checks(config: Config, timeout: float = 10.0) -> dict[str, dict] | None:
+    """The control plane's first check of each Plex server (its /health), or None if it is late."""
+    import json
+
+    url = f"http://{_local(config.host)}:{config.control_port}/health"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                health = json.load(response)
+            if health.get("upstreams_checked"):
+                return health.get("upstreams", {})
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    return None
+
+
+def _local(host: str) -> str:
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+def _shown_host(host: str) -> str:
+    """The host to print in URLs: a wildcard listen address is reached under this machine's name."""
+    import socket
+
+    return socket.gethostname() if host in ("", "0.0.0.0", "::") else host
+
+
+def _upstream_lines(upstreams: dict[str, dict] | None) -> list[str]:
+    if upstreams is None:
+        return ["  Plex                  not checked yet (see /health)"]
+    lines = []
+    for name, check in upstreams.items():
+        label = f"  Plex ({name})".ljust(24)
+        if check.get("ok"):
+            lines.append(f"{label}{check['url']} answers (Plex Media Server {check.get('version')})")
+        else:
+            lines.append(f"{label}UNREACHABLE since {check.get('since')}: {check.get('detail')}")
+    return lines
+
+
+def _banner(config: Config, demo: bool, upstreams: dict[str, dict] | None = None) -> str:
     from .rules import load_rules
     from .dashboard import login_hint
 
     rules = load_rules(config.rules_path)
-    reverse = ", ".join(f"http://{config.host}:{port} ({name})"
+    host = _shown_host(config.host)
+    reverse = ", ".join(f"http://{host}:{port} ({name})"
                         for port, name in rules.reverse_listeners().items())
     return "\n".join([
         "Projectionist is running" + (" in offline demo mode (fake upstreams)" if demo else "") + ":",
-        f"  explicit HTTPS proxy  http://{config.host}:{config.proxy_port}",
+        f"  explicit HTTPS proxy  http://{host}:{config.proxy_port}",
+        f"  proxy PAC file        http://{host}:{config.control_port}/proxy.pac",
         f"  Plex reverse proxy    {reverse or '(none declared in rules.yaml)'}",
-        f"  control plane         http://{config.host}:{config.control_port}/health",
-        f"  dashboard             http://{config.host}:{config.dashboard_port}/",
+        *_upstream_lines(upstreams),
+        f"  control plane         http://{host}:{config.control_port}/ (health: /health)",
+        f"  dashboard             http://{host}:{config.dashboard_port}/",
         f"  dashboard login       {login_hint(config)}",
         f"  state                 {config.home}",
-        f"  proxy CA to trust     {config.ca_cert_path}",
+        f"  proxy CA to trust     {config.ca_cert_path} (or download it from /setup)",
         "Ctrl-C stops everything.",
+        f"Next: open http://{host}:{config.control_port}/setup",
     ])
 
 

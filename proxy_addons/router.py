@@ -25,6 +25,7 @@ from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.net.http import url
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from projectionist.onboarding import SETUP_HOST
 from projectionist.rules import Match, Rules
 
 from . import binding, flowinfo
@@ -98,13 +99,15 @@ class Router:
         # foreign SNI for one of our hosts is intercepted, and refused by requestheaders (421).
         # Hosts of an upstream intercepted only when overridden pass through even with `refuse`.
         sni, target = data.client_hello.sni, (data.context.server.address or ("",))[0]
+        if SETUP_HOST in (sni, target):  # intercepted: its HTTPS probe tells whether the CA is trusted
+            return
         if (not sni or self._ours(rules, sni) is None) and self._ours(rules, target) is None and (
                 rules.model.proxy.unknown_hosts == "pass" or rules.upstream_for_host(sni or target) is not None):
             data.ignore_connection = True
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         rules = self.watcher.rules
-        if rules is None:
+        if rules is None or flow.response is not None:  # answered before routing (SetupHost)
             return
         mode = flow.client_conn.proxy_mode
         req = flow.request

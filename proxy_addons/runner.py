@@ -26,6 +26,7 @@ from .ops_listener import OpsListener
 from .plex_tokens import PlexTokens
 from .rate_limit import RateLimit
 from .response_cache import ResponseCache
+from .setup_host import SetupHost
 from .router import Listeners, Router, listener_modes, parse_overrides
 from .rules_watch import RulesWatcher
 from .streaming import LargeBodies
@@ -51,7 +52,7 @@ def projectionist_addons() -> list:
     cache = ResponseCache(watcher)
     images = ImageCache(watcher, router)
     limiter = RateLimit(watcher, cache, images)
-    return [watcher, router, Listeners(watcher, router), store, limiter.retry, PlexTokens(store, watcher, router),
+    return [watcher, SetupHost(), router, Listeners(watcher, router), store, limiter.retry, PlexTokens(store, watcher, router),
             TmdbKey(store), TraktCredentials(store), cache, images, limiter,
             LargeBodies(watcher),
             UsageRecorder(), ViewingHistory(), OpsListener(watcher)]
