@@ -366,7 +366,14 @@ def main(argv: list[str] | None = None) -> int:
                                       f"(default: {FORMAT_ENV} or auto); passed on to every service")
     parser._add_container_actions(logging_options)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="start proxy, control plane and dashboard", parents=[logging_options])
+    from .environment import help_for
+
+    def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
+        # Each command's --help ends with the environment variables it reads.
+        return sub.add_parser(name, epilog=help_for(name), formatter_class=argparse.RawDescriptionHelpFormatter,
+                              description=kwargs.get("help"), **kwargs)
+
+    run = add_command("run", help="start proxy, control plane and dashboard", parents=[logging_options])
     run.add_argument("--demo", action="store_true", help="also start fake upstreams and route to them")
     run.set_defaults(func=cmd_run)
     for name, func, text in (("proxy", cmd_proxy, "run the proxy"),
@@ -374,20 +381,20 @@ def main(argv: list[str] | None = None) -> int:
                              ("dashboard", cmd_dashboard, "run Datasette"),
                              ("migrate", cmd_migrate, "create or migrate the database"),
                              ("rotate-key", cmd_rotate_key, "re-encrypt every stored secret under a new key")):
-        sub.add_parser(name, help=text, parents=[logging_options]).set_defaults(func=func)
-    backup = sub.add_parser("backup", help="write a consistent backup (safe while running)")
+        add_command(name, help=text, parents=[logging_options]).set_defaults(func=func)
+    backup = add_command("backup", help="write a consistent backup (safe while running)")
     backup.add_argument("file", nargs="?", help="archive to write (default: <home>/backups/projectionist-<time>.tar.gz)")
     backup.add_argument("--no-secrets", action="store_true",
                         help="leave the vault key and the proxy CA out (you keep them elsewhere)")
     backup.set_defaults(func=cmd_backup)
-    restore = sub.add_parser("restore", help="bring a backup back into the home (stop the services first)")
+    restore = add_command("restore", help="bring a backup back into the home (stop the services first)")
     restore.add_argument("file")
     restore.add_argument("--force", action="store_true", help="replace an existing database and key")
     restore.set_defaults(func=cmd_restore)
-    check = sub.add_parser("check-rules", help="validate rules.yaml; exit 1 with line-numbered errors")
-    check.add_argument("file", nargs="?")
+    check = add_command("check-rules", help="validate rules.yaml; exit 1 with line-numbered errors")
+    check.add_argument("file", nargs="?", help="the rules file to check (default: PROJECTIONIST_RULES or the shipped one)")
     check.set_defaults(func=cmd_check_rules)
-    test = sub.add_parser("test", help="run the test suite (other arguments go to pytest)")
+    test = add_command("test", help="run the test suite (other arguments go to pytest, e.g. tests/test_rules.py -x)")
     test.set_defaults(func=cmd_test)
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "log_format", None):
