@@ -23,6 +23,8 @@ from aiohttp import web
 from projectionist.onboarding import (CA_BASENAME, CA_DOWNLOADS, PAC_CONTENT_TYPE, PROBE_PATH, SETUP_HOST,
                                       ca_download, fingerprint, pac_file)
 
+from proxy_addons.router import parse_overrides
+
 from .keys import CONFIG, HTTP, LIVE_RULES, OPTIONS, UPSTREAMS
 from .page import STATIC_DIR
 from .security import CONTENT_SECURITY_POLICY, request_origin
@@ -79,7 +81,11 @@ def install(app: web.Application) -> None:
 @routes.get("/proxy.pac")
 async def proxy_pac(request: web.Request) -> web.Response:
     rules = await request.app[LIVE_RULES].get()
-    hosts = [host for up in rules.upstreams.values() for host in up.hosts]
+    overridden = parse_overrides(request.app[CONFIG].upstream_overrides)
+    # The hosts the proxy intercepts: an upstream marked `intercept: when_overridden` (app.plex.tv)
+    # passes through unless overridden (the demo), so the browser may as well go direct.
+    hosts = [host for name, up in rules.upstreams.items() for host in up.hosts
+             if up.intercept == "always" or name in overridden]
     proxy = f"{advertised_host(request)}:{request.app[CONFIG].proxy_port}"
     return web.Response(text=pac_file(hosts, proxy), content_type=PAC_CONTENT_TYPE,
                         headers={"Cache-Control": "no-cache"})

@@ -120,6 +120,7 @@ def test_pac_follows_rules_yaml_after_a_reload(stack):
     assert f'"PROXY 127.0.0.1:{stack.proxy_port}"' in r.text
     for host in ("plex.tv", "api.themoviedb.org", "image.tmdb.org", "api.trakt.tv", "*.plex.direct", SETUP_HOST):
         assert f'"{host}"' in r.text
+    assert '"app.plex.tv"' in r.text  # intercept: when_overridden, and overridden here (as in the demo)
     assert "tmdb.example.net" not in r.text and "127.0.0.1:" + str(stack.control_port) not in r.text
 
     def add_hosts(rules: dict) -> None:
@@ -213,6 +214,10 @@ async def test_health_is_degraded_naming_the_failing_plex_server_and_since_when(
             failing = health["failing"]["plex"]
             assert failing["error"] == failure and failing["url"] == f"http://127.0.0.1:{port}"
             assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", failing["since"])
+            async with client.get(f"http://127.0.0.1:{config.control_port}/proxy.pac") as response:
+                pac = await response.text()
+            # Not overridden here: app.plex.tv passes through the proxy untouched, so it goes direct.
+            assert '"plex.tv"' in pac and '"app.plex.tv"' not in pac
             assert {"refused": "connection refused", "not-plex": "did not answer like a Plex",
                     "timeout": "no answer from"}[failure] in failing["detail"]
     finally:
