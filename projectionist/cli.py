@@ -405,7 +405,20 @@ def main(argv: list[str] | None = None) -> int:
         args.pytest_args = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in USES_DEFAULT_FILES and not getattr(args, "file", None):
+        _install_defaults()
     return args.func(args)
+
+
+# Commands that read rules.yaml or datasette_metadata.yml.
+USES_DEFAULT_FILES = {"run", "proxy", "control", "dashboard", "check-rules"}
+
+
+def _install_defaults() -> None:
+    """An installed package's first start copies the default files to the home (config.py); say where."""
+    for path in Config.from_env().install_defaults():
+        print(f"projectionist: wrote the default {path.name} to {path} (first start): edit this copy",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,20 @@ sharing a volume) see the same files. Environment variables override each defaul
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RULES = REPO_ROOT / "rules.yaml"
-DEFAULT_DATASETTE_METADATA = REPO_ROOT / "datasette_metadata.yml"
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+# A source checkout keeps the files the user edits, rules.yaml and datasette_metadata.yml, at its top
+# level. An installed package ships them as package data (projectionist/defaults/, copied there by
+# setup.py's build) and copies them to PROJECTIONIST_HOME on first start: the user edits that copy.
+SOURCE_CHECKOUT = (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "rules.yaml").is_file()
+SHIPPED_DEFAULTS = REPO_ROOT if SOURCE_CHECKOUT else PACKAGE_DIR / "defaults"
+DEFAULT_RULES = SHIPPED_DEFAULTS / "rules.yaml"
+DEFAULT_DATASETTE_METADATA = SHIPPED_DEFAULTS / "datasette_metadata.yml"
 
 
 def _env_path(name: str, default: Path) -> Path:
@@ -87,13 +94,28 @@ class Config:
             d.mkdir(parents=True, exist_ok=True)
         make_private(self.home)
 
+    def install_defaults(self) -> list[Path]:
+        """First start of an installed package: copy the shipped rules.yaml and datasette_metadata.yml
+        to the home, where the user edits them. Returns what it wrote (nothing in a checkout, nothing
+        over an existing file, nothing where PROJECTIONIST_RULES/_DATASETTE_METADATA point)."""
+        written = []
+        for path in (self.rules_path, self.datasette_metadata):
+            shipped = SHIPPED_DEFAULTS / path.name
+            if path.parent == self.home and not path.exists() and shipped.is_file() and shipped != path:
+                self.ensure_dirs()  # private, as every file of the home
+                shutil.copyfile(shipped, path)
+                written.append(path)
+        return written
+
     @classmethod
     def from_env(cls, **overrides) -> Config:
         overrides_env = os.environ.get("PROJECTIONIST_UPSTREAMS", "")
+        home = overrides.get("home") or _env_path("PROJECTIONIST_HOME", Path("~/.config/projectionist").expanduser())
         values = dict(
-            home=_env_path("PROJECTIONIST_HOME", Path("~/.config/projectionist").expanduser()),
-            rules_path=_env_path("PROJECTIONIST_RULES", DEFAULT_RULES),
-            datasette_metadata=_env_path("PROJECTIONIST_DATASETTE_METADATA", DEFAULT_DATASETTE_METADATA),
+            home=home,
+            rules_path=_env_path("PROJECTIONIST_RULES", DEFAULT_RULES if SOURCE_CHECKOUT else home / "rules.yaml"),
+            datasette_metadata=_env_path("PROJECTIONIST_DATASETTE_METADATA", DEFAULT_DATASETTE_METADATA
+                                         if SOURCE_CHECKOUT else home / "datasette_metadata.yml"),
             host=os.environ.get("PROJECTIONIST_HOST", "127.0.0.1"),
             proxy_port=_env_int("PROJECTIONIST_PROXY_PORT", 8080),
             control_port=_env_int("PROJECTIONIST_CONTROL_PORT", 3001),
