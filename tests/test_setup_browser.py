@@ -89,6 +89,15 @@ async def check_setup_page(stack, home: Path, screenshot: str) -> dict[str, tupl
             states["summary"] = ("", await page.text("summary"))
             states["ca-instructions-open"] = (str(await page.evaluate(
                 "document.getElementById('ca-instructions').open")), "")
+            states["player-url"] = ("", await page.evaluate("document.getElementById('player-url').value"))
+            # Accessible: every field has a label, every result is announced, and Tab starts at the skip link.
+            assert await page.evaluate("[...document.querySelectorAll('input')].every(i => i.labels.length > 0)")
+            assert await page.evaluate("[...document.querySelectorAll('.result')]"
+                                       ".every(r => r.getAttribute('role') === 'status')")
+            await page.send("Input.dispatchKeyEvent", type="keyDown", key="Tab", code="Tab",
+                            windowsVirtualKeyCode=9)
+            await page.send("Input.dispatchKeyEvent", type="keyUp", key="Tab", code="Tab", windowsVirtualKeyCode=9)
+            assert await page.evaluate("document.activeElement.className") == "skip"
             shot = await page.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
             artifacts = REPO / "test-artifacts"
             artifacts.mkdir(exist_ok=True)
@@ -109,7 +118,7 @@ async def test_setup_page_all_green_with_the_pac_url_and_the_downloaded_ca(stack
     assert "through the proxy" in states["proxy"][1]
     assert "trusts the proxy's certificate" in states["ca"][1]
     assert "Plex Media Server 1." in states["plex"][1]
-    assert stack.plex_url in states["player"][1]
+    assert stack.plex_url in states["player"][1] and states["player-url"][1] == stack.plex_url
     assert states["summary"][1].startswith("All five steps are done")
 
 
