@@ -27,7 +27,7 @@ from projectionist.redact import RedactSecrets
 from projectionist.store import connect, migrate, schema_version
 
 from . import admin, auth, cache_api, jobs, metrics, openapi, page, security, settings, setup, trakt, upstream_health, usage
-from . import history, library, maintenance, reports  # noqa: F401  (they register their jobs)
+from . import history, library, maintenance, recommendations, reports  # noqa: F401  (they register jobs)
 from .errors import ApiError
 from .keys import (AUTH_RATE_LIMITER, CONFIG, DB, DB_LOCK, HTTP, LIVE_RULES, OPERATIONS, OPTIONS, PLEX_CLIENT_ID,
                    UPSTREAM_HEALTH, UPSTREAMS, VAULT)
@@ -122,7 +122,7 @@ def create_app(config: Config, options: ControlOptions | None = None) -> web.App
     setup.install(app)
     app.add_routes(openapi.routes)
     app.add_routes(metrics.routes)
-    openapi.register(app, auth.api, settings.api, usage.api, admin.api, trakt.api, jobs.api)
+    openapi.register(app, auth.api, settings.api, usage.api, admin.api, trakt.api, jobs.api, recommendations.api)
     if isinstance(getattr(cache_api, "api", None), openapi.Api):  # documented from its models too
         openapi.register(app, cache_api.api)
     else:

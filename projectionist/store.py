@@ -455,6 +455,26 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        12,
+        "recommendations per user",
+        """
+        -- Written by the recommendations job (control/recommendations.py): what to watch next, in
+        -- order, and the titles the user watched that led to each.
+        CREATE TABLE recommendations (
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            media_type TEXT NOT NULL,
+            tmdb_id INTEGER NOT NULL,
+            title TEXT NOT NULL,
+            year INTEGER,
+            score REAL NOT NULL,
+            because TEXT NOT NULL DEFAULT '[]',
+            refreshed_at REAL NOT NULL,
+            PRIMARY KEY (user_id, position)
+        );
+        """,
+    ),
 )
 
 SCHEMA_VERSION = max(version for version, _, _ in MIGRATIONS)

@@ -125,9 +125,27 @@ async function runJob(name) {
   }
 }
 
+async function loadRecommendations() {
+  const result = await api("GET", "/api/recommendations");
+  if (!result.ok) return;
+  const list = $("recommendations-list");
+  list.replaceChildren();
+  for (const item of result.data.items) {
+    const entry = document.createElement("li");
+    entry.textContent = `${item.title}${item.year ? ` (${item.year})` : ""}, because you watched ${item.because.join(", ")}`;
+    list.appendChild(entry);
+  }
+  if (!result.data.items.length) {
+    const entry = document.createElement("li");
+    entry.textContent = "Nothing yet: watch something first.";
+    list.appendChild(entry);
+  }
+  list.dataset.loaded = String(Date.now());
+}
+
 async function refreshAll() {
   if (await loadSession()) {
-    await Promise.all([loadSettings(), loadUsage(), loadJobs()]);
+    await Promise.all([loadSettings(), loadUsage(), loadJobs(), loadRecommendations()]);
   }
 }
 
