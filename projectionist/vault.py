@@ -178,15 +178,19 @@ class Vault:
 
     def surrogate_for(self, kind: str, real: str, user_id: int | None, server_id: str | None = None,
                       expires_at: str | None = None) -> str:
-        """The surrogate standing for `real`: the existing one for this user, or a new one."""
+        """The surrogate standing for `real`: the existing one for this user, or a new one. A token
+        first seen without a server (a Plex account token) that a server lists as its own access
+        token (an owner's, on plex.tv `resources`) is bound to that server from then on."""
         hashes = self.box.lookup_hashes(real)
         row = self.conn.execute(
-            f"SELECT surrogate_enc FROM vault_tokens WHERE real_hmac IN ({_marks(hashes)}) AND kind = ? "
+            f"SELECT surrogate_enc, id, server_id FROM vault_tokens WHERE real_hmac IN ({_marks(hashes)}) AND kind = ? "
             "AND user_id IS ? AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?) "
             "ORDER BY id DESC LIMIT 1",
             (*hashes, kind, user_id, utcnow_iso()),
         ).fetchone()
         if row:
+            if server_id is not None and row[2] is None:
+                self.conn.execute("UPDATE vault_tokens SET server_id = ? WHERE id = ?", (server_id, row[1]))
             return self.box.decrypt(row[0])
         surrogate = SURROGATE_PREFIX + secrets.token_urlsafe(24)
         self.conn.execute(

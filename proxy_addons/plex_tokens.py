@@ -87,7 +87,8 @@ class PlexTokens:
         for where, value in presented:
             if is_surrogate(value):
                 entry = await self.store.call(self.store.vault.resolve, value)
-                if entry is None or entry.kind != PLEX:
+                if entry is None or entry.kind != PLEX or (kind == "plex-server" and entry.server_id is None):
+                    # An account surrogate is no server token: a shared server never sees an account token.
                     flow.response = unauthorized(request, kind)
                     return
                 if not self._bound_here(flow, info, entry):
@@ -108,7 +109,8 @@ class PlexTokens:
         for name, value in list(request.query.items(multi=True)):
             for surrogate in set(_EMBEDDED_SURROGATE.findall(value)) if name != TOKEN else ():
                 entry = await self.store.call(self.store.vault.resolve, surrogate)
-                if entry is None or entry.kind != PLEX:
+                if entry is None or entry.kind != PLEX or (kind == "plex-server" and entry.server_id is None):
+                    # An account surrogate is no server token: a shared server never sees an account token.
                     flow.response = unauthorized(request, kind)
                     return
                 if not self._bound_here(flow, info, entry):

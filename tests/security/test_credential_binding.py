@@ -15,6 +15,8 @@ import pytest
 from aiohttp import web
 
 from fake_upstreams.data import (
+    PLEX_ACCOUNT_TOKEN,
+    PLEX_ACCOUNT_TOKEN_2,
     PLEX_SERVER_TOKEN,
     PMS_MACHINE_ID,
     TMDB_V3_KEY,
@@ -233,3 +235,26 @@ async def test_absolute_form_url_on_the_reverse_listener_stays_on_base_url(proxy
     assert b"MediaContainer" in answer
     assert [req.path for req in fakes.plex.requests] == ["/library/sections"]
     assert catcher.connections == []
+
+
+async def test_an_account_surrogate_is_not_accepted_as_a_server_token(proxy, tmp_path, fakes):
+    """The PMS gets only tokens plex.tv listed as a server's: a user's account token would let a
+    shared server's owner act as that user at plex.tv. An owner whose server lists the account
+    token itself (plex.tv does that for owned servers) keeps one surrogate, bound to the server."""
+    vault = Vault(tmp_path / "projectionist.db", SecretBox.load(tmp_path, create=False))
+    try:
+        user = upsert_plex_user(vault.conn, "24689013", "trinity_k")
+        account = vault.surrogate_for("plex", PLEX_ACCOUNT_TOKEN_2, user)  # PIN sign-in: no server
+        owner = upsert_plex_user(vault.conn, "18573262", "mrandersson")
+        owned = vault.surrogate_for("plex", PLEX_ACCOUNT_TOKEN, owner)
+        assert vault.surrogate_for("plex", PLEX_ACCOUNT_TOKEN, owner, PMS_MACHINE_ID) == owned
+    finally:
+        vault.close()
+    fakes.clear()
+    async with httpx.AsyncClient(trust_env=False, timeout=20) as c:
+        refused = await c.get(f"http://127.0.0.1:{proxy.reverse_port}/library/sections",
+                              params={"X-Plex-Token": account}, headers={"Accept": "application/json"})
+        served = await c.get(f"http://127.0.0.1:{proxy.reverse_port}/library/sections",
+                             params={"X-Plex-Token": owned}, headers={"Accept": "application/json"})
+    assert refused.status_code == 401 and served.status_code == 200
+    assert [r.param("X-Plex-Token") for r in fakes.plex.requests] == [PLEX_ACCOUNT_TOKEN]
