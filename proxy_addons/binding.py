@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 import re
 import socket
 from collections.abc import Iterable, Mapping
@@ -34,10 +35,14 @@ from mitmproxy.net.http import url
 
 from projectionist.rules import Rules
 
+from . import flowinfo
+
+log = logging.getLogger(__name__)
+
 PLEX_DIRECT = ".plex.direct"
 # Where the upstreams take credentials in a URL: these never survive a redirect to another host.
 CREDENTIAL_PARAMS = frozenset({"x-plex-token", "api_key", "access_token", "token", "client_secret", "session_id"})
-_PRESENTED = "projectionist.presented"  # flow.metadata: the credential parameters as the client sent them
+_PRESENTED = "projectionist.presented"  # flow.metadata: the request target as the client sent it
 _DASHED_V4 = re.compile(r"^(\d{1,3})-(\d{1,3})-(\d{1,3})-(\d{1,3})$")
 
 Address = tuple[str, int]
@@ -166,12 +171,30 @@ def misdirection(flow: http.HTTPFlow, rules: Rules, name: str | None) -> tuple[s
 
 # --- redirects --------------------------------------------------------------------------------------
 
+class Redirects:
+    """A redirect never carries the credentials the proxy injected. Placed after the rate limiter's
+    retries in the chain, so that a redirect fetched again is scrubbed too."""
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if (response is None or not 300 <= response.status_code < 400 or "location" not in response.headers
+                or (info := flowinfo.get(flow)) is None):
+            return
+        if scrub_location(flow, redirect_is_same_host(flow, response.headers["location"])):
+            log.info("removed credentials from a redirect's Location (%s)", info.route)
+
+
 def remember_presented(flow: http.HTTPFlow) -> None:
-    """Keep the credential parameters as the client sent them (surrogates), before they are swapped."""
-    query = flow.request.query if "?" in flow.request.path else ()
-    presented = {k.lower(): v for k, v in (query.items(multi=True) if query else ()) if k.lower() in CREDENTIAL_PARAMS}
-    if presented:
-        flow.metadata[_PRESENTED] = presented
+    """Keep the request target as the client sent it (with its surrogates), before credentials are
+    swapped in; parsed only if a redirect comes back."""
+    if "?" in flow.request.path:
+        flow.metadata[_PRESENTED] = flow.request.path
+
+
+def _presented_params(flow: http.HTTPFlow) -> dict[str, str]:
+    path = flow.metadata.get(_PRESENTED, "")
+    return {k.lower(): v for k, v in parse_qsl(path.partition("?")[2], keep_blank_values=True)
+            if k.lower() in CREDENTIAL_PARAMS}
 
 
 def scrub_location(flow: http.HTTPFlow, same_host: bool) -> bool:
@@ -180,7 +203,7 @@ def scrub_location(flow: http.HTTPFlow, same_host: bool) -> bool:
     if not location:
         return False
     injected = _injected_values(flow.request)
-    presented: dict[str, str] = flow.metadata.get(_PRESENTED, {})
+    presented = _presented_params(flow)
     parts = urlsplit(location)
     fields = parse_qsl(parts.query, keep_blank_values=True)
     kept = []

@@ -17,6 +17,7 @@ unrelated traffic passes through byte for byte and is never recorded; or it is r
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
@@ -177,16 +178,6 @@ class Router:
         if (ip := binding.embedded_ip(host)) is not None:
             data.server.address = (ip, port)
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        """A redirect never carries the credentials the proxy injected (see binding.py)."""
-        response = flow.response
-        if (response is None or not 300 <= response.status_code < 400 or flowinfo.get(flow) is None
-                or "location" not in response.headers):
-            return
-        location = response.headers["location"]
-        if binding.scrub_location(flow, binding.redirect_is_same_host(flow, location)):
-            log.info("removed credentials from a redirect's Location (%s)", flowinfo.get(flow).route)
-
 
 @functools.lru_cache(maxsize=1024)
 def _address(target: str) -> tuple[str, str, int]:
@@ -205,6 +196,25 @@ def _pretty_host(request: http.Request) -> str:
     return _authority_host(authority) if authority else request.host
 
 
+def open_proxy_warning(rules: Rules, listen_host: str) -> str | None:
+    """Why this configuration is an open proxy, if it is: a non-loopback listener that passes
+    traffic for any host on (`proxy.unknown_hosts: pass`)."""
+    if rules.model.proxy.unknown_hosts != "pass" or _is_loopback(listen_host):
+        return None
+    return (f"open proxy: the explicit proxy listens on {listen_host or 'every address'} and passes traffic for "
+            "hosts not named in rules.yaml (proxy.unknown_hosts: pass), so anyone who can reach it can use it; "
+            "listen on 127.0.0.1 or set proxy.unknown_hosts: refuse")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # "" (every address) or a name
+
+
 class Listeners:
     """Keeps mitmproxy's listeners in step with the reverse listeners declared in rules.yaml."""
 
@@ -220,9 +230,15 @@ class Listeners:
 
     def running(self) -> None:
         self._apply()
+        self._warn_if_open()
 
     def _rules_changed(self, _rules: Rules) -> None:
         self._apply()
+        self._warn_if_open()
+
+    def _warn_if_open(self) -> None:
+        if self.watcher.rules is not None and (warning := open_proxy_warning(self.watcher.rules, ctx.options.listen_host)):
+            log.warning(warning)
 
     def _apply(self) -> None:
         if not ctx.options.projectionist_manage_listeners or self.watcher.rules is None:

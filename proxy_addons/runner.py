@@ -19,6 +19,7 @@ from mitmproxy.master import Master
 from projectionist.config import Config
 from projectionist.rules import load_rules
 
+from .binding import Redirects
 from .credentials import CredentialStore
 from .dispatch import CachedDispatchAddonManager, install_inline_hooks
 from .image_cache import ImageCache
@@ -45,14 +46,16 @@ def projectionist_addons() -> list:
     Rate limits: `RateLimit` comes after the credentials (it keys on user and credential kind) and
     after the caches, so hits never reach it; the caches' own fetches go through it as their
     `upstream_gate`. Its `UpstreamRetry` half comes before the credential addons, so that an
-    answer fetched again after an upstream 429/503 is rewritten like any other."""
+    answer fetched again after an upstream 429/503 is rewritten like any other, and before
+    `Redirects`, which takes injected credentials out of every redirect's Location."""
     watcher = RulesWatcher()
     router = Router(watcher)
     store = CredentialStore()
     cache = ResponseCache(watcher)
     images = ImageCache(watcher, router)
     limiter = RateLimit(watcher, cache, images)
-    return [watcher, SetupHost(), router, Listeners(watcher, router), store, limiter.retry, PlexTokens(store, watcher, router),
+    return [watcher, SetupHost(), router, Listeners(watcher, router), store, limiter.retry, Redirects(),
+            PlexTokens(store, watcher, router),
             TmdbKey(store), TraktCredentials(store), cache, images, limiter,
             LargeBodies(watcher),
             UsageRecorder(), ViewingHistory(), OpsListener(watcher)]

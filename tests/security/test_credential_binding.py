@@ -27,7 +27,7 @@ from fake_upstreams.data import (
 from projectionist.vault import SecretBox, Vault, upsert_plex_user
 
 from .adversary import Catcher, ca_context, raw_exchange, start_proxy, status_of, usage_rows
-from support import LocalUpstream
+from support import REPO, LocalUpstream
 
 pytestmark = pytest.mark.e2e
 
@@ -258,3 +258,17 @@ async def test_an_account_surrogate_is_not_accepted_as_a_server_token(proxy, tmp
                              params={"X-Plex-Token": owned}, headers={"Accept": "application/json"})
     assert refused.status_code == 401 and served.status_code == 200
     assert [r.param("X-Plex-Token") for r in fakes.plex.requests] == [PLEX_ACCOUNT_TOKEN]
+
+
+def test_a_public_listener_that_passes_unknown_hosts_is_called_an_open_proxy():
+    from projectionist.rules import parse_rules
+    from proxy_addons.router import open_proxy_warning
+
+    rules = parse_rules((REPO / "rules.yaml").read_text())
+    assert rules.model.proxy.unknown_hosts == "pass"
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert open_proxy_warning(rules, host) is None
+    for host in ("0.0.0.0", "", "192.168.1.5", "::"):
+        assert "open proxy" in open_proxy_warning(rules, host)
+    refusing = parse_rules((REPO / "rules.yaml").read_text().replace("unknown_hosts: pass", "unknown_hosts: refuse"))
+    assert open_proxy_warning(refusing, "0.0.0.0") is None
