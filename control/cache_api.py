@@ -11,10 +11,12 @@ from __future__ import annotations
 import sqlite3
 import time
 from typing import Literal
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from pydantic import BaseModel, Field, model_validator
 
+from projectionist.cache_store import without_key_neutral_params
 from projectionist.store import utcnow_iso
 
 from .openapi import ADMIN, Api, Call
@@ -59,9 +61,10 @@ class StatsQuery(BaseModel):
 
 
 class FlushRequest(BaseModel):
-    target: Literal["all", "bucket", "route", "prefix"]
-    value: str | None = Field(default=None, max_length=200,
-                              description="bucket name, route name or key-hash prefix (hex)")
+    target: Literal["all", "bucket", "route", "prefix", "url"]
+    value: str | None = Field(default=None, max_length=4096,
+                              description="bucket name, route name, key-hash prefix (hex), or an upstream URL as "
+                                          "the player requests it (every user's and variant's entry of that URL)")
 
     @model_validator(mode="after")
     def _value_matches_target(self) -> FlushRequest:
@@ -69,6 +72,14 @@ class FlushRequest(BaseModel):
             raise ValueError(f"value is required to flush a {self.target}")
         if self.target == "prefix" and not all(c in "0123456789abcdef" for c in self.value or ""):
             raise ValueError("a key prefix is hexadecimal (cache keys are SHA-256 hashes)")
+        if self.target == "url":
+            parts = urlsplit(self.value or "")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("a URL to flush is absolute: http(s)://host/path?query")
+            # Normalised like a key: a token in the URL is never stored with the request.
+            self.value = without_key_neutral_params(self.value)
+        elif self.value and len(self.value) > 200:
+            raise ValueError("value is at most 200 characters")
         return self
 
 
@@ -171,7 +182,7 @@ async def get_cache_stats(request: web.Request, call: Call) -> CacheStats:
     return await query(request.app, cache_stats, call.query.hours)
 
 
-@api.post("/api/cache/flush", summary="Flush the cache: everything, a bucket, a route, or a key prefix",
+@api.post("/api/cache/flush", summary="Flush the cache: everything, a bucket, a route, a key prefix, or one URL",
           access=ADMIN, body=FlushRequest, response=FlushQueued, status=202)
 async def post_cache_flush(request: web.Request, call: Call) -> FlushQueued:
     body: FlushRequest = call.body

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import diskcache
 
@@ -34,6 +34,14 @@ KEY_NEUTRAL_PARAMS = CREDENTIAL_PARAMS | DEVICE_PARAMS
 def key_query(query: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The query as part of a key: sorted, without credentials and device identity."""
     return sorted((k, v) for k, v in query if k.lower() not in KEY_NEUTRAL_PARAMS)
+
+
+def without_key_neutral_params(url: str) -> str:
+    """A URL as a key sees it: its credentials and device identity left out (flush by URL stores
+    and logs this form only, never a token)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() not in KEY_NEUTRAL_PARAMS]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def uri_key(upstream: str, method: str, path: str, query: Iterable[tuple[str, str]]) -> str:
@@ -65,6 +73,7 @@ class Entry:
     partition: str
     hits: int = 0
     memory_only: bool = False
+    uri: str = ""  # its uri_key (flush by URL); entries stored before it existed have none
 
     @property
     def size(self) -> int:

@@ -35,6 +35,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from urllib.parse import parse_qsl, urlsplit
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -406,7 +407,7 @@ class ResponseCache:
             body=fetched.body, stored_at=now or time.time(), ttl=ttl,
             stale_while_revalidate=rule.stale_while_revalidate, stale_if_error=rule.stale_if_error,
             route=info.match.route_name, partition=self._partition(rule, info) or "",
-            memory_only=rule.memory_only,
+            memory_only=rule.memory_only, uri=uri,
         )
         self._put(key, uri, entry)
         return True
@@ -478,10 +479,33 @@ class ResponseCache:
             keys = [k for k, (route, _) in self.index.items() if route == value]
         elif target == "prefix":
             keys = [k for k in set(self.index) | set(self.memory.keys()) if k.startswith(value or "\0")]
+        elif target == "url":
+            keys = await self._keys_of_url(value or "")
         else:
             return 0
         await self._forget_async(keys, reason="flushed")
         return len(set(keys))
+
+    async def _keys_of_url(self, url: str) -> list[str]:
+        """Every partition's and variant's entry of an upstream URL as the player sends it (the
+        explicit proxy's host, or a reverse listener's address), normalised like the keys."""
+        rules = self.watcher.rules
+        parts = urlsplit(url)
+        if rules is None or not parts.hostname:
+            return []
+        upstream = rules.upstream_for_host(parts.hostname)
+        if upstream is None and parts.port is not None:
+            upstream = rules.reverse_listener(parts.port)
+        if upstream is None:
+            return []
+        uri = uri_key(upstream, "GET", parts.path or "/", parse_qsl(parts.query, keep_blank_values=True))
+        keys = list(self._variants.get(uri, {}))
+        unknown = [k for k in self.index if k not in self._uri_of]  # on disk since an earlier run
+        if unknown:
+            def read() -> list[str]:
+                return [k for k in unknown if (e := self.disk.get(k)) is not None and e.uri == uri]
+            keys += await asyncio.get_running_loop().run_in_executor(self._executor, read)
+        return keys
 
     async def _drop_expired(self) -> int:
         """Entries past their last usable moment: from memory, and from disk (diskcache knows their expiry)."""

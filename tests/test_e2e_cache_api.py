@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sqlite3
+from contextlib import closing
 
 import pytest
 
@@ -49,3 +51,35 @@ def test_flush_needs_an_admin_and_the_csrf_token(stack):
     assert admin.request("POST", "/api/cache/flush", json={"target": "all"}, csrf=False).status_code == 403
     bad = admin.request("POST", "/api/cache/flush", json={"target": "prefix", "value": "not-hex"})
     assert bad.status_code == 400 and bad.json()["fields"]
+
+
+def test_flush_by_url_drops_that_url_for_every_user_and_variant_only(stack, clean_fakes):
+    """The URL as the player sends it (token, device identity and parameter order included) names
+    every user's and variant's entry of it; other URLs stay cached; no token is stored."""
+    alice, bob = RecordingClient(stack), RecordingClient(stack)
+    token_a = alice.server(alice.login(PLEX_ACCOUNT_TOKEN))["accessToken"]
+    token_b = bob.server(bob.login(PLEX_ACCOUNT_TOKEN_2))["accessToken"]
+    path = "/library/sections/1/all?sort=titleSort&X-Plex-Container-Start=0"
+    other = f"{stack.plex_url}/library/sections/2/all?X-Plex-Token="
+    for player, token in ((alice, token_a), (bob, token_b)):
+        for accept in ("application/json", "application/xml"):
+            player.request("GET", f"{stack.plex_url}{path}&X-Plex-Token={token}", headers={"Accept": accept})
+        player.request("GET", other + token, headers={"Accept": "application/json"})
+    admin = admin_client(stack)
+    url = (f"{stack.plex_url}/library/sections/1/all?X-Plex-Container-Start=0&X-Plex-Client-Identifier=some-browser"
+           f"&sort=titleSort&X-Plex-Token={token_a}")
+    flushed = admin.request("POST", "/api/cache/flush", json={"target": "url", "value": url})
+    assert flushed.status_code == 202 and token_a not in flushed.text
+    request_id = flushed.json()["id"]
+    def applied():
+        with closing(sqlite3.connect(stack.db_path, timeout=10)) as conn:
+            return conn.execute("SELECT value, flushed FROM cache_flush_requests WHERE id = ? AND applied_at IS NOT NULL",
+                                (request_id,)).fetchone()
+    value, count = wait_for(applied, what="the proxy to apply the flush by URL")
+    assert count == 4 and token_a not in value and "some-browser" not in value
+    for player, token in ((alice, token_a), (bob, token_b)):
+        again = player.request("GET", f"{stack.plex_url}{path}&X-Plex-Token={token}", headers={"Accept": "application/json"})
+        assert "detail=flushed" in again.headers["Cache-Status"]
+        assert "hit" in player.request("GET", other + token, headers={"Accept": "application/json"}).headers["Cache-Status"]
+    bad = admin.request("POST", "/api/cache/flush", json={"target": "url", "value": "/library/sections"})
+    assert bad.status_code == 400

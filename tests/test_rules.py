@@ -50,6 +50,23 @@ def test_first_matching_route_wins(upstream, method, path, query, route):
     assert parse_rules(MINIMAL).match(upstream, method, path, query).route_name == route
 
 
+@pytest.mark.parametrize("path, route", [
+    ("/3/discover/movie", "tmdb.discover"),
+    ("/3/discover/tv", "tmdb.discover"),
+    ("/3/person/6384", "tmdb.person"),
+    ("/3/person/6384/combined_credits", "tmdb.person"),
+    ("/3/person/popular", "tmdb.lists"),
+    ("/3/movie/603/credits", "tmdb.details"),
+    ("/3/search/multi", "tmdb.search"),
+])
+def test_shipped_tmdb_routes_discover_and_people_apart_from_details(path, route):
+    rules = load_rules(REPO / "rules.yaml")
+    match = rules.match("tmdb", "GET", path, {})
+    assert match.route_name == route and match.route.rule.cache is not None
+    if route == "tmdb.discover":
+        assert match.route.rule.cache.ttl <= 3600  # popularity-ordered: not the details' day
+
+
 def test_errors_name_line_column_and_key():
     found = problems("""\
         version: 1
