@@ -51,6 +51,14 @@ def short_ttls(rules: dict) -> None:
     rules["proxy"]["upstream_timeout"] = 1
 
 
+def long_ttls(rules: dict) -> None:
+    """short_ttls, but tmdb.details fresh for a minute: for tests whose timing a slow machine stretches."""
+    short_ttls(rules)
+    for route in rules["routes"]:
+        if route["name"] == "tmdb.details":
+            route["cache"]["ttl"] = 60
+
+
 @pytest.fixture
 async def upstream():
     async with Upstream() as up:
@@ -120,7 +128,7 @@ async def test_the_fetch_outlives_a_leader_that_disconnects(tmp_path, upstream):
     """Origin at 1 s; the first client gives up at 0.4 s; 100 identical requests meanwhile: still
     one upstream request, every follower answered from it, and the answer stored."""
     def slow_origin(rules: dict) -> None:
-        short_ttls(rules)
+        long_ttls(rules)
         rules["proxy"]["upstream_timeout"] = 5
     proxy = await start_embedded_proxy(tmp_path, [f"tmdb={upstream.url}"], slow_origin)
     client = Client(proxy)
@@ -140,8 +148,11 @@ async def _leader_disconnects(client: Client, upstream: Upstream) -> None:
     leader.cancel()  # the connection closes: the proxy sees its client go away
     results = await asyncio.gather(*followers)
     assert upstream.calls[TMDB_PATH] == 1
-    assert all(status == 200 and body["n"] == 1 and "collapsed" in headers["Cache-Status"]
+    # On a loaded machine a few followers arrive after the answer was stored: hits, not collapsed.
+    assert all(status == 200 and body["n"] == 1 and ("collapsed" in headers["Cache-Status"] or
+                                                     headers["Cache-Status"].startswith("Projectionist; hit"))
                for status, headers, body in results)
+    assert sum("collapsed" in headers["Cache-Status"] for _, headers, _ in results) >= 50
     _, headers, _ = await client.get(TMDB_PATH)
     assert headers["Cache-Status"].startswith("Projectionist; hit") and upstream.calls[TMDB_PATH] == 1
 
@@ -271,6 +282,8 @@ async def test_hits_carry_cors_for_the_requesting_origin(client, upstream):
 
 
 async def test_entries_survive_a_restart_and_are_mirrored_without_urls(tmp_path, upstream):
+    async def start_proxy(tmp_path, upstream):  # fresh across a (slow) restart
+        return await start_embedded_proxy(tmp_path, [f"tmdb={upstream.url}"], long_ttls)
     proxy = await start_proxy(tmp_path, upstream)
     client = Client(proxy)
     await client.get(f"{TMDB_PATH}?api_key=secret-looking-value")
