@@ -1,6 +1,8 @@
 """The control plane: an aiohttp app that owns identity, settings and administration.
 
-`/health`, the settings page (`/`), and the JSON API under `/api/`: sign-in and sessions
+`/health` (degraded while a Plex server does not answer: upstream_health.py), the first-run page
+`/setup` with `/proxy.pac` and the CA downloads (setup.py), the settings page (`/`), and the JSON
+API under `/api/`: sign-in and sessions
 (auth.py), Trakt (trakt.py), per-user settings and the localStorage import (settings.py), usage
 (usage.py), administration (admin.py), the response cache (cache_api.py), and the OpenAPI
 document of all of it (openapi.py). Each module brings its route table; this factory wires them

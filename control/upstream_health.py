@@ -2,7 +2,9 @@
 
 `/health` reports `degraded` (still HTTP 200: the control plane itself works) with the failing
 upstream, why, and since when; the setup page runs the same check live. A Plex server answers
-`/identity` without a token, so the check needs no secret.
+`/identity` without a token, so the check needs no secret. A task of its own rather than a job
+of control/jobs.py: the result is this process's state, and wants no lease or `job_runs` row
+every 30 seconds.
 """
 
 from __future__ import annotations

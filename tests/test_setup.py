@@ -278,3 +278,29 @@ def test_every_subcommand_help_lists_its_options_and_environment():
                                 capture_output=True, text=True, timeout=60).stdout
     assert "PROJECTIONIST_RULES" in check_help and "PROJECTIONIST_TMDB_API_KEY" not in check_help
 
+
+
+def test_upstream_health_keeps_since_while_the_state_holds_and_resets_it_on_a_change(monkeypatch):
+    from control import upstream_health
+    from control.upstream_health import Check, UpstreamHealth
+
+    moments = iter(["2026-01-01T10:00:00+00:00", "2026-01-01T10:05:00+00:00", "2026-01-01T10:09:00+00:00"])
+
+    class Clock:
+        @staticmethod
+        def now(_tz):
+            class Stamp:
+                def isoformat(self, timespec):
+                    return next(moments)
+            return Stamp()
+
+    monkeypatch.setattr(upstream_health, "datetime", Clock)
+    health = UpstreamHealth()
+    down = health.record("plex", Check(False, "http://pms:32400", "refused", "connection refused"))
+    assert down.since == "2026-01-01T10:00:00+00:00" and set(health.failing()) == {"plex"}
+    again = health.record("plex", Check(False, "http://pms:32400", "refused", "connection refused"))
+    assert again.since == "2026-01-01T10:00:00+00:00"  # still down since the first failure
+    other = health.record("plex", Check(False, "http://pms:32400", "timeout", "no answer"))
+    assert other.since == "2026-01-01T10:05:00+00:00"  # a different failure starts its own period
+    up = health.record("plex", Check(True, "http://pms:32400", version="1.43.2"))
+    assert up.since == "2026-01-01T10:09:00+00:00" and health.failing() == {}
