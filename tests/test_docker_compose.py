@@ -232,6 +232,7 @@ def _free_port() -> int:
 
 class _StandIn(http.server.BaseHTTPRequestHandler):
     health_status = "ok"
+    health_code = 200
 
     def do_GET(self):  # noqa: N802
         if self.path == "/health":
@@ -241,7 +242,7 @@ class _StandIn(http.server.BaseHTTPRequestHandler):
         else:
             self.send_error(404)
             return
-        self.send_response(200)
+        self.send_response(self.health_code if self.path == "/health" else 200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -259,7 +260,7 @@ def stand_in():
     try:
         yield server
     finally:
-        _StandIn.health_status = "ok"
+        _StandIn.health_status, _StandIn.health_code = "ok", 200
         server.shutdown()
         server.server_close()
 
@@ -290,10 +291,18 @@ def test_healthcheck_fails_when_nothing_listens(compose, name):
     assert _run_healthcheck(compose, name, _free_port()) != 0
 
 
-@pytest.mark.parametrize("name", ("proxy", "control"))
-def test_healthcheck_fails_when_not_ready(compose, stand_in, name):
+def test_healthcheck_fails_when_not_ready(compose, stand_in):
     _StandIn.health_status = "degraded"
-    assert _run_healthcheck(compose, name, stand_in.server_address[1]) != 0
+    assert _run_healthcheck(compose, "proxy", stand_in.server_address[1]) != 0
+
+
+def test_control_healthcheck_degraded_by_plex_is_up_but_database_down_is_not(compose, stand_in):
+    """Plex unreachable: /health says "degraded" with 200 (the control plane works, and /setup says
+    why); the database unavailable: 503."""
+    _StandIn.health_status = "degraded"
+    assert _run_healthcheck(compose, "control", stand_in.server_address[1]) == 0
+    _StandIn.health_code = 503
+    assert _run_healthcheck(compose, "control", stand_in.server_address[1]) != 0
 
 
 # --- Dockerfile ------------------------------------------------------------------------------------
