@@ -102,12 +102,42 @@ class _Strict(BaseModel):
 
 # --- schema ------------------------------------------------------------------------------------
 
+class Timeouts(_Strict):
+    """Seconds allowed for each phase of an upstream exchange (nginx's proxy_connect_timeout,
+    proxy_read_timeout): opening the connection, the first byte of the answer after the request
+    went out, and any gap between two reads of the body. Unset fields inherit: route, then
+    upstream, then `proxy.timeouts`."""
+
+    connect: Seconds | None = Field(default=None, gt=0)
+    first_byte: Seconds | None = Field(default=None, gt=0)
+    idle: Seconds | None = Field(default=None, gt=0)
+
+
+@dataclass(frozen=True)
+class ResolvedTimeouts:
+    connect: float
+    first_byte: float
+    idle: float
+
+    @property
+    def until_headers(self) -> float:
+        return self.connect + self.first_byte
+
+
 class ProxySettings(_Strict):
     unknown_hosts: Literal["pass", "refuse"] = "pass"
     # Responses bigger than this (or of unknown length with a media type) stream through.
     stream_threshold: ByteSize = 1_000_000
     # Seconds the cache waits for an upstream before answering stale or a clean 504.
     upstream_timeout: Seconds = Field(default=15, gt=0)
+    # Every upstream exchange's timeouts; unset: connect 5 s, first_byte and idle upstream_timeout.
+    timeouts: Timeouts = Timeouts()
+    # With a stale entry usable (stale_if_error), the client gets it after this many seconds of
+    # waiting while the fetch goes on in the background for the cache (Varnish's grace).
+    stale_timeout: Seconds = Field(default=2, gt=0)
+    # Request bodies bigger than this are refused with 413 (routes may set their own max_body);
+    # nginx's client_max_body_size.
+    max_request_body: ByteSize = 10_000_000
     # Rate-limit state shared by several proxy processes (redis://host:port/db); unset: in-process.
     # The environment's PROJECTIONIST_REDIS_URL wins over this.
     redis_url: str | None = Field(default=None, pattern=r"^(redis|rediss|unix)://")
@@ -209,6 +239,7 @@ class Upstream(_Strict):
     # `when_overridden`: its hosts pass through untouched (TLS not intercepted) unless an upstream override
     # (PROJECTIONIST_UPSTREAMS) sends them elsewhere: the offline demo serves app.plex.tv's sign-in page.
     intercept: Literal["always", "when_overridden"] = "always"
+    timeouts: Timeouts = Timeouts()
 
     @field_validator("base_url", "public_url")
     @classmethod
@@ -238,6 +269,8 @@ class Route(_Strict):
     credentials: CredentialKind | None = None  # None: the upstream's
     stream: bool = False
     record: bool = True
+    timeouts: Timeouts = Timeouts()
+    max_body: ByteSize | None = None  # request body limit; None: proxy.max_request_body
 
     @field_validator("methods")
     @classmethod
@@ -607,6 +640,21 @@ class Match:
         if self.route and self.route.rule.credentials is not None:
             return self.route.rule.credentials
         return self.upstream.credentials
+
+    def timeouts(self, proxy: ProxySettings) -> ResolvedTimeouts:
+        """The route's timeouts, else the upstream's, else proxy.timeouts, else the defaults."""
+        layers = [t for t in (self.route.rule.timeouts if self.route else None, self.upstream.timeouts, proxy.timeouts) if t]
+
+        def pick(name: str, default: float) -> float:
+            return next((v for t in layers if (v := getattr(t, name)) is not None), default)
+
+        return ResolvedTimeouts(pick("connect", 5.0), pick("first_byte", proxy.upstream_timeout),
+                                pick("idle", proxy.upstream_timeout))
+
+    def max_body(self, proxy: ProxySettings) -> int:
+        if self.route and self.route.rule.max_body is not None:
+            return self.route.rule.max_body
+        return proxy.max_request_body
 
 
 @dataclass

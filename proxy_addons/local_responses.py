@@ -69,3 +69,31 @@ def misdirected(request: http.Request, upstream_kind: str) -> http.Response:
     else:
         body, content_type = (MISDIRECTED + "\n").encode(), "text/plain; charset=utf-8"
     return http.Response.make(421, body, {"Content-Type": content_type, **cors_headers(request, upstream_kind)})
+
+
+# TMDB's own codes: 24 "Your request to the backend server timed out", 43 "Couldn't connect to the backend server".
+_TMDB_GATEWAY = {504: 24, 502: 43}
+
+
+def gateway_error(request: http.Request, upstream_kind: str, status: int, message: str) -> http.Response:
+    """502/504 in the upstream's own format, for an upstream that failed or did not answer in time."""
+    title = "Gateway Timeout" if status == 504 else "Bad Gateway"
+    wants_json = "json" in request.headers.get("Accept", "")
+    if upstream_kind == "plex-tv":
+        error = {"code": status, "message": f"{title}: {message}", "status": status}
+        body, content_type = ((json.dumps({"errors": [error]}).encode(), "application/json") if wants_json else (
+            ('<?xml version="1.0" encoding="UTF-8"?>\n<errors>\n  <error code="%d" message="%s" status="%d"/>\n'
+             '</errors>\n' % (status, f"{title}: {message}", status)).encode(), "application/xml"))
+    elif upstream_kind == "tmdb":
+        body = json.dumps({"status_code": _TMDB_GATEWAY[status], "status_message": f"{title}: {message}",
+                           "success": False}).encode()
+        content_type = "application/json;charset=utf-8"
+    elif upstream_kind == "trakt":
+        body = json.dumps({"error": title.lower().replace(" ", "_"), "error_description": message}).encode()
+        content_type = "application/json"
+    elif upstream_kind == "plex-server":
+        body = f"<html><head><title>{title}</title></head><body><h1>{status} {title}</h1></body></html>".encode()
+        content_type = "text/html"
+    else:
+        body, content_type = f"{title}: {message}\n".encode(), "text/plain; charset=utf-8"
+    return http.Response.make(status, body, {"Content-Type": content_type, **cors_headers(request, upstream_kind)})

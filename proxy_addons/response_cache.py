@@ -50,7 +50,7 @@ from projectionist.metrics import CACHE_EVICTIONS, add_cache_source, remove_cach
 from projectionist.rules import CacheRule
 
 from . import flowinfo
-from .local_responses import cors_headers
+from .local_responses import cors_headers, gateway_error
 from .rules_watch import RulesWatcher
 from .upstream_fetch import Fetched, fetch, upstream_session
 
@@ -235,9 +235,16 @@ class ResponseCache:
             stale_ok = entry is not None and entry.usable_stale(cache.stale_if_error)
             owned = self._inflight[key] = self._spawn(self._owned_fetch(key, uri, flow.copy(), stale_ok))
             owned.add_done_callback(lambda done, key=key: self._inflight.pop(key, None) if self._inflight.get(key) is done else None)
+        # Varnish's grace: with a stale entry usable, a sick upstream costs the client
+        # proxy.stale_timeout at most; the owned fetch goes on and stores.
+        graced = entry is not None and entry.usable_stale(cache.stale_if_error)
+        wait = self.watcher.rules.model.proxy.stale_timeout if graced else self._timeout() + _FOLLOW_SLACK
         try:
-            outcome = await asyncio.wait_for(asyncio.shield(owned), self._timeout() + _FOLLOW_SLACK)
-        except TimeoutError as exc:  # the fetch goes on and stores; this client gets its 504 now
+            outcome = await asyncio.wait_for(asyncio.shield(owned), wait)
+        except TimeoutError as exc:  # the fetch goes on and stores; this client gets stale or its 504 now
+            if graced:
+                info.cache_reason = "stale:stale-timeout"
+                return self._serve(flow, info, key, entry, "stale", detail="fwd=stale; detail=stale-timeout")
             outcome = exc
         except asyncio.CancelledError:
             if owned.cancelled():  # the proxy is shutting down
@@ -335,10 +342,8 @@ class ResponseCache:
             info.cache_reason = "stale:stale-if-error"
             return self._serve(flow, info, key, stale, "stale", detail="fwd=stale; detail=stale-if-error")
         gateway = 504 if isinstance(exc, TimeoutError) else 502
-        flow.response = http.Response.make(
-            gateway, f"{'Gateway Timeout' if gateway == 504 else 'Bad Gateway'}: the upstream did not answer\n",
-            {"Content-Type": "text/plain; charset=utf-8", "Cache-Status": f"Projectionist; {miss.params(fwd_status=gateway)}",
-             **cors_headers(flow.request, info.match.upstream.kind)})
+        flow.response = gateway_error(flow.request, info.match.upstream.kind, gateway, "the upstream did not answer")
+        flow.response.headers["Cache-Status"] = f"Projectionist; {miss.params(fwd_status=gateway)}"
         info.cache = "miss"
 
     def _bypass(self, flow: http.HTTPFlow, info, miss: Miss) -> None:
@@ -364,7 +369,10 @@ class ResponseCache:
         return await self._fetch_once(flow)
 
     async def _fetch_once(self, flow: http.HTTPFlow) -> Fetched:
-        return await fetch(self.session, flow.request, self._timeout())
+        info = flowinfo.get(flow)
+        rules = self.watcher.rules
+        timeouts = info.match.timeouts(rules.model.proxy) if info is not None and rules is not None else self._timeout()
+        return await fetch(self.session, flow.request, timeouts)
 
     # --- the response path --------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from .setup_host import SetupHost
 from .router import Listeners, Router, listener_modes, parse_overrides
 from .rules_watch import RulesWatcher
 from .streaming import LargeBodies
+from .timed_forward import TimedForward
 from .tmdb_key import TmdbKey
 from .trakt_credentials import TraktCredentials
 from .usage import UsageRecorder
@@ -47,7 +48,10 @@ def projectionist_addons() -> list:
     after the caches, so hits never reach it; the caches' own fetches go through it as their
     `upstream_gate`. Its `UpstreamRetry` half comes before the credential addons, so that an
     answer fetched again after an upstream 429/503 is rewritten like any other, and before
-    `Redirects`, which takes injected credentials out of every redirect's Location."""
+    `Redirects`, which takes injected credentials out of every redirect's Location.
+
+    `TimedForward` comes after everything that may answer or hold a request: what reaches it is
+    fetched with the route's timeouts instead of mitmproxy's untimed forwarding."""
     watcher = RulesWatcher()
     router = Router(watcher)
     store = CredentialStore()
@@ -57,7 +61,7 @@ def projectionist_addons() -> list:
     return [watcher, SetupHost(), router, Listeners(watcher, router), store, limiter.retry, Redirects(),
             PlexTokens(store, watcher, router),
             TmdbKey(store), TraktCredentials(store), cache, images, limiter,
-            LargeBodies(watcher),
+            LargeBodies(watcher), TimedForward(watcher),
             UsageRecorder(), ViewingHistory(), OpsListener(watcher)]
 
 

@@ -8,11 +8,14 @@ are dropped both ways; the answer carries its own Content-Length.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
 import aiohttp
 from mitmproxy import http
+
+from projectionist.rules import ResolvedTimeouts
 
 from .binding import PlexDirectResolver
 
@@ -47,11 +50,35 @@ def upstream_session(auto_decompress: bool = False) -> aiohttp.ClientSession:
                                  connector=aiohttp.TCPConnector(limit=100, resolver=PlexDirectResolver()))
 
 
-async def fetch(session: aiohttp.ClientSession, request: http.Request, timeout: float) -> Fetched:
+class ResponseTooLarge(aiohttp.ClientError):
+    """The answer's body went past the size the caller buffers."""
+
+
+async def fetch(session: aiohttp.ClientSession, request: http.Request, timeouts: ResolvedTimeouts | float,
+                max_bytes: int | None = None) -> Fetched:
+    """Connect, first-byte and idle timeouts raise TimeoutError (a float is all three). aiohttp's
+    sock_read times the first byte; it also applies to every body read, so a gap in the body may
+    last min(idle, first_byte)."""
+    if not isinstance(timeouts, ResolvedTimeouts):
+        timeouts = ResolvedTimeouts(timeouts, timeouts, timeouts)
     headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in HOP_BY_HOP]
-    async with session.request(request.method, request.url, headers=headers, allow_redirects=False,
-                               data=request.raw_content or None, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-        body = await r.read()
+    async with asyncio.timeout(timeouts.until_headers):  # also bounds a slow upload of the request
+        r = await session.request(request.method, request.url, headers=headers, allow_redirects=False,
+                                  data=request.raw_content or None,
+                                  timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect,
+                                                                sock_read=timeouts.first_byte))
+    try:
+        body = bytearray()
+        while True:
+            async with asyncio.timeout(timeouts.idle):
+                chunk = await r.content.readany()
+            if not chunk:
+                break
+            body += chunk
+            if max_bytes is not None and len(body) > max_bytes:
+                raise ResponseTooLarge(f"answer over {max_bytes} bytes")
+    finally:
+        r.release()
     fields = [(k, v) for k, v in r.raw_headers if k.lower().decode() not in HOP_BY_HOP]
     fields.append((b"content-length", str(len(body)).encode()))
-    return Fetched(r.status, fields, body, r.reason.encode() if r.reason else b"")
+    return Fetched(r.status, fields, bytes(body), r.reason.encode() if r.reason else b"")

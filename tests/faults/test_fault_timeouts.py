@@ -1,0 +1,123 @@
+"""Issue 16 case 2: every upstream exchange of a route has connect, first-byte and idle timeouts.
+
+Through the embedded proxy's real reverse listener, against an aiohttp origin that hangs on
+command: forwarded uncached requests get a 504 in Plex's format within the timeout, a route
+overrides its upstream's timeouts, a body that stalls midway is cut off by the idle timeout, and
+with a stale entry usable the client gets it within `stale_timeout` while the fetch goes on for
+the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from support import LocalUpstream, free_port, start_embedded_proxy
+
+TOKEN = "X-Plex-Token=t-old-client"
+
+
+class HangingOrigin(LocalUpstream):
+    def __init__(self) -> None:
+        super().__init__()
+        self.delay = 0.0  # before the headers
+        self.body = "v1"
+        self.released = asyncio.Event()  # set at teardown: hung handlers end, the server stops at once
+
+    async def hang(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.released.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/stall-body" or request.path.startswith("/library/metadata/stall"):
+            response = web.StreamResponse(headers={"Content-Type": "application/xml"})
+            response.content_length = 100
+            await response.prepare(request)
+            await response.write(b"<MediaContainer")
+            await self.hang(60)
+            return response
+        await self.hang(self.delay)
+        if request.path == "/identity":
+            return web.Response(text='<MediaContainer machineIdentifier="x"/>', content_type="application/xml")
+        if request.path == "/library/sections":
+            return web.json_response({"MediaContainer": {"size": 1, "title": self.body}})
+        return web.Response(status=404)
+
+
+class PlexTv(LocalUpstream):
+    """Knows no token at once (the proxy asks plex.tv whose a newly seen token is)."""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"errors": [{"code": 1001, "message": "User could not be authenticated",
+                                              "status": 401}]}, status=401)
+
+
+def timeouts_edit(rules: dict) -> None:
+    rules["proxy"]["stale_timeout"] = 0.5
+    rules["upstreams"]["plex"]["timeouts"] = {"connect": 2, "first_byte": 3, "idle": 1}
+    for route in rules["routes"]:
+        if route["name"] == "plex.identity":
+            route["timeouts"] = {"first_byte": 1}
+        if route["name"] == "plex.sections":
+            # shared: the test's token belongs to no user, whose answers are never stored
+            route["cache"] = dict(route["cache"], ttl=1, stale_while_revalidate=0, scope="shared")
+
+
+@pytest.fixture
+async def setup(tmp_path):
+    async with HangingOrigin() as origin, PlexTv() as plextv:
+        port = free_port()
+        proxy = await start_embedded_proxy(tmp_path, [f"plex={origin.url}", f"plextv={plextv.url}"],
+                                           timeouts_edit, plex_listen=port)
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as client:
+                yield origin, f"http://127.0.0.1:{port}", client
+        finally:
+            origin.released.set()
+            await proxy.stop()
+
+
+async def timed_get(client, url: str, **kw) -> tuple[int, str, dict, float]:
+    started = time.monotonic()
+    async with client.get(url, **kw) as r:
+        return r.status, await r.text(), dict(r.headers), time.monotonic() - started
+
+
+async def test_hung_origin_gets_a_504_in_plex_format_within_the_route_timeout(setup):
+    origin, base, client = setup
+    status, _, _, _ = await timed_get(client, f"{base}/identity")
+    assert status == 200
+    origin.delay = 90
+    status, body, headers, took = await timed_get(client, f"{base}/identity")
+    assert status == 504 and took < 4, (status, took)  # the route's first_byte: 1 s (the upstream says 3)
+    assert headers["Content-Type"].startswith("text/html") and "504 Gateway Timeout" in body
+    # Another route of the same upstream: the upstream's 3 s.
+    status, _, _, took = await timed_get(client, f"{base}/library/metadata/42/children?{TOKEN}")
+    assert status == 504 and 2.5 < took < 8, (status, took)
+
+
+async def test_a_body_that_stalls_is_cut_off_by_the_idle_timeout(setup):
+    _, base, client = setup
+    status, _, _, took = await timed_get(client, f"{base}/library/metadata/stall?{TOKEN}")
+    assert status == 504 and took < 5, (status, took)
+
+
+async def test_stale_within_stale_timeout_while_the_fetch_goes_on_for_the_cache(setup):
+    origin, base, client = setup
+    url = f"{base}/library/sections?{TOKEN}"
+    status, body, _, _ = await timed_get(client, url)
+    assert status == 200 and "v1" in body
+    await asyncio.sleep(1.3)  # past the 1 s ttl: stale, usable for stale_if_error
+    origin.delay, origin.body = 2.0, "v2"  # slow, under the 3 s first-byte timeout
+    status, body, headers, took = await timed_get(client, url)
+    assert status == 200 and "v1" in body and took < 1.8, (status, took)
+    assert "stale-timeout" in headers.get("Cache-Status", "")
+    await asyncio.sleep(1.8)  # the background fetch has answered (at ~2 s) and been stored
+    origin.delay = 90
+    status, body, headers, took = await timed_get(client, url)
+    assert status == 200 and "v2" in body and took < 1.8, (status, body, headers)
