@@ -22,7 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .config import PRIVATE_UMASK, REPO_ROOT, Config
+from .config import PORT_VARIABLES, PRIVATE_UMASK, REPO_ROOT, Config, ConfigError
+from .lifetime import child_preexec
 from .rules import RulesError, load_rules
 
 # Fake upstream names (fake_upstreams) -> upstream names in the shipped rules.yaml.
@@ -34,6 +35,42 @@ DEMO_ALSO_SERVES = {"plex-web": "plextv", "trakt-web": "trakt"}
 
 
 log = logging.getLogger("projectionist")
+
+class StartError(Exception):
+    """A service cannot start for a reason the user fixes (exit 2, one line, no traceback)."""
+
+
+def service_ports(config: Config, service: str) -> list[tuple[int, str]]:
+    """(port, the setting that moves it) for each port `service` listens on."""
+    if service == "proxy":
+        ports = [(config.proxy_port, PORT_VARIABLES["proxy"])]
+        if config.proxy_metrics_port:
+            ports.append((config.proxy_metrics_port, PORT_VARIABLES["proxy metrics"]))
+        try:
+            rules = load_rules(config.rules_path)
+        except RulesError:
+            return ports
+        return ports + [(port, f"upstreams.{name}.listen in {config.rules_path}")
+                        for port, name in rules.reverse_listeners().items()]
+    return [(config.control_port if service == "control" else config.dashboard_port,
+             PORT_VARIABLES["control plane" if service == "control" else "dashboard"])]
+
+
+def ensure_ports_free(config: Config, service: str) -> None:
+    """Fail before starting anything (so nothing is left behind) when a port is taken."""
+    import errno
+    import socket
+
+    for port, setting in service_ports(config, service):
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+            try:
+                probe.bind((config.host, port))
+            except OSError as exc:
+                why = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+                raise StartError(f"port {port} on {config.host} for the {service} {why}; "
+                                 f"stop what holds it or change {setting}") from None
+
 
 def cmd_check_rules(args: argparse.Namespace) -> int:
     path = Path(args.file) if args.file else Config.from_env().rules_path
@@ -128,8 +165,13 @@ def cmd_proxy(_args: argparse.Namespace) -> int:
 
     from .logs import setup_logging
 
+    config = Config.from_env()
+    ensure_ports_free(config, "proxy")
     setup_logging("proxy")
-    asyncio.run(serve(Config.from_env()))
+    try:
+        asyncio.run(serve(config))
+    except RuntimeError as exc:  # a listener that did not start (a port taken since the check)
+        raise StartError(f"the proxy did not start: {exc}") from None
     return 0
 
 
@@ -138,8 +180,10 @@ def cmd_control(_args: argparse.Namespace) -> int:
 
     from .logs import setup_logging
 
+    config = Config.from_env()
+    ensure_ports_free(config, "control")
     setup_logging("control")
-    serve(Config.from_env())
+    serve(config)
     return 0
 
 
@@ -148,6 +192,7 @@ def cmd_dashboard(_args: argparse.Namespace) -> int:
     from .store import open_db
 
     config = Config.from_env()
+    ensure_ports_free(config, "dashboard")
     try:
         cmd = datasette_command(config)
         config.ensure_dirs()
@@ -197,7 +242,7 @@ def _wait_port(host: str, port: int, deadline: float) -> bool:
 def _start_fakes(env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
     base_port = env.get("PROJECTIONIST_DEMO_PORT", "18100")
     fakes = subprocess.Popen([sys.executable, "-m", "fake_upstreams", "--base-port", base_port],
-                             env=env, stdout=subprocess.PIPE, text=True)
+                             env=env, stdout=subprocess.PIPE, text=True, preexec_fn=child_preexec())
     overrides: dict[str, str] = {}
     while len(overrides) < len(DEMO_UPSTREAMS):
         line = fakes.stdout.readline()
@@ -231,6 +276,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RulesError as exc:
         print(f"{exc}\nNot starting: fix {config.rules_path} first.", file=sys.stderr)
         return 1
+    for service in ("proxy", "control", "dashboard"):
+        ensure_ports_free(config, service)
     config.ensure_dirs()
     open_db(config.db_path).conn.close()  # migrate once, before the services race for it
 
@@ -243,7 +290,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for service in ("proxy", "control", "dashboard"):
         # Services log to stderr (Datasette's server logs to stdout): stdout carries only the banner.
         children[service] = subprocess.Popen([sys.executable, "-m", "projectionist", service], env=env,
-                                             stdout=sys.stderr)
+                                             stdout=sys.stderr, preexec_fn=child_preexec())
 
     stopping = False
 
@@ -405,9 +452,13 @@ def main(argv: list[str] | None = None) -> int:
         args.pytest_args = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in USES_DEFAULT_FILES and not getattr(args, "file", None):
-        _install_defaults()
-    return args.func(args)
+    try:
+        if args.command in USES_DEFAULT_FILES and not getattr(args, "file", None):
+            _install_defaults()
+        return args.func(args)
+    except (ConfigError, StartError) as exc:
+        print(f"projectionist: {exc}", file=sys.stderr)
+        return 2
 
 
 # Commands that read rules.yaml or datasette_metadata.yml.

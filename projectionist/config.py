@@ -29,9 +29,24 @@ def _env_path(name: str, default: Path) -> Path:
     return Path(value).expanduser() if value else default
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value else default
+class ConfigError(ValueError):
+    """A PROJECTIONIST_* value that cannot be used: names the variable, the value and what is allowed."""
+
+
+def _env_port(name: str, default: int, allow_zero: bool = False) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    low = 0 if allow_zero else 1
+    if not value.isdigit() or not low <= int(value) <= 65535:
+        allowed = "a port number from 1 to 65535" + (", or 0 for none" if allow_zero else "")
+        raise ConfigError(f"{name}={value!r} is not valid: use {allowed}")
+    return int(value)
+
+
+# Which variable moves each service's port (for "port already in use" messages).
+PORT_VARIABLES = {"proxy": "PROJECTIONIST_PROXY_PORT", "control plane": "PROJECTIONIST_CONTROL_PORT",
+                  "dashboard": "PROJECTIONIST_DASHBOARD_PORT", "proxy metrics": "PROJECTIONIST_PROXY_METRICS_PORT"}
 
 
 # Files 0600, directories 0700: the home holds the database, tokens' ciphertext, caches of
@@ -117,10 +132,10 @@ class Config:
             datasette_metadata=_env_path("PROJECTIONIST_DATASETTE_METADATA", DEFAULT_DATASETTE_METADATA
                                          if SOURCE_CHECKOUT else home / "datasette_metadata.yml"),
             host=os.environ.get("PROJECTIONIST_HOST", "127.0.0.1"),
-            proxy_port=_env_int("PROJECTIONIST_PROXY_PORT", 8080),
-            control_port=_env_int("PROJECTIONIST_CONTROL_PORT", 3001),
-            dashboard_port=_env_int("PROJECTIONIST_DASHBOARD_PORT", 8001),
-            proxy_metrics_port=_env_int("PROJECTIONIST_PROXY_METRICS_PORT", 0),
+            proxy_port=_env_port("PROJECTIONIST_PROXY_PORT", 8080),
+            control_port=_env_port("PROJECTIONIST_CONTROL_PORT", 3001),
+            dashboard_port=_env_port("PROJECTIONIST_DASHBOARD_PORT", 8001),
+            proxy_metrics_port=_env_port("PROJECTIONIST_PROXY_METRICS_PORT", 0, allow_zero=True),
             upstream_overrides=tuple(p for p in overrides_env.split(",") if p.strip()),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})

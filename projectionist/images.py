@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 import diskcache
 
 from .cache_store import Entry
+from .lifetime import die_with
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,15 @@ class Result:
     detail: str = ""
 
 
-def _init_worker(nice: int) -> None:
+def _init_worker(nice: int, parent_pid: int | None = None) -> None:
     """Workers yield the CPU to the proxy: its event loop must not wait for a core because a
     transcode holds it. A raised nice value gives them a small share of a busy core (about a tenth
     against one normal process) and SCHED_BATCH stops their wake-ups preempting the proxy. Not
     SCHED_IDLE: on a host kept busy by something else (Plex transcoding, say) an idle-class worker
     never runs, and every image miss would time out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy shuts its pool down itself
+    if parent_pid is not None:
+        die_with(parent_pid)
     if nice:
         try:
             os.nice(nice)
@@ -209,7 +212,7 @@ class ImagePool:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
         executor = concurrent.futures.ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=_init_worker, initargs=(self.nice,),
+            self.workers, mp_context=context, initializer=_init_worker, initargs=(self.nice, os.getpid()),
             max_tasks_per_child=self.max_tasks_per_child)
         # Start every worker now (blocking: this runs in a thread), so no request pays for it.
         for future in [executor.submit(os.getpid) for _ in range(self.workers)]:
