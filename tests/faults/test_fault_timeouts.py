@@ -44,8 +44,8 @@ class HangingOrigin(LocalUpstream):
         await self.hang(self.delay)
         if request.path == "/identity":
             return web.Response(text='<MediaContainer machineIdentifier="x"/>', content_type="application/xml")
-        if request.path == "/library/sections":
-            return web.json_response({"MediaContainer": {"size": 1, "title": self.body}})
+        if request.path == "/3/search/movie":
+            return web.json_response({"page": 1, "results": [{"title": self.body}]})
         return web.Response(status=404)
 
 
@@ -60,20 +60,21 @@ class PlexTv(LocalUpstream):
 def timeouts_edit(rules: dict) -> None:
     rules["proxy"]["stale_timeout"] = 0.5
     rules["upstreams"]["plex"]["timeouts"] = {"connect": 2, "first_byte": 3, "idle": 1}
+    rules["upstreams"]["tmdb"]["timeouts"] = {"first_byte": 3}
     for route in rules["routes"]:
         if route["name"] == "plex.identity":
             route["timeouts"] = {"first_byte": 1}
-        if route["name"] == "plex.sections":
-            # shared: the test's token belongs to no user, whose answers are never stored
-            route["cache"] = dict(route["cache"], ttl=1, stale_while_revalidate=0, scope="shared")
+        if route["name"] == "tmdb.search":
+            route["cache"] = dict(route["cache"], ttl=1)
 
 
 @pytest.fixture
 async def setup(tmp_path):
     async with HangingOrigin() as origin, PlexTv() as plextv:
         port = free_port()
-        proxy = await start_embedded_proxy(tmp_path, [f"plex={origin.url}", f"plextv={plextv.url}"],
-                                           timeouts_edit, plex_listen=port)
+        proxy = await start_embedded_proxy(tmp_path, [f"plex={origin.url}", f"plextv={plextv.url}",
+                                                      f"tmdb={origin.url}"], timeouts_edit, plex_listen=port)
+        origin.proxy_url = f"http://127.0.0.1:{proxy.ports['regular']}"
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as client:
                 yield origin, f"http://127.0.0.1:{port}", client
@@ -109,15 +110,27 @@ async def test_a_body_that_stalls_is_cut_off_by_the_idle_timeout(setup):
 
 async def test_stale_within_stale_timeout_while_the_fetch_goes_on_for_the_cache(setup):
     origin, base, client = setup
-    url = f"{base}/library/sections?{TOKEN}"
-    status, body, _, _ = await timed_get(client, url)
+    # TMDB search through the explicit proxy: shared answers, stale_if_error a day.
+    url, via = "http://api.themoviedb.org/3/search/movie?query=matrix", {"proxy": origin.proxy_url}
+    status, body, _, _ = await timed_get(client, url, **via)
     assert status == 200 and "v1" in body
     await asyncio.sleep(1.3)  # past the 1 s ttl: stale, usable for stale_if_error
     origin.delay, origin.body = 2.0, "v2"  # slow, under the 3 s first-byte timeout
-    status, body, headers, took = await timed_get(client, url)
+    status, body, headers, took = await timed_get(client, url, **via)
     assert status == 200 and "v1" in body and took < 1.8, (status, took)
     assert "stale-timeout" in headers.get("Cache-Status", "")
     await asyncio.sleep(1.8)  # the background fetch has answered (at ~2 s) and been stored
     origin.delay = 90
-    status, body, headers, took = await timed_get(client, url)
+    status, body, headers, took = await timed_get(client, url, **via)
     assert status == 200 and "v2" in body and took < 1.8, (status, body, headers)
+
+
+async def test_a_hung_tmdb_gets_a_504_in_tmdb_format(setup):
+    origin, _, client = setup
+    origin.delay = 90
+    started = time.monotonic()
+    async with client.get("http://api.themoviedb.org/3/movie/550", proxy=origin.proxy_url) as r:
+        body = await r.json(content_type=None)
+    took = time.monotonic() - started
+    assert r.status == 504 and took < 8, (r.status, took)
+    assert body["status_code"] == 24 and body["success"] is False  # TMDB's "backend server timed out"
