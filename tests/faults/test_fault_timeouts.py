@@ -65,7 +65,7 @@ def timeouts_edit(rules: dict) -> None:
         if route["name"] == "plex.identity":
             route["timeouts"] = {"first_byte": 1}
         if route["name"] == "tmdb.search":
-            route["cache"] = dict(route["cache"], ttl=1)
+            route["cache"] = dict(route["cache"], ttl=1, stale_while_revalidate=0)
 
 
 @pytest.fixture
