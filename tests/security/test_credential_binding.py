@@ -272,3 +272,38 @@ def test_a_public_listener_that_passes_unknown_hosts_is_called_an_open_proxy():
         assert "open proxy" in open_proxy_warning(rules, host)
     refusing = parse_rules((REPO / "rules.yaml").read_text().replace("unknown_hosts: pass", "unknown_hosts: refuse"))
     assert open_proxy_warning(refusing, "0.0.0.0") is None
+
+
+async def test_a_server_token_goes_only_to_that_servers_connections(tmp_path, fakes, catcher):
+    """With the fake PMS known only from plex.tv resources (base_url elsewhere): its plex.direct
+    name is refused until resources were seen, then served with its own token; a token of another
+    server (another machine identifier) is refused there, and the PMS never sees it."""
+
+    def plex_elsewhere(rules: dict) -> None:
+        rules["upstreams"]["plex"]["base_url"] = f"http://127.0.0.1:{catcher.port}"
+
+    proxy = await start_proxy(tmp_path, fakes, plex_elsewhere)
+    try:
+        vault = Vault(tmp_path / "projectionist.db", SecretBox.load(tmp_path, create=False))
+        owner = upsert_plex_user(vault.conn, "18573262", "mrandersson")
+        account = vault.surrogate_for("plex", PLEX_ACCOUNT_TOKEN, owner)
+        foreign = vault.surrogate_for("plex", "tokenOfAnotherServer0", owner, "another-machine-identifier")
+        vault.close()
+        plex_port = fakes.urls["plex"].rsplit(":", 1)[1]
+        sections = f"http://127-0-0-1.0123abcd.plex.direct:{plex_port}/library/sections"
+        accept = {"Accept": "application/json"}
+        fakes.clear()
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{proxy.ports['regular']}", trust_env=False,
+                                     timeout=20) as c:
+            before = await c.get(sections, params={"X-Plex-Token": foreign}, headers=accept)  # nothing known yet
+            server = (await c.get("http://plex.tv/api/v2/resources", headers={"X-Plex-Token": account, **accept}))
+            server_token = next(r for r in server.json() if "server" in r["provides"])["accessToken"]
+            served = await c.get(sections, params={"X-Plex-Token": server_token}, headers=accept)
+            refused = await c.get(sections, params={"X-Plex-Token": foreign}, headers=accept)
+    finally:
+        await proxy.stop()
+    assert server_token.startswith("pj_")
+    assert before.status_code == 421 and refused.status_code == 421 and b"Misdirected" in refused.content
+    assert served.status_code == 200
+    assert [r.param("X-Plex-Token") for r in fakes.plex.requests] == [PLEX_SERVER_TOKEN]
+    assert catcher.connections == []
