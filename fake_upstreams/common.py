@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class FakeState:
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
         self.down = False
+        self.latency = 0.0  # seconds every answer waits: a remote server's round trips (--latency)
 
     def clear(self) -> None:
         self.requests.clear()
@@ -118,6 +120,8 @@ def build_app(
                 request.transport.abort()
             # aiohttp drops the write quietly once the transport is gone (raising would log a traceback).
             return web.Response(status=503)
+        if state.latency > 0:
+            await asyncio.sleep(state.latency)
         if request.method == "OPTIONS":
             return cors.preflight(request)
         try:

@@ -17,11 +17,13 @@ class FakeUpstreams:
 
     Attributes: `urls[name]`, `requests[name]` (the live lists of RecordedRequest), and the per-fake state
     objects `plex`, `plextv`, `tmdb`, `tmdb_images`, `trakt` (test hooks and switches live there).
-    `ports` pins chosen fakes to fixed ports; the rest get free ones.
+    `ports` pins chosen fakes to fixed ports; the rest get free ones. `latency` delays every answer
+    of the named fakes by that many seconds (a remote server; `state.latency` changes it later).
     """
 
-    def __init__(self, host: str = "127.0.0.1", ports: dict[str, int] | None = None) -> None:
-        unknown = set(ports or {}) - set(NAMES)
+    def __init__(self, host: str = "127.0.0.1", ports: dict[str, int] | None = None,
+                 latency: dict[str, float] | None = None) -> None:
+        unknown = (set(ports or {}) | set(latency or {})) - set(NAMES)
         if unknown:
             raise ValueError(f"unknown fake(s): {sorted(unknown)}")
         self.host = host
@@ -33,6 +35,8 @@ class FakeUpstreams:
         self.trakt = trakt.TraktState()
         self.urls: dict[str, str] = {}
         self._runners: list[web.AppRunner] = []
+        for name, seconds in (latency or {}).items():  # e.g. {"plex": 0.08, "tmdb": 0.15}
+            self.states[name].latency = seconds
 
     @property
     def states(self) -> dict[str, FakeState]:

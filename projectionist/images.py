@@ -174,6 +174,11 @@ def _encode(im, fmt: str, job: Job, icc: bytes | None) -> bytes:
     return out.getvalue()
 
 
+def digest(data: bytes) -> str:
+    """The ETag value of a body (what the workers compute for theirs)."""
+    return _digest(data)
+
+
 def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=12).hexdigest()
 
@@ -252,6 +257,10 @@ class ImagePool:
                     self._replace(executor, f"a job ran over {self.timeout:g}s", kill=True)
                     raise
 
+    def saturated(self) -> bool:
+        """Every worker busy: a job submitted now would wait for CPU work queued before it."""
+        return self._semaphore is not None and self._semaphore.locked()
+
     def _replace(self, executor: concurrent.futures.ProcessPoolExecutor, why: str, kill: bool = False) -> None:
         if self._executor is not executor:
             return  # someone replaced it already
@@ -297,6 +306,7 @@ class ImageEntry(Entry):
     width: int = 0
     height: int = 0
     body_size: int = 0  # of the body, in the metadata stored without it
+    provisional: bool = False  # the upstream's original, stored while the encoders were busy
 
     @property
     def size(self) -> int:

@@ -57,6 +57,7 @@ from projectionist.images import (
     Job,
     WorkerCrashed,
     capabilities,
+    digest,
     check_source_url,
     etag_matches,
     negotiate,
@@ -278,8 +279,9 @@ class ImageCache:
             flow.response = outcome.response if leader else outcome.response.copy()
             info.cache = "miss"
         elif isinstance(outcome, ImageEntry):
+            detail = "; detail=encoder-busy" if outcome.provisional else ""
             self._serve(flow, info, rule, key, outcome, "miss", time.time(),
-                        "fwd=miss; stored" if leader else "fwd=miss; collapsed")
+                        ("fwd=miss; stored" if leader else "fwd=miss; collapsed") + detail)
         elif isinstance(outcome, Passthrough):
             flow.response = self._passthrough(flow, info, outcome)
         else:
@@ -398,26 +400,18 @@ class ImageCache:
                 content_type = _header(headers, "content-type") or ""
                 if not content_type.lower().startswith("image/"):
                     return Passthrough(status, headers, body)  # not ours to judge: as it came
-                result = await self.pool.run(transcode, Job(
-                    body, source.target, source.rule.max_width, settings.source_max_pixels,
-                    settings.webp_quality, settings.avif_quality, settings.jpeg_quality))
-                IMAGE_ENCODES.labels(result.outcome.lower()).inc()
-                if result.outcome == TOO_LARGE:
-                    return Refusal(422, f"Unprocessable: the source image is too large ({result.detail})",
-                                   "source-too-large")
-                if result.outcome == NOT_IMAGE:
-                    log.info("image route %s: upstream body is not a decodable image (%s)", source.route,
-                             result.detail)
-                    return Refusal(502, "Bad Gateway: the upstream's image could not be decoded", "not-an-image")
-                rule = source.rule
-                entry = ImageEntry(
-                    status=200, headers=[], body=result.body if result.body is not None else body,
-                    stored_at=time.time(), ttl=YEAR if rule.immutable else rule.ttl,
-                    stale_while_revalidate=0 if rule.immutable else rule.stale_while_revalidate, stale_if_error=0,
-                    route=source.route, partition=source.partition,
-                    content_type=result.content_type or content_type, etag=f'"{result.digest}"',
-                    source_size=len(body), source_etag=_header(headers, "etag"), immutable=rule.immutable,
-                    width=result.width, height=result.height)
+                if not background and (source.target or source.rule.max_width) and self.pool.saturated():
+                    # Every encoder is busy: a person gets the original now (its own type, cached)
+                    # rather than a place in the CPU queue; the encoded variant replaces it later.
+                    entry = self._entry(source, headers, body, body, content_type, digest(body), provisional=True)
+                    self._store(key, entry)
+                    self._spawn(self._encode_later(key, source, headers, body, content_type))
+                    return entry
+                result = await self._encode(source, body)
+                if isinstance(result, Refusal):
+                    return result
+                entry = self._entry(source, headers, body, result.body if result.body is not None else body,
+                                    result.content_type or content_type, result.digest, result.width, result.height)
             self._store(key, entry)
             return entry
         except RateLimited as refused:
@@ -430,6 +424,47 @@ class ImageCache:
         except (aiohttp.ClientError, OSError) as exc:
             log.info("image route %s: upstream failed: %s", source.route, type(exc).__name__)
             return Refusal(502, "Bad Gateway: the upstream did not answer", "fwd-status=502")
+
+    async def _encode(self, source: _Source, body: bytes):
+        settings = self.watcher.rules.model.images
+        result = await self.pool.run(transcode, Job(
+            body, source.target, source.rule.max_width, settings.source_max_pixels,
+            settings.webp_quality, settings.avif_quality, settings.jpeg_quality))
+        IMAGE_ENCODES.labels(result.outcome.lower()).inc()
+        if result.outcome == TOO_LARGE:
+            return Refusal(422, f"Unprocessable: the source image is too large ({result.detail})", "source-too-large")
+        if result.outcome == NOT_IMAGE:
+            log.info("image route %s: upstream body is not a decodable image (%s)", source.route, result.detail)
+            return Refusal(502, "Bad Gateway: the upstream's image could not be decoded", "not-an-image")
+        return result
+
+    @staticmethod
+    def _entry(source: _Source, headers, source_body: bytes, body: bytes, content_type: str, body_digest: str,
+               width: int = 0, height: int = 0, provisional: bool = False) -> ImageEntry:
+        rule = source.rule
+        return ImageEntry(
+            status=200, headers=[], body=body, stored_at=time.time(), ttl=YEAR if rule.immutable else rule.ttl,
+            stale_while_revalidate=0 if rule.immutable else rule.stale_while_revalidate, stale_if_error=0,
+            route=source.route, partition=source.partition, content_type=content_type, etag=f'"{body_digest}"',
+            source_size=len(source_body), source_etag=_header(headers, "etag"), immutable=rule.immutable,
+            width=width, height=height, provisional=provisional)
+
+    async def _encode_later(self, key: str, source: _Source, headers, body: bytes, content_type: str) -> None:
+        """The encoding a busy pool deferred: it replaces the original stored meanwhile (a source
+        the workers refuse is dropped, so the next request gets the refusal)."""
+        try:
+            result = await self._encode(source, body)
+        except (WorkerCrashed, TimeoutError):
+            return  # the original stays: it is a correct answer
+        current = self.memory.get(key)
+        if current is None or not current.provisional:
+            return  # flushed or replaced meanwhile
+        if isinstance(result, Refusal):
+            self._forget([key])
+            await asyncio.get_running_loop().run_in_executor(self._disk, self.store.delete, [key])
+            return
+        self._store(key, self._entry(source, headers, body, result.body if result.body is not None else body,
+                                     result.content_type or content_type, result.digest, result.width, result.height))
 
     async def _fetch(self, source: _Source, max_bytes: int, etag: str | None):
         headers = [*source.headers, ("Accept", _UPSTREAM_ACCEPT), ("Accept-Encoding", "identity")]

@@ -568,3 +568,12 @@ async def test_fixed_ports():
     async with FakeUpstreams(ports={"plex": port}) as fixed:
         assert fixed.urls["plex"] == f"http://127.0.0.1:{port}"
         assert fixed.plextv.pms_url == fixed.urls["plex"]
+
+
+def test_latency_option_names_fakes_and_seconds():
+    import argparse
+
+    from fake_upstreams.__main__ import parse_latency
+    assert parse_latency("plex=0.08,tmdb=0.15") == {"plex": 0.08, "tmdb": 0.15}
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_latency("nosuch=1")

@@ -320,3 +320,54 @@ async def test_misses_wait_for_the_upstreams_rate_limit_and_hits_never_count(tmp
         status, headers, _ = await env.tmdb("/t/p/w185/proxy-limited-2.jpg")
         assert status == 429 and "Retry-After" in headers
         assert env.upstream_calls("tmdb_images", "/t/p/w185/proxy-limited-2.jpg") == 0
+
+
+def saturating(rules: dict) -> None:
+    """One encoder, and no rate limit in the way of the throughput compared."""
+    rules.setdefault("images", {})["workers"] = 1
+    for upstream in rules["upstreams"].values():
+        upstream["limits"] = []
+
+
+async def _throughput(urls, get, concurrency: int = 50) -> tuple[float, list]:
+    queue = list(urls)
+    results = []
+
+    async def worker():
+        while queue:
+            results.append(await get(queue.pop()))
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return len(results) / (time.monotonic() - started), results
+
+
+async def test_a_saturated_encoder_pool_answers_with_the_original_and_encodes_later(tmp_path):
+    """500 distinct image misses at 0.5 s origin latency with one encoder: no errors, the
+    originals' own Content-Type, and at least 70% of the same run's Plex-miss throughput."""
+    async with image_proxy(tmp_path, saturating) as env:
+        env.fakes.plex.latency = env.fakes.tmdb_images.latency = 0.5
+        n = 500
+        plex_rate, plex = await _throughput(
+            [f"/library/sections?saturation={i}" for i in range(n)],
+            lambda path: env.plex(path, accept="application/json"))
+        image_rate, images = await _throughput(
+            [f"/t/p/w92/saturation-{i}.jpg" for i in range(n)], env.tmdb)
+        assert [s for s, _, _ in plex] == [200] * n
+        assert [s for s, _, _ in images] == [200] * n, sorted({(s, h.get("Cache-Status")) for s, h, _ in images if s != 200})
+        assert all(h["Content-Type"] in ("image/jpeg", "image/webp") for _, h, _ in images)
+        originals = [h for _, h, _ in images if "detail=encoder-busy" in h["Cache-Status"]]
+        assert originals and all(h["Content-Type"] == "image/jpeg" for h in originals)
+        ratio = image_rate / plex_rate
+        print(f"image misses {image_rate:.0f}/s, Plex misses {plex_rate:.0f}/s: x{ratio:.2f}; "
+              f"{len(originals)} answered with the original")
+        assert ratio >= 0.7
+        assert env.upstream_calls("tmdb_images", "/t/p/w92/saturation-0.jpg") == 1
+        # Encoded later: the stored original is replaced by the WebP variant, without a refetch.
+        async def encoded():
+            _, headers, _ = await env.tmdb("/t/p/w92/saturation-0.jpg")
+            return headers["Content-Type"] == "image/webp" and "hit" in headers["Cache-Status"]
+        deadline = time.monotonic() + 120
+        while not await encoded():
+            assert time.monotonic() < deadline, "the deferred encodes never replaced the originals"
+            await asyncio.sleep(0.5)
+        assert env.upstream_calls("tmdb_images", "/t/p/w92/saturation-0.jpg") == 1
