@@ -3,6 +3,8 @@ starts one with "Run now" and sees it end; a user who is not an admin never sees
 
 from __future__ import annotations
 
+import dataclasses
+
 import aiohttp
 import pytest
 from support import free_port, write_test_rules
@@ -24,7 +26,10 @@ async def _signed_in_page(page: DevTools, url: str) -> None:
 async def test_admin_runs_a_job_from_the_settings_page(tmp_path, fakes):
     (tmp_path / "home").mkdir()
     write_test_rules(tmp_path / "home" / "rules.yaml", free_port())
-    with control_plane(tmp_path / "home", fakes) as control:
+    control = control_plane(tmp_path / "home", fakes)
+    # Plex sends the browser back to the configured origin (PROJECTIONIST_CONTROL_URL): this one's.
+    control.options = dataclasses.replace(control.options, public_origin=control.url)
+    with control:
         for token, admin in ((PLEX_ACCOUNT_TOKEN, True), (PLEX_ACCOUNT_TOKEN_2, False)):
             async with AppPlexTv(fakes, token) as app_plex_tv:
                 profile = tmp_path / f"profile-{admin}"
