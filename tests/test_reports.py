@@ -4,52 +4,33 @@ alert once per hour; the weekly report carries plays, top titles, requests and s
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-import threading
 import time
 
 import pytest
 from aiohttp import web
+from ratelimit import UpstreamThread
 from support import free_port, wait_for, write_test_rules
 from test_jobs import Admin, control_plane
 
 NOTIFY_SECRET = "webhook-token-0123456789abcdef"
 
 
-class Webhook:
-    """A local receiver of Apprise's json:// notifications, in a thread of its own."""
+class Webhook(UpstreamThread):
+    """A local receiver of Apprise's json:// notifications, on a thread of its own (bench/ratelimit.py's
+    stand-in upstream, answering and recording POSTs)."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__()
         self.received: list[dict] = []
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.received.append({"path": request.path, **json.loads(await request.read())})
         return web.json_response({})
 
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    def __enter__(self) -> Webhook:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
     @property
-    def url(self) -> str:
+    def notify_url(self) -> str:
         return f"json://127.0.0.1:{self.port}/hook/{NOTIFY_SECRET}"
 
 
@@ -58,7 +39,7 @@ def webhook(monkeypatch):
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
     with Webhook() as hook:
-        monkeypatch.setenv("PROJECTIONIST_NOTIFY_URLS", hook.url)
+        monkeypatch.setenv("PROJECTIONIST_NOTIFY_URLS", hook.notify_url)
         yield hook
 
 
