@@ -48,6 +48,26 @@ JOB_SECONDS = Histogram("projectionist_job_duration_seconds", "Duration of job r
                         buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600))
 
 
+class RequestMetrics:
+    """The per-request series of the proxy, with each label set's child looked up once:
+    `labels()` builds a key and takes a lock on every call, the child's `inc()` only its own."""
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, str, str, str], object] = {}
+        self._latency: dict[tuple[str, str], object] = {}
+
+    def record(self, upstream: str, route: str, status: str, cache: str, seconds: float) -> None:
+        key = (upstream, route, status, cache)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = REQUESTS.labels(*key)
+        counter.inc()
+        latency = self._latency.get((upstream, cache))
+        if latency is None:
+            latency = self._latency[(upstream, cache)] = REQUEST_SECONDS.labels(upstream, cache)
+        latency.observe(seconds)
+
+
 # --- cache sizes, read at scrape time -------------------------------------------------------------
 
 CacheSource = Callable[[], tuple[str, str, int, int]]  # -> (bucket, layer, entries, bytes)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 
-from projectionist.metrics import REQUESTS, REQUEST_SECONDS, UPSTREAM_ERRORS
+from projectionist.metrics import UPSTREAM_ERRORS, RequestMetrics
 from projectionist.store import UsageEvent, UsageWriter, open_db
 
 from . import flowinfo
@@ -40,6 +40,7 @@ def reason_from_cache_status(response: http.Response | None) -> str | None:
 class UsageRecorder:
     def __init__(self) -> None:
         self.writer: UsageWriter | None = None
+        self.metrics = RequestMetrics()
 
     def load(self, loader) -> None:
         loader.add_option("projectionist_db", str, "", "Path of Projectionist's SQLite database.")
@@ -82,9 +83,8 @@ class UsageRecorder:
             bytes_out = len(response.raw_content or b"")
         status = response.status_code if response else (502 if error else None)
         seconds = end - flow.request.timestamp_start
-        # Counters only on this path (prometheus-client: a dict look-up and a locked add each).
-        REQUESTS.labels(info.upstream, info.route, str(status), info.cache).inc()
-        REQUEST_SECONDS.labels(info.upstream, info.cache).observe(seconds)
+        # Counters only on this path: a dict look-up and a locked add each.
+        self.metrics.record(info.upstream, info.route, str(status), info.cache, seconds)
         if error or status == 504:
             UPSTREAM_ERRORS.labels(info.upstream, "timeout" if status == 504 or "timeout" in (error or "").lower()
                                    else "error").inc()
