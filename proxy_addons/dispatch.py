@@ -24,12 +24,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import inspect
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 
 from mitmproxy import addonmanager, exceptions, flow, hooks
+from mitmproxy import version as mitmproxy_version
 from mitmproxy.proxy import commands, events, mode_servers
 from mitmproxy.utils import asyncio_utils
 
@@ -159,6 +162,71 @@ class _InlineHooks:
 def _log_hook_error(handler, hook: commands.StartHook, exc: BaseException) -> None:
     # The flow still resumes: a connection left paused on a failed hook would hang its client.
     handler.log(f"hook {hook.name} failed: {exc!r}", logging.ERROR, exc_info=(type(exc), exc, exc.__traceback__))
+
+
+# --- the guard: the private internals above were written against, checked at start -----------
+
+STOCK_DISPATCH_ENV = "PROJECTIONIST_STOCK_DISPATCH"
+
+# sha256 (first 16 hex digits) of the source of every mitmproxy internal this module replaces or
+# mirrors, as in mitmproxy 12.3.1 (pyproject pins the range). Another source means other
+# semantics may hide behind the same names: the stock dispatch is used instead.
+EXPECTED_INTERNALS = {
+    "addonmanager.AddonManager.handle_lifecycle": "38c97e792d1db5b7",
+    "addonmanager.AddonManager.trigger_event": "b763c59bc4992e33",
+    "addonmanager.AddonManager._iter_hooks": "350b419ab7284091",
+    "addonmanager.AddonManager.register": "01ddcca314eebbd3",
+    "addonmanager.AddonManager.add": "6c26295c4f0f4eb9",
+    "addonmanager.AddonManager.remove": "2e93aab2204a39f6",
+    "mode_servers.ProxyConnectionHandler.handle_hook": "9f8b52fd798203c9",
+    "server.ConnectionHandler.hook_task": "9ac7970160526268",
+    "server.ConnectionHandler.server_event": "a2b42657ebe8bf6d",
+    "server.ConnectionHandler.handle_client": "01f1b7cc991c4711",
+    "server.TimeoutWatchdog.disarm": "99af75f94eed883a",
+}
+
+
+def _source_digest(dotted: str) -> str | None:
+    from mitmproxy.proxy import server
+
+    module_name, *path = dotted.split(".")
+    target = {"addonmanager": addonmanager, "mode_servers": mode_servers, "server": server}[module_name]
+    try:
+        for name in path:
+            target = getattr(target, name)
+        target = inspect.unwrap(target)
+        return hashlib.sha256(inspect.getsource(target).encode()).hexdigest()[:16]
+    except (AttributeError, OSError, TypeError):
+        return None
+
+
+def unexpected_internals() -> list[str]:
+    """The internals whose source is not the one this module was written against (once installed,
+    InlineHookConnectionHandler inherits handle_hook, so the check reads the same source)."""
+    return [name for name, digest in EXPECTED_INTERNALS.items() if _source_digest(name) != digest]
+
+
+def choose_dispatch(master) -> bool:
+    """Install the cached, inline dispatch on `master` when the internals are the expected ones
+    (True); else keep mitmproxy's stock dispatch, with one warning (False). The environment's
+    PROJECTIONIST_STOCK_DISPATCH=1 forces the stock dispatch (CI runs the end-to-end tests so)."""
+    if os.environ.get(STOCK_DISPATCH_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        log.info("%s is set: mitmproxy's stock hook dispatch", STOCK_DISPATCH_ENV)
+        restore_stock_hooks()
+        return False
+    changed = unexpected_internals()
+    if changed:
+        log.warning("mitmproxy %s changed internals the fast dispatch replaces (%s); using mitmproxy's stock "
+                    "dispatch (correct, slower)", mitmproxy_version.VERSION, ", ".join(changed))
+        restore_stock_hooks()
+        return False
+    master.addons = CachedDispatchAddonManager(master)  # before any addon is added
+    return install_inline_hooks()
+
+
+def restore_stock_hooks() -> None:
+    if mode_servers.ProxyConnectionHandler is InlineHookConnectionHandler:
+        mode_servers.ProxyConnectionHandler = InlineHookConnectionHandler.__base__
 
 
 def install_inline_hooks() -> bool:

@@ -21,7 +21,7 @@ from projectionist.rules import load_rules
 
 from .binding import Redirects
 from .credentials import CredentialStore
-from .dispatch import CachedDispatchAddonManager, install_inline_hooks
+from .dispatch import choose_dispatch
 from .image_cache import ImageCache
 from .ops_listener import OpsListener
 from .plex_tokens import PlexTokens
@@ -78,6 +78,7 @@ class EmbeddedProxy:
     config: Config
     master: Master | None = None
     _task: asyncio.Task | None = None
+    fast_dispatch: bool = False  # dispatch.choose_dispatch's verdict
     addons: list = field(default_factory=list)
 
     async def start(self, timeout: float = 15.0) -> EmbeddedProxy:
@@ -87,8 +88,7 @@ class EmbeddedProxy:
         overrides = parse_overrides(cfg.upstream_overrides)
         opts = options.Options()
         self.master = Master(opts, event_loop=asyncio.get_running_loop())
-        self.master.addons = CachedDispatchAddonManager(self.master)  # before any addon is added
-        install_inline_hooks()
+        self.fast_dispatch = choose_dispatch(self.master)  # before any addon is added
         self.addons = projectionist_addons()
         self.master.addons.add(*mitmproxy_addons(), *self.addons)
         opts.update(
