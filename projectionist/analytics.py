@@ -160,7 +160,7 @@ class PlaybackWriter(UsageWriter):
                 conn.executemany(_UPSERT_MEDIA, self.media)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            log.warning("playback writer: %d plays not written yet (%s); will retry", len(self.dirty), exc)
+            log.debug("playback writer: %d plays not written yet (%s); will retry", len(self.dirty), exc)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             for play in inserted:

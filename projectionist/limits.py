@@ -310,7 +310,7 @@ class RateLimitWriter(UsageWriter):
             conn.execute("COMMIT")
             return True
         except sqlite3.Error as exc:
-            log.warning("rate-limit writer: batch of %d rows not written yet (%s); will retry", len(events), exc)
+            log.debug("rate-limit writer: batch of %d rows not written yet (%s); will retry", len(events), exc)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             return False

@@ -737,17 +737,29 @@ class UsageWriter:
     """Commits usage rows in batches from its own thread, so a slow disk never slows a request.
 
     `record()` only appends to a queue. The thread flushes every `interval` seconds or as soon as
-    `batch_size` rows are waiting; `close()` flushes whatever is left. A failed write (e.g. the
-    database is locked for longer than the busy timeout) keeps the batch and retries.
+    `batch_size` rows are waiting; `close()` flushes whatever is left. A failed write (the database
+    locked for longer than the busy timeout, a full disk, a read-only file) keeps the rows and
+    retries, warning at most once a minute; past `max_pending` rows the oldest are dropped and
+    counted (projectionist_usage_rows_dropped), never a crash.
+
+    Durability (issue 16 case 6): rows are queued before the answer goes out and committed within
+    `interval` (50 ms) plus one commit; WAL with synchronous=NORMAL keeps every commit through a
+    crash of the process, so `kill -9` loses at most the rows of the last ~interval, a clean stop none.
     """
 
     _STOP = object()
+    WARN_EVERY = 60.0  # seconds between two warnings about failing writes
 
-    def __init__(self, db_path: Path | str, *, interval: float = 0.1, batch_size: int = 500):
+    def __init__(self, db_path: Path | str, *, interval: float = 0.05, batch_size: int = 500,
+                 max_pending: int = 100_000):
         self.db_path = Path(db_path)
         self.interval = interval
         self.batch_size = batch_size
+        self.max_pending = max_pending
         self.written = 0
+        self.dropped = 0
+        self._warned_at = -self.WARN_EVERY
+        self._failures = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
         self._started = False
@@ -787,12 +799,28 @@ class UsageWriter:
                     pending.append(item)
                 if stopping:  # drain what arrived before the stop marker
                     pending.extend(_drain(self._queue))
-                if pending and self._write(conn, pending):
+                if pending and self._write_or_warn(conn, pending):
                     self.written += len(pending)
                     USAGE_ROWS_WRITTEN.inc(len(pending))
                     pending = []
+                    self._failures = 0
+                    continue
+                while not stopping:  # failing: the queue still empties into the bounded list
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is self._STOP:
+                        stopping = True
+                    else:
+                        pending.append(item)
+                if len(pending) > self.max_pending:  # the database has been failing for a while
+                    excess = len(pending) - self.max_pending
+                    del pending[:excess]
+                    self.dropped += excess
+                    USAGE_ROWS_DROPPED.inc(excess)
             if pending:  # a last try on shutdown
-                if self._write(conn, pending):
+                if self._write_or_warn(conn, pending):
                     self.written += len(pending)
                     USAGE_ROWS_WRITTEN.inc(len(pending))
                 else:
@@ -800,6 +828,29 @@ class UsageWriter:
                     log.error("usage writer: %d rows could not be written at shutdown", len(pending))
         finally:
             conn.close()
+
+    def _write_or_warn(self, conn: sqlite3.Connection, events: list) -> bool:
+        """One try; a failure is warned about at most once a minute (a full disk fails every batch)."""
+        cause: object = "see the debug log"
+        try:
+            if self._write(conn, events):
+                self._failures = 0
+                return True
+        except sqlite3.Error as exc:
+            cause = exc
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+        self._failures += 1
+        now = time.monotonic()
+        if now - self._warned_at >= self.WARN_EVERY:
+            self._warned_at = now
+            log.warning("%s: %d rows not written yet (%s); keeping up to %d in memory and retrying",
+                        type(self).__name__, len(events), cause, self.max_pending)
+        time.sleep(min(1.0, self.interval * self._failures))  # back off while it keeps failing
+        return False
 
     @staticmethod
     def _write(conn: sqlite3.Connection, events: list[UsageEvent]) -> bool:
@@ -811,12 +862,10 @@ class UsageWriter:
             conn.executemany(_UPSERT_CACHE_REASON, cache_reason_rollup(events))
             conn.execute("COMMIT")
             return True
-        except sqlite3.Error as exc:
-            log.warning("usage writer: batch of %d rows not written yet (%s); will retry",
-                        len(events), exc)
+        except sqlite3.Error:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            return False
+            raise  # _write_or_warn warns (once a minute) and retries
 
 
 def _drain(q: queue.SimpleQueue) -> list:
