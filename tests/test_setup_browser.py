@@ -72,14 +72,14 @@ async def open_setup_page(stack, home: Path, log: Path) -> tuple[subprocess.Pope
     return browser, next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"]
 
 
-async def check_setup_page(stack, home: Path, screenshot: str) -> dict[str, tuple[str, str]]:
-    """Load /setup, wait for its checks; return {step: (state, text)} and save a screenshot."""
+async def check_setup_page(stack, home: Path, screenshot: str, url: str | None = None) -> dict[str, tuple[str, str]]:
+    """Load /setup (or `url`), wait for its checks; return {step: (state, text)} and save a screenshot."""
     browser, ws_url = await open_setup_page(stack, home, home / "chromium.log")
     try:
         async with aiohttp.ClientSession(trust_env=False) as session, \
                 session.ws_connect(ws_url, max_msg_size=0) as ws:
             page = DevTools(ws)
-            await page.send("Page.navigate", url=f"{stack.control_url}/setup")
+            await page.send("Page.navigate", url=url or f"{stack.control_url}/setup")
             await page.wait_for("document.body && document.body.dataset.checked === 'true'", timeout=40,
                                 what="the setup page's checks")
             states = {}

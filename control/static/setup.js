@@ -3,6 +3,9 @@
 "use strict";
 
 const PROBE_TIMEOUT_MS = 6000;
+// Over https (PROJECTIONIST_CONTROL_URL behind a TLS front) the plain-http probe is mixed content,
+// which the browser blocks: only the https probe can answer there.
+const SECURE_PAGE = location.protocol === "https:";
 
 function step(id, state, text) {
   const section = document.getElementById(`step-${id}`);
@@ -24,10 +27,22 @@ async function probe(url) {
   }
 }
 
-function checkProxy(status, answer) {
+function checkProxy(status, answer, secureAnswer) {
   if (answer && answer.proxy === "projectionist") {
     step("proxy", "ok", `this browser reaches ${status.probe.http} through the proxy.`);
     return true;
+  }
+  if (secureAnswer && secureAnswer.proxy === "projectionist") {  // only the proxy answers it, over https too
+    step("proxy", "ok", `this browser reaches ${status.probe.https} through the proxy.`);
+    return true;
+  }
+  if (SECURE_PAGE) {
+    step("proxy", "fail", `this page is served over https, where the browser may not fetch the plain-http probe, ` +
+         `and ${status.probe.https} did not answer. Open http://${new URL(status.probe.http).host}/ in this ` +
+         `browser: if it says "This browser uses the Projectionist proxy", this step is done and step 2 is not. ` +
+         `If it does not load, set the PAC URL below as the browser's automatic proxy configuration, then reload ` +
+         `this page.`);
+    return false;
   }
   step("proxy", "fail", `this browser does not go through the proxy (${status.probe.http} did not answer). ` +
        `Set the PAC URL below as its automatic proxy configuration, then reload this page.`);
@@ -114,8 +129,9 @@ async function checkAll() {
     const link = document.getElementById(`download-${kind}`);
     if (link) link.href = url;
   }
-  const [plain, secure] = await Promise.all([probe(status.probe.http), probe(status.probe.https)]);
-  const results = [checkProxy(status, plain)];
+  const [plain, secure] = await Promise.all([SECURE_PAGE ? null : probe(status.probe.http),
+                                             probe(status.probe.https)]);
+  const results = [checkProxy(status, plain, secure)];
   results.push(checkCa(status, results[0], secure), checkPlex(status), checkPlayer(status), checkKeys(status));
   const done = results.filter(Boolean).length;
   document.getElementById("summary").textContent = done === results.length
