@@ -28,6 +28,7 @@ from aiohttp import web
 
 from projectionist.vault import Vault, upsert_plex_user
 
+from .admission import NotAdmitted, admit, refusal_page
 from .errors import ApiError, upstream_failed
 from .keys import HTTP, OPTIONS, PLEX_CLIENT_ID, UPSTREAMS, VAULT
 from .models import (
@@ -119,8 +120,9 @@ def complete_sign_in(vault: Vault, pin_id: str, account: dict[str, Any], account
         _sync_admin_flags(conn, admins)
         session_id, expires = create_session(vault, user_id, ttl, user_agent, ip)
         first = conn.execute("SELECT min(id) FROM users").fetchone()[0]
+        granted = conn.execute("SELECT admin_granted FROM users WHERE id = ?", (user_id,)).fetchone()[0]
     user = UserInfo(id=user_id, username=username, thumb=account.get("thumb"), plex_account_id=str(account["id"]),
-                    is_admin=is_admin(admins, str(account["id"]), user_id, first))
+                    is_admin=is_admin(admins, str(account["id"]), user_id, first, granted=bool(granted)))
     return session_id, expires, user
 
 
@@ -128,9 +130,9 @@ def _sync_admin_flags(conn: sqlite3.Connection, admins: frozenset[str]) -> None:
     """users.is_admin mirrors the rule (shown by the dashboard's user directory)."""
     if admins:
         marks = ", ".join("?" for _ in admins)
-        conn.execute(f"UPDATE users SET is_admin = (plex_account_id IN ({marks}))", tuple(admins))
+        conn.execute(f"UPDATE users SET is_admin = (admin_granted OR plex_account_id IN ({marks}))", tuple(admins))
     else:
-        conn.execute("UPDATE users SET is_admin = (id = (SELECT min(id) FROM users))")
+        conn.execute("UPDATE users SET is_admin = (admin_granted OR id = (SELECT min(id) FROM users))")
 
 
 def sign_out(vault: Vault, identity: Identity, everywhere: bool) -> tuple[int, int]:
@@ -207,7 +209,8 @@ def _to_page(query: str) -> web.Response:
 
 @api.get("/api/auth/plex/{pin}", summary="Finish signing in with Plex", access=PUBLIC, path_params=PinPath,
          response=PlexLoginStatus, html=True,
-         responses={404: "No sign-in with this PIN was started by this browser", 410: "The PIN expired at plex.tv",
+         responses={403: "This Plex account has no access to the served Plex server (or was disabled here)",
+                    404: "No sign-in with this PIN was started by this browser", 410: "The PIN expired at plex.tv",
                     409: "Already completed", 502: "plex.tv did not answer"})
 async def complete_plex_login(request: web.Request, call: Call) -> web.StreamResponse:
     """Where app.plex.tv sends the browser back (then it is redirected to the settings page), and
@@ -234,11 +237,25 @@ async def complete_plex_login(request: web.Request, call: Call) -> web.StreamRes
     status, account = await _plextv(request, "GET", "/api/v2/user", token=account_token)
     if status != 200 or not isinstance(account, dict) or not account.get("id"):
         raise upstream_failed("plex.tv")
+    # Admission: only the served servers' owner and the users they are shared with (admission.py).
+    status, resources = await _plextv(request, "GET", "/api/v2/resources", token=account_token,
+                                      params={"includeHttps": "1", "includeRelay": "1"})
+    if status != 200:
+        raise upstream_failed("plex.tv")
+    try:
+        admission = await admit(request, account, resources)
+    except NotAdmitted as refused:
+        await vault.run(forget_pin, pin_id)
+        if html:
+            response = refusal_page(refused.message)
+            response.del_cookie(LOGIN_COOKIE, path=LOGIN_COOKIE_PATH)
+            return response
+        raise
     options = request.app[OPTIONS]
     session_id, expires, user = await vault.run(
         complete_sign_in, pin_id, account, str(account_token), options.session_ttl,
         request.headers.get("User-Agent"), client_ip(request), options.admins)
-    log.info("signed in", extra={"fields": {"user_id": user.id}})
+    log.info("signed in", extra={"fields": {"user_id": user.id, "role": admission.role}})
     if html:
         response: web.Response = _to_page("login=ok")
     else:

@@ -34,12 +34,17 @@ SECTION_TYPES = {"movie": ((1, "movie"),), "show": ((2, "show"), (4, "episode"))
 
 def plex_servers(ctx: JobContext) -> dict[str, str]:
     """Upstream name -> base URL of each Plex server of rules.yaml (after the overrides)."""
+    return plex_server_bases(ctx.app)
+
+
+def plex_server_bases(app) -> dict[str, str]:
+    """plex_servers for anything holding the app (admission.py too)."""
     from proxy_addons.router import parse_overrides
 
-    rules = ctx.app[JOBS].rules
+    rules = app[JOBS].rules if JOBS in app else None
     if rules is None:
         return {}
-    overrides = parse_overrides(ctx.app[CONFIG].upstream_overrides)
+    overrides = parse_overrides(app[CONFIG].upstream_overrides)
     return {name: (overrides.get(name) or up.base_url).rstrip("/") for name, up in rules.upstreams.items()
             if up.kind == "plex-server" and (up.base_url or name in overrides)}
 

@@ -263,10 +263,47 @@ class AdminUser(Response):
     active_sessions: int
     custom_tmdb_key: bool
     trakt_connected: bool
+    disabled: bool = False
 
 
 class AdminUsers(Response):
     users: list[AdminUser]
+
+
+class UserPath(Request):
+    user_id: Annotated[int, Field(ge=1, le=2**53, description="A user's id (`GET /api/admin/users`).")]
+
+
+class SessionPath(Request):
+    session_id: Annotated[int, Field(ge=1, le=2**53, description="A session's id (`GET /api/admin/users/{user_id}/sessions`).")]
+
+
+class AdminGrant(Request):
+    admin: bool = Field(description="true: make the user an admin; false: take back an admin grant.")
+
+
+class AdminSession(Response):
+    id: int
+    created_at: datetime | None
+    last_seen_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    active: bool
+    user_agent: str | None
+    ip: str | None
+
+
+class AdminSessions(Response):
+    user_id: int
+    sessions: list[AdminSession]
+    surrogates: int = Field(description="Live proxy surrogates (the players' tokens) of the user.")
+
+
+class AdminUserChange(Response):
+    user: AdminUser
+    sessions_revoked: int = 0
+    surrogates_revoked: int = 0
+    cache_flush_id: int | None = Field(None, description="The queued flush of the user's cache partition.")
 
 
 class UserUsage(Response):

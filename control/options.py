@@ -7,6 +7,10 @@
     PROJECTIONIST_AUTH_RATE_LIMIT    sign-in requests per IP, "COUNT/SECONDS" (default 20/60)
     PROJECTIONIST_CONTROL_URL        the control plane's public origin, e.g. https://projectionist.lan
                                      (default: the origin each request was made to)
+    PROJECTIONIST_PLEX_SERVERS       comma-separated machine identifiers of the Plex servers served
+                                     (default: the servers the first owner to sign in owns)
+    PROJECTIONIST_ALLOWED_USERS      optional allow-list: Plex account ids, usernames or e-mails that may
+                                     sign in (besides needing access to a served server; owners always may)
     PROJECTIONIST_TRUST_FORWARDED    1: behind a reverse proxy, trust X-Forwarded-For/-Proto/-Host
     PROJECTIONIST_TRAKT_REFRESH_INTERVAL  seconds between sweeps that refresh Trakt tokens (default 3600)
 """
@@ -32,6 +36,10 @@ def _int(name: str, default: int, minimum: int = 1) -> int:
     return number
 
 
+def _names(name: str) -> frozenset[str]:
+    return frozenset(a.strip() for a in os.environ.get(name, "").split(",") if a.strip())
+
+
 def parse_rate(value: str) -> tuple[int, float]:
     """"20/60" -> (20, 60.0): at most 20 requests in a burst, refilled over 60 seconds."""
     count, sep, seconds = value.partition("/")
@@ -52,6 +60,8 @@ class ControlOptions:
     auth_rate: tuple[int, float] = (20, 60.0)
     public_origin: str | None = None
     trust_forwarded: bool = False
+    plex_servers: frozenset[str] = frozenset()
+    allowed_users: frozenset[str] = frozenset()
     trakt_refresh_interval: int = 3600
     server: ServerCredentials = field(default_factory=ServerCredentials)
 
@@ -69,6 +79,8 @@ class ControlOptions:
             session_max_age=_int("PROJECTIONIST_SESSION_MAX_AGE", 90 * DAY, minimum=60),
             auth_rate=parse_rate(env.get("PROJECTIONIST_AUTH_RATE_LIMIT", "").strip() or "20/60"),
             public_origin=public,
+            plex_servers=_names("PROJECTIONIST_PLEX_SERVERS"),
+            allowed_users=_names("PROJECTIONIST_ALLOWED_USERS"),
             trust_forwarded=env.get("PROJECTIONIST_TRUST_FORWARDED", "").strip().lower() in ("1", "true", "yes"),
             trakt_refresh_interval=_int("PROJECTIONIST_TRAKT_REFRESH_INTERVAL", 3600, minimum=1),
             server=ServerCredentials.from_env(),

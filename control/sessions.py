@@ -85,19 +85,24 @@ def create_session(vault: Vault, user_id: int, ttl: int, user_agent: str | None,
 def load_session(vault: Vault, session_id: str, admins: frozenset[str]) -> Identity | None:
     row = vault.conn.execute(
         "SELECT u.id, u.username, u.plex_account_id, u.thumb, s.created_at, s.expires_at, "
-        "(SELECT min(id) FROM users) FROM sessions s JOIN users u ON u.id = s.user_id "
-        "WHERE s.id_hash = ? AND s.revoked_at IS NULL AND s.expires_at > ?",
+        "(SELECT min(id) FROM users), u.admin_granted FROM sessions s JOIN users u ON u.id = s.user_id "
+        "WHERE s.id_hash = ? AND s.revoked_at IS NULL AND s.expires_at > ? AND u.disabled_at IS NULL",
         (token_hash(session_id), iso(now_utc())),
     ).fetchone()
     if row is None:
         return None
-    user_id, username, account_id, thumb, created, expires, first_user = row
-    return Identity(user_id, username, account_id, thumb, is_admin(admins, account_id, user_id, first_user),
+    user_id, username, account_id, thumb, created, expires, first_user, granted = row
+    return Identity(user_id, username, account_id, thumb,
+                    is_admin(admins, account_id, user_id, first_user, granted=bool(granted)),
                     session_id, parse_iso(created), parse_iso(expires))
 
 
-def is_admin(admins: frozenset[str], plex_account_id: str | None, user_id: int, first_user_id: int | None) -> bool:
-    """Configured Plex account ids are the admins; without any, the first user who signed in is."""
+def is_admin(admins: frozenset[str], plex_account_id: str | None, user_id: int, first_user_id: int | None,
+             granted: bool = False) -> bool:
+    """Configured Plex account ids are the admins; without any, the first user who signed in is.
+    Either way, so is anyone an admin made admin (users.admin_granted)."""
+    if granted:
+        return True
     if admins:
         return plex_account_id is not None and plex_account_id in admins
     return user_id == first_user_id

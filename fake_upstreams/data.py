@@ -79,6 +79,22 @@ ACCOUNTS = (
 )
 
 
+# A plex.tv account the fake PMS is NOT shared with: it owns a server of its own elsewhere
+# (admission tests: its sign-in must be refused). plex.tv knows it; the fake PMS does not.
+PLEX_ACCOUNT_TOKEN_STRANGER = "Zq3stRaNgerAcct9xW2v"
+STRANGER = Account(31337042, "9c1d5e7a2b3f4a60", "cypher_r", "cypher@example.net",
+                   PLEX_ACCOUNT_TOKEN_STRANGER, "Zq3stRaNgerSrvr7kP4m", False, 1600000000)
+STRANGER_SERVER_MACHINE_ID = "7d2e91c0a4b84f5fa3c6e0d1b2a9f8e7c6d5b4a3"
+STRANGER_SERVER_NAME = "zion-archive"
+
+
+def plextv_account_by_token(token: str | None) -> Account | None:
+    """Every account plex.tv knows (the fake PMS only knows ACCOUNTS)."""
+    if token and token in (STRANGER.account_token, STRANGER.server_token):
+        return STRANGER
+    return account_by_token(token)
+
+
 def account_by_token(token: str | None) -> Account | None:
     """plex.tv accepts account tokens; the PMS also accepts each user's server token."""
     for acc in ACCOUNTS:

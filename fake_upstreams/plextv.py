@@ -65,7 +65,7 @@ class PlexTvState(FakeState):
 
     def link_pin(self, pin_id: int, account_token: str = data.PLEX_ACCOUNT_TOKEN) -> None:
         """Act as the user signing in on app.plex.tv: the next poll of the PIN returns `account_token`."""
-        if data.account_by_token(account_token) is None:
+        if data.plextv_account_by_token(account_token) is None:
             raise ValueError("unknown account token")
         self.pins[int(pin_id)]["authToken"] = account_token
 
@@ -145,7 +145,7 @@ def unauthorized(request: web.Request) -> web.Response:
 
 
 def _account(request: web.Request) -> data.Account | None:
-    return data.account_by_token(param(request, "X-Plex-Token"))
+    return data.plextv_account_by_token(param(request, "X-Plex-Token"))
 
 
 def get_state(request: web.Request) -> PlexTvState:
@@ -317,7 +317,25 @@ async def v1_users(request: web.Request) -> web.Response:
 
 
 # --- resources -------------------------------------------------------------------------------------
+def _stranger_resources() -> list[dict[str, Any]]:
+    """The stranger's own server, somewhere else; the fake PMS is not shared with them."""
+    return [{
+        "name": data.STRANGER_SERVER_NAME, "product": "Plex Media Server", "productVersion": data.PMS_VERSION,
+        "platform": "Windows", "platformVersion": "10.0 (Build 19045)", "device": "PC",
+        "clientIdentifier": data.STRANGER_SERVER_MACHINE_ID, "createdAt": "2024-02-01T10:00:00Z",
+        "lastSeenAt": _iso(int(time.time())), "provides": "server", "ownerId": None, "sourceTitle": None,
+        "publicAddress": "198.51.100.80", "accessToken": data.STRANGER.server_token, "owned": True,
+        "home": False, "synced": False, "relay": True, "presence": True, "httpsRequired": True,
+        "publicAddressMatches": True, "dnsRebindingProtection": False, "natLoopbackSupported": True,
+        "connections": [{"protocol": "https", "address": "192.168.7.20", "port": 32400,
+                         "uri": "https://192-168-7-20.7d2e91c0a4b84f5fa3c6e0d1b2a9f8e7.plex.direct:32400",
+                         "local": True, "relay": False, "IPv6": False}],
+    }]
+
+
 def resources_for(account: data.Account, pms_url: str) -> list[dict[str, Any]]:
+    if account is data.STRANGER:
+        return _stranger_resources()
     parts = urlsplit(pms_url)
     owner = data.ACCOUNTS[0]
     server = {

@@ -475,6 +475,24 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        13,
+        "admission: disabled users, granted admins, refused sign-ins",
+        """
+        -- Set by an admin (control/admin.py): a disabled user cannot sign in, and their sessions
+        -- and surrogates were revoked when it was set. admin_granted: made admin by an admin.
+        ALTER TABLE users ADD COLUMN disabled_at TEXT;
+        ALTER TABLE users ADD COLUMN admin_granted INTEGER NOT NULL DEFAULT 0;
+        -- Sign-ins refused by admission (control/admission.py), per hour and reason
+        -- (not_shared, not_allowed, disabled, no_server): counts only, no account.
+        CREATE TABLE sign_in_refusals (
+            hour TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            refusals INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (hour, reason)
+        );
+        """,
+    ),
 )
 
 SCHEMA_VERSION = max(version for version, _, _ in MIGRATIONS)

@@ -592,6 +592,8 @@ class ImageCache:
             keys = {k for k, (route, _) in self.index.items() if route == value}
         elif target == "prefix":
             keys = {k for k in set(self.index) | set(self.memory.keys()) if k.startswith(value or "\0")}
+        elif target == "partition":  # one user's entries ("u<id>"): an admin disabled them
+            keys = {k for k, (_, part) in self.index.items() if part == value}
         else:
             return 0
         self._forget(list(keys))

@@ -489,6 +489,8 @@ class ResponseCache:
             keys = [k for k in set(self.index) | set(self.memory.keys()) if k.startswith(value or "\0")]
         elif target == "url":
             keys = await self._keys_of_url(value or "")
+        elif target == "partition":  # one user's entries ("u<id>"): an admin disabled them
+            keys = [k for k, (_, part) in self.index.items() if part == value]
         else:
             return 0
         await self._forget_async(keys, reason="flushed")

@@ -45,6 +45,9 @@ class ScriptedUpstream:
             ("POST", "/api/v2/pins"): (201, {"id": 4242, "code": "c0de", "expiresIn": 1800}),
             ("GET", "/api/v2/pins/4242"): (200, {"id": 4242, "authToken": ACCOUNT_TOKEN}),
             ("GET", "/api/v2/user"): (200, ACCOUNT),
+            # Admission: the account owns the server it signs in for.
+            ("GET", "/api/v2/resources"): (200, [{"name": "home", "provides": "server", "owned": True,
+                                                  "clientIdentifier": "0123456789abcdef"}]),
         }
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.answer)
