@@ -148,6 +148,8 @@ def create_app(config: Config, options: ControlOptions | None = None) -> web.App
     async def http_client(app: web.Application) -> AsyncIterator[None]:
         # trust_env=False: the control plane talks to upstreams directly, never through a system proxy
         # (which could be our own mitmproxy).
+        # Every call that carries a credential passes allow_redirects=False: aiohttp drops only
+        # Authorization on a redirect to another host, so X-Plex-Token and trakt-api-key would follow.
         async with aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=15)) as session:
             app[HTTP] = session
             yield

@@ -160,7 +160,7 @@ async def _plextv(request: web.Request, method: str, path: str, token: str | Non
     url = request.app[UPSTREAMS].url("plextv", path)
     try:
         async with request.app[HTTP].request(method, url, headers=_plex_headers(request, token), params=params,
-                                             timeout=UPSTREAM_TIMEOUT) as response:
+                                             timeout=UPSTREAM_TIMEOUT, allow_redirects=False) as response:
             body = await response.json(content_type=None) if response.status < 500 else None
             return response.status, body
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:

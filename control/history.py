@@ -123,7 +123,8 @@ async def import_trakt(ctx: JobContext) -> int:
         page = 1
         while True:
             url = ctx.app[UPSTREAMS].url("trakt", "/users/me/history")
-            async with ctx.app[HTTP].get(url, params={"page": page, "limit": PAGE_SIZE}, headers=headers) as response:
+            async with ctx.app[HTTP].get(url, params={"page": page, "limit": PAGE_SIZE}, headers=headers,
+                                         allow_redirects=False) as response:
                 if response.status == 401:
                     log.warning("trakt history: the user's token was refused", extra={"fields": {"user_id": user_id}})
                     break

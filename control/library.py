@@ -107,7 +107,7 @@ def save_items(conn: sqlite3.Connection, server: str, section: str, items: list[
 
 async def _get(http: aiohttp.ClientSession, url: str, token: str, params: dict[str, Any] | None = None) -> Any:
     headers = {"Accept": "application/json", "X-Plex-Token": token, "X-Plex-Product": "Projectionist"}
-    async with http.get(url, params=params, headers=headers) as response:
+    async with http.get(url, params=params, headers=headers, allow_redirects=False) as response:
         if response.status == 401:
             raise PermissionError("token refused")
         response.raise_for_status()

@@ -99,7 +99,7 @@ async def _recommendations_of(ctx: JobContext, kind: str, tmdb: int) -> list[dic
     else:
         params["api_key"] = server.tmdb_api_key
     url = ctx.app[UPSTREAMS].url("tmdb", f"/3/{kind}/{tmdb}/recommendations")
-    async with ctx.app[HTTP].get(url, params=params, headers=headers) as response:
+    async with ctx.app[HTTP].get(url, params=params, headers=headers, allow_redirects=False) as response:
         if response.status == 404:
             return []
         response.raise_for_status()

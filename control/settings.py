@@ -205,7 +205,8 @@ async def tmdb_key_is_valid(request: web.Request, key: str) -> bool:
     else:  # a v4 read access token
         params, headers = {}, {"Accept": "application/json", "Authorization": f"Bearer {key}"}
     try:
-        async with request.app[HTTP].get(url, params=params, headers=headers, timeout=TMDB_TIMEOUT) as response:
+        async with request.app[HTTP].get(url, params=params, headers=headers, timeout=TMDB_TIMEOUT,
+                                          allow_redirects=False) as response:
             await response.read()
             status = response.status
     except (aiohttp.ClientError, TimeoutError) as exc:

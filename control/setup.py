@@ -124,7 +124,7 @@ async def _tmdb_check(app: web.Application) -> dict:
         kwargs = {"params": {"api_key": server.tmdb_api_key}}
     url = app[UPSTREAMS].url("tmdb", "/3/configuration")
     try:
-        async with app[HTTP].get(url, timeout=TIMEOUT, **kwargs) as response:
+        async with app[HTTP].get(url, timeout=TIMEOUT, allow_redirects=False, **kwargs) as response:
             status = response.status
     except (aiohttp.ClientError, TimeoutError) as exc:
         return {"ok": False, "source": source,
@@ -151,7 +151,8 @@ async def _trakt_check(app: web.Application) -> dict:
     url = app[UPSTREAMS].url("trakt", "/movies/trending")
     headers = {"trakt-api-version": "2", "trakt-api-key": server.trakt_client_id}
     try:
-        async with app[HTTP].get(url, params={"limit": "1"}, headers=headers, timeout=TIMEOUT) as response:
+        async with app[HTTP].get(url, params={"limit": "1"}, headers=headers, timeout=TIMEOUT,
+                                allow_redirects=False) as response:
             status = response.status
     except (aiohttp.ClientError, TimeoutError) as exc:
         return {"ok": False, "configured": True,
