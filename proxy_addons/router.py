@@ -170,6 +170,11 @@ class Router:
             req = flow.request
             if (req.scheme, req.host, req.port) != (scheme, host, port):
                 req.scheme, req.host, req.port = scheme, host, port
+        elif (info.listener == "regular" and flow.request.scheme == "http" and flow.request.port == 80
+              and info.match.upstream.kind in HTTPS_ONLY_KINDS):
+            # These APIs speak only https: the credential the proxy adds never crosses a network in
+            # clear. (An explicit other port is someone's own test or mirror, left as asked.)
+            flow.request.scheme, flow.request.port = "https", 443
 
     def server_connect(self, data) -> None:
         """`*.plex.direct` names connect to the IP embedded in them, as Plex's DNS resolves them (the
@@ -177,6 +182,9 @@ class Router:
         host, port = data.server.address or ("", 0)
         if (ip := binding.embedded_ip(host)) is not None:
             data.server.address = (ip, port)
+
+
+HTTPS_ONLY_KINDS = frozenset({"tmdb", "trakt", "plex-tv"})
 
 
 @functools.lru_cache(maxsize=1024)

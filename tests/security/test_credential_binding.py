@@ -141,6 +141,24 @@ async def test_agreeing_host_and_target_reach_the_configured_host_with_the_key(p
     assert [req.param("api_key") for req in fakes.tmdb.requests] == [TMDB_V3_KEY]
 
 
+async def test_plain_http_to_an_https_only_api_never_carries_the_key_in_clear(proxy, tmp_path):
+    """`http://<configured TMDB host>/` (port 80) goes out as https on 443, never as cleartext on 80:
+    a catcher on 127.0.0.1:80 stands where a network observer would see it."""
+    catcher = Catcher()
+    catcher.port = 80
+    try:
+        await catcher.__aenter__()
+    except OSError as exc:
+        pytest.skip(f"port 80 cannot be bound here: {exc}")
+    try:
+        async with client(proxy, tmp_path) as c:
+            r = await c.get("http://localhost/3/movie/603", headers={"Authorization": "Bearer pj_placeholder"})
+        assert r.status_code in (502, 504), r.text[:300]  # nothing answers https on localhost:443
+        assert catcher.connections == []
+    finally:
+        await catcher.__aexit__(None, None, None)
+
+
 async def test_plex_direct_name_with_a_foreign_embedded_ip_is_refused(proxy, tmp_path, fakes, catcher, surrogates):
     """`127-0-0-1.<hash>.plex.direct:<catcher port>` is no connection of the server; the same name
     on the configured server's port is, and gets the real token (by the embedded IP, no DNS)."""
