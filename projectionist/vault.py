@@ -202,10 +202,12 @@ class Vault:
         return surrogate
 
     def resolve(self, surrogate: str) -> VaultEntry | None:
-        """The live entry behind a surrogate; None when unknown, revoked or expired."""
+        """The live entry behind a surrogate; None when unknown, revoked, expired, or its user was
+        disabled by an admin (even a surrogate vaulted after that: a player signing in again)."""
         row = self.conn.execute(
             "SELECT id, kind, user_id, secret_enc, server_id FROM vault_tokens WHERE surrogate_hash = ? "
-            "AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
+            "AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?) AND (user_id IS NULL OR "
+            "NOT EXISTS (SELECT 1 FROM users u WHERE u.id = vault_tokens.user_id AND u.disabled_at IS NOT NULL))",
             (surrogate_hash(surrogate), utcnow_iso()),
         ).fetchone()
         if row is None:

@@ -19,7 +19,7 @@ from fake_upstreams.data import (
     PMS_FRIENDLY_NAME,
 )
 from support import make_stack
-from test_e2e_credentials import RecordingClient
+from test_e2e_credentials import RecordingClient, assert_no_secret_in
 
 pytestmark = pytest.mark.e2e
 
@@ -143,6 +143,10 @@ def test_sign_in_admits_the_servers_people_and_admins_disable_them(own_stack):
     again = player.request("GET", "https://plex.tv/api/v2/user", headers={"X-Plex-Token": account})
     assert again.status_code == 401 and again.json()["errors"][0]["code"] == 1001
     assert friend.request("GET", "/api/auth/session").status_code == 401
+    # Signing in again through the proxy (plex.tv's own PIN flow) hands out surrogates that do not work.
+    fresh = player.login(PLEX_ACCOUNT_TOKEN_2)
+    refused_again = player.request("GET", "https://plex.tv/api/v2/user", headers={"X-Plex-Token": fresh})
+    assert refused_again.status_code == 401
     # The partition flush is applied by the proxy like any other.
     conn = sqlite3.connect(stack.db_path, timeout=10)
     try:
@@ -159,3 +163,4 @@ def test_sign_in_admits_the_servers_people_and_admins_disable_them(own_stack):
     enabled = owner.request("POST", f"/api/admin/users/{friend_id}/enable")
     assert enabled.status_code == 200 and enabled.json()["user"]["disabled"] is False
     assert Browser(stack).login(PLEX_ACCOUNT_TOKEN_2)["username"] == "trinity_k"
+    assert_no_secret_in(player.received, "the player")
