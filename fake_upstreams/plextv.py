@@ -50,6 +50,7 @@ class PlexTvState(FakeState):
         self.pins: dict[int, dict[str, Any]] = {}
         self._pin_ids = itertools.count(2071245123)
         self.watchlists: dict[int, list[str]] = data.initial_watchlists()
+        self.unshared: set[int] = set()  # account ids the owner stopped sharing the server with (tests)
 
     def create_pin(self, client_id: str, product: str, strong: bool) -> dict[str, Any]:
         now = int(time.time())
@@ -289,7 +290,7 @@ async def v2_users(request: web.Request) -> web.Response:
               "thumb": a.thumb, "restricted": False, "home": False, "status": "accepted",
               "sharedServers": [{"id": 907759180, "machineIdentifier": data.PMS_MACHINE_ID,
                                  "name": data.PMS_FRIENDLY_NAME, "numLibraries": len(data.SECTIONS)}]
-              if account.owner else [], "sharedSources": []}
+              if account.owner and a.id not in get_state(request).unshared else [], "sharedSources": []}
              for a in _other_users(account)]
     return render(request, "users", users)
 

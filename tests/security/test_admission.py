@@ -164,3 +164,46 @@ def test_sign_in_admits_the_servers_people_and_admins_disable_them(own_stack):
     assert enabled.status_code == 200 and enabled.json()["user"]["disabled"] is False
     assert Browser(stack).login(PLEX_ACCOUNT_TOKEN_2)["username"] == "trinity_k"
     assert_no_secret_in(player.received, "the player")
+
+
+def test_the_members_job_revokes_users_the_owner_stopped_sharing_with(own_stack):
+    stack = own_stack
+    owner, friend = Browser(stack), Browser(stack)
+    owner.login(PLEX_ACCOUNT_TOKEN)
+    friend.login(PLEX_ACCOUNT_TOKEN_2)
+    from fake_upstreams.data import ACCOUNTS
+    from support import wait_for
+
+    def run_members_job() -> dict:
+        started = owner.request("POST", "/api/jobs/plex-members/run")
+        assert started.status_code == 202, started.text
+        run_id = started.json()["id"]
+        conn = sqlite3.connect(f"file:{stack.db_path}?mode=ro", uri=True, timeout=10)
+        try:
+            row = wait_for(lambda: conn.execute("SELECT status, items FROM job_runs WHERE id = ? AND status != "
+                                                "'running'", (run_id,)).fetchone(), 20, what="the plex-members run")
+        finally:
+            conn.close()
+        return {"status": row[0], "items": row[1]}
+
+    assert run_members_job() == {"status": "ok", "items": 0}  # still shared: nothing revoked
+    assert friend.request("GET", "/api/auth/session").status_code == 200
+    stack.fakes.plextv.unshared.add(ACCOUNTS[1].id)  # the owner stops sharing the server at plex.tv
+    try:
+        assert run_members_job() == {"status": "ok", "items": 1}
+        assert friend.request("GET", "/api/auth/session").status_code == 401
+        assert owner.request("GET", "/api/auth/session").status_code == 200
+    finally:
+        stack.fakes.plextv.unshared.discard(ACCOUNTS[1].id)
+
+
+def test_the_allow_list_narrows_who_may_sign_in(fakes, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROJECTIONIST_ALLOWED_USERS", "someone-else@example.com")
+    stack = make_stack(tmp_path / "home", fakes).start()
+    try:
+        assert Browser(stack).login(PLEX_ACCOUNT_TOKEN)["is_admin"] is True  # the owner always may
+        refused = Browser(stack).finish_login(PLEX_ACCOUNT_TOKEN_2)  # shared, but not on the list
+        assert refused.status_code == 403 and "ask its owner for access" in refused.json()["message"]
+        assert refusals(stack) == {"not_allowed": 1}
+    finally:
+        assert stack.stop() == 0, stack.logs()
