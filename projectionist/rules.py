@@ -336,6 +336,24 @@ class RetentionSettings(_Strict):
     backups: int = Field(default=7, ge=1)  # archives of the scheduled backup job kept (the newest)
 
 
+class WarmingSettings(_Strict):
+    """What the cache warmer fetches ahead of the player (proxy_addons/cache_warmer.py), how often
+    (the `cache-warm` job) and how deep. Its requests are background work: they take an upstream
+    slot only when one is free, and a refusal ends that run."""
+
+    enabled: bool = True
+    every: Duration = 1800
+    # TMDB lists Home and New & Popular show (paths under https://api.themoviedb.org).
+    tmdb_lists: list[str] = ["/3/trending/movie/week", "/3/trending/tv/week", "/3/movie/popular", "/3/tv/popular",
+                             "/3/trending/all/day", "/3/movie/upcoming?region=US"]
+    # How many titles of each list also get their details page's requests (0: lists only).
+    details: int = Field(default=5, ge=0, le=100)
+    detail_parts: list[str] = ["", "/credits", "/recommendations", "/similar", "/videos",
+                               "/images?include_image_language=en%2Cnull"]
+    poster_size: str | None = "w342"  # the posters of every title listed, at the size the player asks
+    max_requests: int = Field(default=400, ge=1)  # per run
+
+
 class RulesFile(_Strict):
     version: Literal[1]
     proxy: ProxySettings = ProxySettings()
@@ -346,6 +364,7 @@ class RulesFile(_Strict):
     routes: list[Route] = []
     jobs: dict[Name, JobSettings] = {}
     retention: RetentionSettings = RetentionSettings()
+    warming: WarmingSettings = WarmingSettings()
 
 
 # --- errors with line numbers --------------------------------------------------------------------

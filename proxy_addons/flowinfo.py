@@ -24,7 +24,8 @@ class FlowInfo:
     credential: str | None = None  # which kind was injected ("default", "custom", "vault"): never a value
     credential_ref: int | None = None  # the vault row of the surrogate presented, if any
     cache: str = "none"  # none | miss | hit | stale | bypass
-    cache_reason: str | None = None  # why not a fresh hit: "<fwd>[:<detail>]" of Cache-Status (RFC 9211)
+    cache_reason: str | None = None
+    warm: bool = False  # the cache warmer's own request: background work, recorded as listener "warm"  # why not a fresh hit: "<fwd>[:<detail>]" of Cache-Status (RFC 9211)
     bytes_streamed: int = 0
     refused: str | None = None  # why the proxy refused it before routing (e.g. "misdirected")
     user_specific: bool = False  # the answer belongs to one account (rules.Rules.user_specific)

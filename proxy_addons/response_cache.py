@@ -61,6 +61,7 @@ _CORS_PREFIX = "access-control-"
 _LEADER = "projectionist.cache.leader"
 _INVALIDATES = "projectionist.cache.invalidates"
 _TOKEN_BEARING = ("plex-tv",)  # answers rewritten by the credential addons: refreshed only in-flow
+WARM_HEADER = "X-Projectionist-Warm"  # set by the cache warmer on its own requests (stripped here)
 _STATUS = "projectionist.cache.status"  # Cache-Status for a forwarded flow, set in `response`
 _GONE_MAX = 100_000  # why recently dropped keys went: remembered for this many keys
 _FOLLOW_SLACK = 6.0  # seconds a waiter allows beyond the upstream timeout (a limiter's queue)
@@ -128,6 +129,7 @@ class ResponseCache:
         # The rate limiter (proxy_addons/rate_limit.py) sets itself here; every upstream fetch of
         # the cache then goes through its fetch(): a slot first, retries of 429/503 inside it.
         self.upstream_gate = None
+        self.warmer = None  # proxy_addons/cache_warmer.py sets itself here (flush target "warm")
 
     def load(self, loader) -> None:
         loader.add_option("projectionist_cache", bool, True, "Serve and store cacheable answers (rules.yaml).")
@@ -173,6 +175,8 @@ class ResponseCache:
         """Fresh entries of shared routes are answered as soon as the headers are in: they need no
         user and no credential, so the credential addons' work would be wasted on them."""
         info = flowinfo.get(flow)
+        if info is not None and flow.request.headers.pop(WARM_HEADER, None) is not None:
+            info.warm = True  # never forwarded: the upstream sees the player's request shape
         if info is None or self.memory is None or not ctx.options.projectionist_cache or info.match.route is None:
             return
         rule = info.match.route.rule.cache
@@ -256,8 +260,8 @@ class ResponseCache:
     async def _owned_fetch(self, key: str, uri: str, flow: http.HTTPFlow, stale_ok: bool) -> Fetch | Exception:
         """The cache's own fetch of a miss: nobody's request, so nobody's disconnect ends it."""
         info = flowinfo.get(flow)
-        try:
-            fetched = await self._fetch(flow, stale_ok=stale_ok)
+        try:  # the warmer's misses take a slot only when one is free: people first
+            fetched = await self._fetch(flow, stale_ok=stale_ok, background=info.warm)
         except (RateLimited, TimeoutError, aiohttp.ClientError, OSError) as exc:
             return exc
         stored, ttl = False, None
@@ -487,6 +491,8 @@ class ResponseCache:
             keys = [k for k, (route, _) in self.index.items() if route == value]
         elif target == "prefix":
             keys = [k for k in set(self.index) | set(self.memory.keys()) if k.startswith(value or "\0")]
+        elif target == "warm":
+            return await self.warmer.warm(value or "schedule") if self.warmer is not None else 0
         elif target == "url":
             keys = await self._keys_of_url(value or "")
         elif target == "partition":  # one user's entries ("u<id>"): an admin disabled them

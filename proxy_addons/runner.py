@@ -20,6 +20,7 @@ from projectionist.config import Config
 from projectionist.rules import load_rules
 
 from .binding import Redirects
+from .cache_warmer import CacheWarmer
 from .credentials import CredentialStore
 from .dispatch import choose_dispatch
 from .image_cache import ImageCache
@@ -56,6 +57,7 @@ def projectionist_addons() -> list:
     router = Router(watcher)
     store = CredentialStore()
     cache = ResponseCache(watcher)
+    CacheWarmer(watcher, cache)  # no hooks: the cache calls it (flush target "warm")
     images = ImageCache(watcher, router)
     limiter = RateLimit(watcher, cache, images)
     return [watcher, SetupHost(), router, Listeners(watcher, router), store, limiter.retry, Redirects(),

@@ -90,7 +90,7 @@ class UsageRecorder:
                                    else "error").inc()
         self.writer.record(UsageEvent(
             ts=flow.request.timestamp_start,
-            listener=info.listener,
+            listener="warm" if info.warm else info.listener,
             upstream=info.upstream,
             route=info.route,
             method=flow.request.method,

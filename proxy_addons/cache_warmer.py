@@ -1,0 +1,118 @@
+"""The cache warmer: fetches what the player's Home and details pages will ask for, before anyone asks.
+
+Run by the control plane's `cache-warm` job (control/warming.py: a flush request with target
+"warm", carried out here because the proxy owns the caches and the credentials), it requests
+through this proxy's own explicit listener, over HTTPS with the proxy's CA, exactly the URLs the
+player sends: the TMDB lists of `warming.tmdb_lists`, the details-page requests of the first
+`warming.details` titles of each, and their posters at `warming.poster_size`. Each request carries
+`X-Projectionist-Warm` (stripped by the response cache before anything leaves): its misses are
+background work that takes an upstream slot only when one is free, so warming never goes ahead
+of a person; a refusal (429) ends the run, and usage_events records its requests with listener
+"warm". TMDB data is shared, so one warm run serves every user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from pathlib import Path
+
+import aiohttp
+from mitmproxy import ctx
+
+from .response_cache import WARM_HEADER, ResponseCache
+from .rules_watch import RulesWatcher
+
+log = logging.getLogger(__name__)
+
+TMDB_API = "https://api.themoviedb.org"
+TMDB_IMAGES = "https://image.tmdb.org"
+CONCURRENCY = 4  # a few at once: a person's requests queue behind none of them
+
+
+class CacheWarmer:
+    def __init__(self, watcher: RulesWatcher, cache: ResponseCache) -> None:
+        self.watcher = watcher
+        cache.warmer = self
+        self._running: asyncio.Task | None = None
+
+    def _proxy_url(self) -> str | None:
+        ps = ctx.master.addons.get("proxyserver")
+        for server in ps.servers:
+            if server.mode.type_name == "regular" and server.listen_addrs:
+                return f"http://127.0.0.1:{server.listen_addrs[0][1]}"
+        return None
+
+    async def warm(self, trigger: str) -> int:
+        """One run (one at a time): the number of requests made."""
+        if self._running is not None and not self._running.done():
+            return await asyncio.shield(self._running)
+        self._running = asyncio.get_running_loop().create_task(self._warm(trigger))
+        return await asyncio.shield(self._running)
+
+    async def _warm(self, trigger: str) -> int:
+        rules = self.watcher.rules
+        proxy = self._proxy_url()
+        if rules is None or proxy is None or not rules.model.warming.enabled:
+            return 0
+        settings = rules.model.warming
+        ca = Path(ctx.options.confdir).expanduser() / "mitmproxy-ca-cert.pem"
+        context = ssl.create_default_context(cafile=str(ca))
+        run = _Run(settings.max_requests)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=CONCURRENCY)) as session:
+            async def get(url: str) -> dict | None:
+                return await run.get(session, proxy, url)
+
+            lists = await asyncio.gather(*(get(TMDB_API + path) for path in settings.tmdb_lists))
+            titles = [(item.get("media_type") or _media_of(path), item)
+                      for path, answer in zip(settings.tmdb_lists, lists) if answer
+                      for item in (answer.get("results") or [])[:max(settings.details, 20)]]
+            if settings.poster_size:
+                posters = {item["poster_path"] for _, item in titles if item.get("poster_path")}
+                await asyncio.gather(*(get(f"{TMDB_IMAGES}/t/p/{settings.poster_size}{p}") for p in sorted(posters)))
+            per_list = [(path, (answer or {}).get("results") or []) for path, answer in zip(settings.tmdb_lists, lists)]
+            detailed = {(item.get("media_type") or _media_of(path), item.get("id"))
+                        for path, results in per_list for item in results[:settings.details]}
+            for media, tmdb_id in sorted(detailed, key=str):
+                if media in ("movie", "tv") and tmdb_id and not run.stopped:
+                    await asyncio.gather(*(get(f"{TMDB_API}/3/{media}/{tmdb_id}{part}")
+                                           for part in settings.detail_parts))
+        log.info("cache warm (%s): %d requests, %d from the upstream, %s", trigger, run.requests, run.fetched,
+                 "stopped by a rate limit" if run.stopped else "done")
+        return run.requests
+
+
+class _Run:
+    """One warm run's requests: bounded, stopped at the first refusal."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.requests = self.fetched = 0
+        self.stopped = False
+
+    async def get(self, session: aiohttp.ClientSession, proxy: str, url: str) -> dict | None:
+        if self.stopped or self.requests >= self.budget:
+            return None
+        self.requests += 1
+        headers = {WARM_HEADER: "1", "Accept": "application/json" if "/t/p/" not in url else "image/webp,*/*",
+                   "Authorization": "Bearer projectionist-warmer"}  # any placeholder: the proxy injects its key
+        try:
+            async with session.get(url, proxy=proxy, headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as r:
+                body = await r.read()
+                if "hit" not in (r.headers.get("Cache-Status") or ""):
+                    self.fetched += 1
+                if r.status == 429:  # a budget is tight: people come first, stop here
+                    self.stopped = True
+                    return None
+                if r.status != 200 or "json" not in r.headers.get("Content-Type", ""):
+                    return None
+                return json.loads(body)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.info("cache warm: %s failed (%s)", url.split("?")[0], type(exc).__name__)
+            return None
+
+
+def _media_of(path: str) -> str:
+    return "tv" if "/tv" in path else "movie"

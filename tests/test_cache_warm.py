@@ -1,0 +1,65 @@
+"""The cache warmer through the real proxy: asked as the cache-warm job asks (a flush request with
+target "warm"), it fetches TMDB lists, details and posters through the proxy's own listener, so
+that a person's first Home is answered from the cache; its requests are recorded as "warm"."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import aiohttp
+
+from fake_upstreams import FakeUpstreams
+
+from support import FAKE_TO_RULES, start_embedded_proxy
+
+
+def small_warm(rules: dict) -> None:
+    rules["warming"] = {"tmdb_lists": ["/3/trending/movie/week"], "details": 2,
+                        "detail_parts": ["", "/credits"], "poster_size": "w342"}
+
+
+async def applied(db, request_id: int, timeout: float = 60) -> int:
+    for _ in range(int(timeout / 0.1)):
+        row = db.execute("SELECT flushed FROM cache_flush_requests WHERE id = ? AND applied_at IS NOT NULL",
+                         (request_id,)).fetchone()
+        if row:
+            return row[0]
+        await asyncio.sleep(0.1)
+    raise AssertionError("the proxy never carried out the warm request")
+
+
+async def test_a_warm_run_makes_the_first_home_a_hit(tmp_path):
+    async with FakeUpstreams() as fakes, aiohttp.ClientSession() as session:
+        proxy = await start_embedded_proxy(tmp_path, [f"{FAKE_TO_RULES[n]}={u}" for n, u in fakes.urls.items()],
+                                           small_warm)
+        try:
+            db = sqlite3.connect(tmp_path / "projectionist.db", isolation_level=None)
+            request_id = db.execute("INSERT INTO cache_flush_requests (target, value, requested_at) "
+                                    "VALUES ('warm', 'test', datetime('now'))").lastrowid
+            made = await applied(db, request_id)
+            trending = [r for r in fakes.requests["tmdb"] if r.path == "/3/trending/movie/week"]
+            assert made >= 1 + 2 * 2 and len(trending) == 1
+            assert all(WARM not in r.headers for r in fakes.requests["tmdb"])  # never forwarded
+            proxy_url = f"http://127.0.0.1:{proxy.ports['regular']}"
+            async with session.get("http://api.themoviedb.org/3/trending/movie/week", proxy=proxy_url,
+                                   headers={"Authorization": "Bearer placeholder"}) as r:
+                assert r.status == 200 and r.headers["Cache-Status"].startswith("Projectionist; hit")
+                first = (await r.json())["results"][0]
+            async with session.get(f"http://api.themoviedb.org/3/movie/{first['id']}/credits", proxy=proxy_url) as r:
+                assert r.headers["Cache-Status"].startswith("Projectionist; hit")
+            async with session.get(f"http://image.tmdb.org/t/p/w342{first['poster_path']}", proxy=proxy_url,
+                                   headers={"Accept": "image/webp,*/*"}) as r:
+                assert r.status == 200 and "hit" in r.headers["Cache-Status"]
+            assert len([r for r in fakes.requests["tmdb"] if r.path == "/3/trending/movie/week"]) == 1
+            for _ in range(50):
+                warm = db.execute("SELECT count(*) FROM usage_events WHERE listener = 'warm'").fetchone()[0]
+                if warm >= made:
+                    break
+                await asyncio.sleep(0.1)
+            assert warm == made
+        finally:
+            await proxy.stop()
+
+
+WARM = "X-Projectionist-Warm"
