@@ -192,9 +192,9 @@ def openapi_document(app: web.Application) -> dict[str, Any]:
     for op in operations:
         documented.add((op.method, op.path))
         paths.setdefault(_PATH_PARAM.sub(r"{\1}", op.path), {})[op.method.lower()] = _operation_doc(op, refs)
-    for method, path in _other_routes(app):
+    for method, path, handler in _other_routes(app):
         if (method, path) not in documented:
-            paths.setdefault(path, {})[method.lower()] = _generic_doc(method, path)
+            paths.setdefault(path, {})[method.lower()] = _generic_doc(method, path, handler)
 
     return {
         "openapi": "3.1.0",
@@ -270,11 +270,24 @@ def _other_routes(app: web.Application):
             continue
         for route in resource:
             if route.method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
-                yield route.method, path
+                yield route.method, path, route.handler
 
 
-def _generic_doc(method: str, path: str) -> dict[str, Any]:
+def documented_statuses(**statuses: str):
+    """Decorator for a route outside an Api: other statuses it answers (`not_found="..."` is 404),
+    for its generic entry in the document."""
+    codes = {"not_found": 404}
+
+    def decorate(handler):
+        handler.documented_statuses = {codes[name]: text for name, text in statuses.items()}
+        return handler
+    return decorate
+
+
+def _generic_doc(method: str, path: str, handler=None) -> dict[str, Any]:
     doc: dict[str, Any] = {"summary": f"{method} {path}", "responses": {"200": {"description": "OK"}}}
+    for status, text in getattr(handler, "documented_statuses", {}).items():
+        doc["responses"][str(status)] = {"description": text}
     params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
               for name in _PATH_PARAM.findall(path)]
     if params:

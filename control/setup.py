@@ -25,6 +25,7 @@ from projectionist.onboarding import (CA_BASENAME, CA_DOWNLOADS, PAC_CONTENT_TYP
 
 from proxy_addons.router import parse_overrides
 
+from .openapi import documented_statuses
 from .keys import CONFIG, HTTP, LIVE_RULES, OPTIONS, UPSTREAMS
 from .page import STATIC_DIR
 from .security import CONTENT_SECURITY_POLICY, request_origin
@@ -83,8 +84,9 @@ async def proxy_pac(request: web.Request) -> web.Response:
     rules = await request.app[LIVE_RULES].get()
     overridden = parse_overrides(request.app[CONFIG].upstream_overrides)
     # The hosts the proxy intercepts: an upstream marked `intercept: when_overridden` (app.plex.tv)
-    # passes through unless overridden (the demo), so the browser may as well go direct.
-    hosts = [host for name, up in rules.upstreams.items() for host in up.hosts
+    # passes through unless overridden (the demo), so the browser may as well go direct. Without
+    # valid rules only the setup host is proxied (the setup page then says what is wrong).
+    hosts = [host for name, up in (rules.upstreams if rules else {}).items() for host in up.hosts
              if up.intercept == "always" or name in overridden]
     proxy = f"{advertised_host(request)}:{request.app[CONFIG].proxy_port}"
     return web.Response(text=pac_file(hosts, proxy), content_type=PAC_CONTENT_TYPE,
@@ -92,15 +94,16 @@ async def proxy_pac(request: web.Request) -> web.Response:
 
 
 @routes.get("/ca/{name}")
+@documented_statuses(not_found="no such download, or the proxy has not created its certificate authority yet")
 async def ca_file(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in CA_DOWNLOADS:
         raise web.HTTPNotFound(text=f"no such download; there are: {', '.join(CA_DOWNLOADS)}\n")
     pem = await _read_ca(request)
     if pem is None:
-        raise web.HTTPServiceUnavailable(
+        raise web.HTTPNotFound(
             text="The proxy has not created its certificate authority yet: start it (projectionist run), "
-                 "then download again.\n", headers={"Retry-After": "5"})
+                 "then download again.\n")
     return web.Response(body=ca_download(pem, name), content_type=CA_DOWNLOADS[name],
                         headers={"Content-Disposition": f'attachment; filename="{name}"',
                                  "Cache-Control": "no-cache"})
@@ -178,8 +181,9 @@ async def setup_status(request: web.Request) -> web.Response:
         _remembered(app, "plex", PLEX_CHECK_TTL, lambda: _plex_checks(app)),
         _remembered(app, "tmdb", UPSTREAM_CHECK_TTL, lambda: _tmdb_check(app)),
         _remembered(app, "trakt", UPSTREAM_CHECK_TTL, lambda: _trakt_check(app)))
+    upstreams = rules.upstreams if rules is not None else {}
     players = [{"upstream": name, "url": up.public_url or f"http://{host}:{up.listen}"}
-               for name, up in rules.upstreams.items() if up.kind == "plex-server" and up.listen]
+               for name, up in upstreams.items() if up.kind == "plex-server" and up.listen]
     return web.json_response({
         "proxy": f"{host}:{config.proxy_port}",
         "pac_url": f"{origin}/proxy.pac",
@@ -191,6 +195,7 @@ async def setup_status(request: web.Request) -> web.Response:
         "player_urls": players,
         "tmdb": tmdb,
         "trakt": trakt,
+        "rules_problem": app[LIVE_RULES].problem,
     })
 
 

@@ -121,7 +121,7 @@ class UpstreamHealth:
 
 async def check_all(app: web.Application) -> dict[str, Check]:
     rules = await app[LIVE_RULES].get()
-    servers = plex_servers(rules, app[CONFIG].upstream_overrides)
+    servers = plex_servers(rules, app[CONFIG].upstream_overrides) if rules is not None else {}
     results = await asyncio.gather(*(check_plex(app[HTTP], url) for url in servers.values()))
     health = app[UPSTREAM_HEALTH]
     for name in set(health.checks) - set(servers):  # removed from rules.yaml

@@ -304,3 +304,34 @@ def test_upstream_health_keeps_since_while_the_state_holds_and_resets_it_on_a_ch
     assert other.since == "2026-01-01T10:05:00+00:00"  # a different failure starts its own period
     up = health.record("plex", Check(True, "http://pms:32400", version="1.43.2"))
     assert up.since == "2026-01-01T10:09:00+00:00" and health.failing() == {}
+
+
+async def test_without_a_rules_file_the_pages_say_so_instead_of_failing(tmp_path):
+    import aiohttp
+
+    from control.app import create_app
+    from control.options import ControlOptions
+    from projectionist.config import Config
+
+    config = Config(home=tmp_path, rules_path=tmp_path / "missing.yaml", datasette_metadata=tmp_path / "x.yml",
+                    control_port=free_port())
+    control = web.AppRunner(create_app(config, ControlOptions()))
+    await control.setup()
+    await web.TCPSite(control, "127.0.0.1", config.control_port).start()
+    try:
+        async with aiohttp.ClientSession() as client:
+            base = f"http://127.0.0.1:{config.control_port}"
+            async with client.get(base + "/proxy.pac") as response:  # only the setup host, so /setup works
+                pac = await response.text()
+                assert response.status == 200 and f'"{SETUP_HOST}"' in pac and '"plex.tv"' not in pac
+            async with client.get(base + "/ca/projectionist-ca.pem") as response:  # no proxy has run here
+                assert response.status == 404 and "not created" in await response.text()
+            async with client.get(base + "/api/setup") as response:
+                status = await response.json()
+            assert response.status == 200 and "missing.yaml" in status["rules_problem"]
+            assert status["plex"] == {} and status["player_urls"] == []
+            (tmp_path / "missing.yaml").write_text((REPO / "rules.yaml").read_text())
+            async with client.get(base + "/proxy.pac") as response:  # the file appears: used at once
+                assert response.status == 200 and '"plex.tv"' in await response.text()
+    finally:
+        await control.cleanup()

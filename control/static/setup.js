@@ -73,6 +73,10 @@ function checkCa(status, viaProxy, answer) {
 
 function checkPlex(status) {
   const checks = Object.entries(status.plex);
+  if (status.rules_problem && checks.length === 0) {
+    step("plex", "fail", `the rules file cannot be used: ${status.rules_problem}`);
+    return false;
+  }
   if (checks.length === 0) {
     step("plex", "fail", "rules.yaml declares no Plex server: add upstreams.plex with a base_url.");
     return false;
