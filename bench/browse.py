@@ -16,7 +16,8 @@ player's request shapes (tests/test_e2e_browser.py, /work/shared/frontend-traffi
     search    "matrix" typed letter by letter: Plex /hubs/search and /search, TMDB search/multi
     New & Popular, My List (discover watchlist), player start (decision, start.mpd)
 
-Between pages the person looks for `--think` seconds (default 1). Session 1 is cold, session 2 (a fresh profile and a fresh sign-in of the same account) comes
+Between pages the person looks for `--think` seconds (default 1). Before session 1 the cache warmer runs once (as the cache-warm job asks; `--no-warm`: not).
+Session 1 is cold, session 2 (a fresh profile and a fresh sign-in of the same account) comes
 after it; a third run loads Home straight from the fakes (no proxy): the direct baseline.
 Printed from the proxy's usage_events: hit ratio of session 1, of session 2's cacheable requests
 and of all its requests, misses by reason (Cache-Status), Projectionist-made 429s and the longest
@@ -280,10 +281,28 @@ class Fakes:
         self.proc.wait(15)
 
 
+def warm_run(db: Path, timeout: float) -> int:
+    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
+    try:
+        request_id = conn.execute("INSERT INTO cache_flush_requests (target, value, requested_at) "
+                                  "VALUES ('warm', 'bench', datetime('now'))").lastrowid
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT flushed FROM cache_flush_requests WHERE id = ? AND applied_at IS NOT NULL",
+                               (request_id,)).fetchone()
+            if row:
+                return row[0]
+            time.sleep(0.2)
+        raise RuntimeError("the proxy did not carry out the warm run")
+    finally:
+        conn.close()
+
+
 def session_stats(db: Path, since: float, until: float) -> dict:
     conn = sqlite3.connect(db)
     try:
-        rows = conn.execute("SELECT cache, cache_reason, status, method FROM usage_events WHERE ts >= ? AND ts < ?",
+        rows = conn.execute("SELECT cache, cache_reason, status, method FROM usage_events WHERE ts >= ? AND ts < ? "
+                            "AND listener != 'warm'",
                             (since, until)).fetchall()
         queued = conn.execute("SELECT count(*), max(waited_ms) FROM rate_limit_events WHERE outcome = 'queued' "
                               "AND ts >= ? AND ts < ?", (since, until)).fetchone()
@@ -318,6 +337,10 @@ def bench(args) -> dict:
                       "plextv": "https://plex.tv", "discover": "https://discover.provider.plex.tv",
                       "tmdb": "https://api.themoviedb.org", "images": "https://image.tmdb.org",
                       "linkUrl": fakes.urls["plextv"], "thinkMs": int(args.think * 1000)}
+            if args.warm:  # what the cache-warm job does: ask the proxy for a warm run, wait for it
+                started = time.time()
+                report["warm"] = {"requests": warm_run(proxy.db_path, args.timeout),
+                                  "seconds": round(time.time() - started, 1)}
             for n in (1, 2):
                 started = time.time()
                 page = run_browser(config, Path(tmp) / f"profile-{n}", proxy, args.timeout)
@@ -342,7 +365,7 @@ def bench(args) -> dict:
 def render(r: dict) -> str:
     s1, s2 = r["session1"], r["session2"]
     lines = [
-        f"browse (fakes' latency {r['latency']})",
+        f"browse (fakes' latency {r['latency']}); warm run before session 1: {r.get('warm', 'none')}",
         f"  session 1 (cold):  hit ratio {s1['hit_ratio_cacheable']} of {s1['cacheable']} cacheable "
         f"(target >= 0.60), {s1['hit_ratio_all']} of all {s1['requests']}",
         f"  session 2 (fresh profile, fresh sign-in): {s2['hit_ratio_cacheable']} of {s2['cacheable']} cacheable "
@@ -365,6 +388,8 @@ def render(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", default=DEFAULT_LATENCY, help=f"fakes' latency (default {DEFAULT_LATENCY})")
+    parser.add_argument("--no-warm", dest="warm", action="store_false",
+                        help="no warm run before session 1 (the cache-warm job's work)")
     parser.add_argument("--think", type=float, default=1.0,
                         help="seconds a person spends on each page before the next (default 1)")
     parser.add_argument("--pause", type=float, default=2.0, help="seconds between the two sessions (default 2)")

@@ -339,7 +339,7 @@ class RetentionSettings(_Strict):
 class WarmingSettings(_Strict):
     """What the cache warmer fetches ahead of the player (proxy_addons/cache_warmer.py), how often
     (the `cache-warm` job) and how deep. Its requests are background work: they take an upstream
-    slot only when one is free, and a refusal ends that run."""
+    slot only when one is free and wait (Retry-After) when none is."""
 
     enabled: bool = True
     every: Duration = 1800

@@ -7,8 +7,8 @@ player sends: the TMDB lists of `warming.tmdb_lists`, the details-page requests 
 `warming.details` titles of each, and their posters at `warming.poster_size`. Each request carries
 `X-Projectionist-Warm` (stripped by the response cache before anything leaves): its misses are
 background work that takes an upstream slot only when one is free, so warming never goes ahead
-of a person; a refusal (429) ends the run, and usage_events records its requests with listener
-"warm". TMDB data is shared, so one warm run serves every user.
+of a person: refused (429), it waits the Retry-After and tries again, and stops after many
+refusals. usage_events records its requests with listener "warm". TMDB data is shared, so one warm run serves every user.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 TMDB_API = "https://api.themoviedb.org"
 TMDB_IMAGES = "https://image.tmdb.org"
 CONCURRENCY = 4  # a few at once: a person's requests queue behind none of them
+RETRIES = 3  # per URL, after a refusal's Retry-After
+MAX_YIELD = 5.0  # seconds waited after one refusal at most
+MAX_REFUSALS = 200  # per run; then it stops (the next scheduled run carries on)
 
 
 class CacheWarmer:
@@ -85,33 +88,40 @@ class CacheWarmer:
 
 
 class _Run:
-    """One warm run's requests: bounded, stopped at the first refusal."""
+    """One warm run's requests: bounded in number and in refusals."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self.requests = self.fetched = 0
+        self.requests = self.fetched = self.refusals = 0
         self.stopped = False
 
     async def get(self, session: aiohttp.ClientSession, proxy: str, url: str) -> dict | None:
         if self.stopped or self.requests >= self.budget:
             return None
-        self.requests += 1
         headers = {WARM_HEADER: "1", "Accept": "application/json" if "/t/p/" not in url else "image/webp,*/*",
                    "Authorization": "Bearer projectionist-warmer"}  # any placeholder: the proxy injects its key
-        try:
-            async with session.get(url, proxy=proxy, headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as r:
-                body = await r.read()
-                if "hit" not in (r.headers.get("Cache-Status") or ""):
-                    self.fetched += 1
-                if r.status == 429:  # a budget is tight: people come first, stop here
-                    self.stopped = True
-                    return None
-                if r.status != 200 or "json" not in r.headers.get("Content-Type", ""):
-                    return None
-                return json.loads(body)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.info("cache warm: %s failed (%s)", url.split("?")[0], type(exc).__name__)
-            return None
+        for _ in range(RETRIES):
+            self.requests += 1
+            try:
+                async with session.get(url, proxy=proxy, headers=headers,
+                                       timeout=aiohttp.ClientTimeout(total=30)) as r:
+                    body = await r.read()
+                    if r.status == 429:  # no free slot: yield to people for as long as the limiter says
+                        self.refusals += 1
+                        if self.refusals > MAX_REFUSALS:
+                            self.stopped = True  # the budget stays tight: the next run goes on
+                            return None
+                        await asyncio.sleep(min(MAX_YIELD, float(r.headers.get("Retry-After") or 1)))
+                        continue
+                    if "hit" not in (r.headers.get("Cache-Status") or ""):
+                        self.fetched += 1
+                    if r.status != 200 or "json" not in r.headers.get("Content-Type", ""):
+                        return None
+                    return json.loads(body)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                log.info("cache warm: %s failed (%s)", url.split("?")[0], type(exc).__name__)
+                return None
+        return None
 
 
 def _media_of(path: str) -> str:
