@@ -47,7 +47,7 @@ def trust_in_nss(home: Path, ca: Path) -> None:
                    check=True, env=env)
 
 
-async def open_setup_page(stack, home: Path, log: Path) -> tuple[subprocess.Popen, str]:
+async def open_setup_page(stack, home: Path, log: Path, pac: bool = True) -> tuple[subprocess.Popen, str]:
     assert CHROMIUM, "Chromium is missing: apt-get install chromium (.ci/run does)"
     profile = home / "profile"
     env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
@@ -55,7 +55,8 @@ async def open_setup_page(stack, home: Path, log: Path) -> tuple[subprocess.Pope
     browser = subprocess.Popen([
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", f"--proxy-pac-url={stack.control_url}/proxy.pac",
+        f"--user-data-dir={profile}",
+        f"--proxy-pac-url={stack.control_url}/proxy.pac" if pac else "--no-proxy-server",
         "--window-size=1100,3000", "--remote-debugging-port=0", "about:blank",
     ], stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
     port_file = profile / "DevToolsActivePort"
@@ -72,9 +73,10 @@ async def open_setup_page(stack, home: Path, log: Path) -> tuple[subprocess.Pope
     return browser, next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"]
 
 
-async def check_setup_page(stack, home: Path, screenshot: str, url: str | None = None) -> dict[str, tuple[str, str]]:
+async def check_setup_page(stack, home: Path, screenshot: str, url: str | None = None,
+                           pac: bool = True) -> dict[str, tuple[str, str]]:
     """Load /setup (or `url`), wait for its checks; return {step: (state, text)} and save a screenshot."""
-    browser, ws_url = await open_setup_page(stack, home, home / "chromium.log")
+    browser, ws_url = await open_setup_page(stack, home, home / "chromium.log", pac)
     try:
         async with aiohttp.ClientSession(trust_env=False) as session, \
                 session.ws_connect(ws_url, max_msg_size=0) as ws:
@@ -134,3 +136,13 @@ async def test_setup_page_without_the_ca_shows_step_2_red_with_the_instructions(
     for step in ("plex", "player", "keys"):
         assert states[step][0] == "ok", (step, states)
     assert "4 of 5 steps done" in states["summary"][1]
+
+
+async def test_setup_page_without_the_proxy_shows_step_1_red_with_the_pac_url(stack, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    states = await check_setup_page(stack, home, "setup-red-no-proxy.png", pac=False)
+    state, text = states["proxy"]
+    assert state == "fail" and "does not go through the proxy" in text and "PAC URL" in text, states
+    assert states["ca"][0] == "fail" and "step 1 first" in states["ca"][1], states
+    assert states["plex"][0] == "ok"  # checked by the server, whatever this browser does
