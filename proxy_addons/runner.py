@@ -31,6 +31,7 @@ from .response_cache import ResponseCache
 from .setup_host import SetupHost
 from .router import Listeners, Router, listener_modes, parse_overrides
 from .rules_watch import RulesWatcher
+from .body_limit import RequestBodyLimit
 from .streaming import LargeBodies
 from .timed_forward import TimedForward
 from .tmdb_key import TmdbKey
@@ -60,7 +61,7 @@ def projectionist_addons() -> list:
     CacheWarmer(watcher, cache)  # no hooks: the cache calls it (flush target "warm")
     images = ImageCache(watcher, router)
     limiter = RateLimit(watcher, cache, images)
-    return [watcher, SetupHost(), router, Listeners(watcher, router), store, limiter.retry, Redirects(),
+    return [watcher, SetupHost(), router, Listeners(watcher, router), RequestBodyLimit(watcher), store, limiter.retry, Redirects(),
             PlexTokens(store, watcher, router),
             TmdbKey(store), TraktCredentials(store), cache, images, limiter,
             LargeBodies(watcher), TimedForward(watcher),
