@@ -36,7 +36,7 @@ from .models import (
     UserPath,
 )
 from .openapi import ADMIN, Api, Call
-from .sessions import is_admin, iso, now_utc, parse_iso, revoke_user_sessions
+from .sessions import FALLBACK_ADMIN_SQL, is_admin, iso, now_utc, parse_iso, revoke_user_sessions
 from .vault_executor import transaction
 
 log = logging.getLogger("control.admin")
@@ -47,7 +47,7 @@ routes = api.routes
 
 
 def list_users(conn: sqlite3.Connection, admins: frozenset[str]) -> AdminUsers:
-    first = conn.execute("SELECT min(id) FROM users").fetchone()[0]
+    first = conn.execute(f"SELECT {FALLBACK_ADMIN_SQL}").fetchone()[0]
     rows = conn.execute(
         "SELECT u.id, u.username, u.plex_account_id, u.created_at, u.last_seen_at, "
         "(SELECT count(*) FROM sessions s WHERE s.user_id = u.id AND s.revoked_at IS NULL AND s.expires_at > ?), "
@@ -132,6 +132,8 @@ def set_admin_grant(vault: Vault, user_id: int, admin: bool, admin_id: int, admi
         raise ApiError(400, "cannot_demote_self", "an admin cannot take back their own admin rights")
     _user_row(vault, user_id, admins)
     with transaction(vault.conn) as conn:
+        if admin:  # the first grant ends the first-user rule: the granting admin keeps their rights
+            conn.execute(f"UPDATE users SET admin_granted = 1 WHERE id = ? AND id = {FALLBACK_ADMIN_SQL}", (admin_id,))
         conn.execute("UPDATE users SET admin_granted = ? WHERE id = ?", (int(admin), user_id))
         _sync_admin_flags(conn, admins)
     return AdminUserChange(user=_user_row(vault, user_id, admins))

@@ -44,6 +44,7 @@ from .models import (
 from .openapi import PUBLIC, USER, Api, Call
 from .security import browser_origin, client_ip, is_https
 from .sessions import (
+    FALLBACK_ADMIN_SQL,
     Identity,
     clear_session_cookie,
     create_session,
@@ -108,7 +109,8 @@ def forget_pin(vault: Vault, pin_id: str) -> None:
 
 
 def complete_sign_in(vault: Vault, pin_id: str, account: dict[str, Any], account_token: str, ttl: int,
-                     user_agent: str | None, ip: str | None, admins: frozenset[str]) -> tuple[str, Any, UserInfo]:
+                     user_agent: str | None, ip: str | None, admins: frozenset[str],
+                     owner: bool = False) -> tuple[str, Any, UserInfo]:
     with transaction(vault.conn) as conn:
         claimed = conn.execute("UPDATE auth_flows SET completed_at = ? WHERE kind = ? AND external_id = ? "
                                "AND completed_at IS NULL", (iso(now_utc()), PIN_KIND, pin_id)).rowcount
@@ -119,7 +121,11 @@ def complete_sign_in(vault: Vault, pin_id: str, account: dict[str, Any], account
         vault.surrogate_for(PLEX_TOKEN_KIND, account_token, user_id)
         _sync_admin_flags(conn, admins)
         session_id, expires = create_session(vault, user_id, ttl, user_agent, ip)
-        first = conn.execute("SELECT min(id) FROM users").fetchone()[0]
+        if owner and not admins and not conn.execute("SELECT 1 FROM users WHERE admin_granted").fetchone():
+            # The first owner to sign in is the admin, even if a user the server is shared with came first.
+            conn.execute("UPDATE users SET admin_granted = 1 WHERE id = ?", (user_id,))
+            _sync_admin_flags(conn, admins)
+        first = conn.execute(f"SELECT {FALLBACK_ADMIN_SQL}").fetchone()[0]
         granted = conn.execute("SELECT admin_granted FROM users WHERE id = ?", (user_id,)).fetchone()[0]
     user = UserInfo(id=user_id, username=username, thumb=account.get("thumb"), plex_account_id=str(account["id"]),
                     is_admin=is_admin(admins, str(account["id"]), user_id, first, granted=bool(granted)))
@@ -132,7 +138,7 @@ def _sync_admin_flags(conn: sqlite3.Connection, admins: frozenset[str]) -> None:
         marks = ", ".join("?" for _ in admins)
         conn.execute(f"UPDATE users SET is_admin = (admin_granted OR plex_account_id IN ({marks}))", tuple(admins))
     else:
-        conn.execute("UPDATE users SET is_admin = (admin_granted OR id = (SELECT min(id) FROM users))")
+        conn.execute(f"UPDATE users SET is_admin = (admin_granted OR id IS {FALLBACK_ADMIN_SQL})")
 
 
 def sign_out(vault: Vault, identity: Identity, everywhere: bool) -> tuple[int, int]:
@@ -254,7 +260,7 @@ async def complete_plex_login(request: web.Request, call: Call) -> web.StreamRes
     options = request.app[OPTIONS]
     session_id, expires, user = await vault.run(
         complete_sign_in, pin_id, account, str(account_token), options.session_ttl,
-        request.headers.get("User-Agent"), client_ip(request), options.admins)
+        request.headers.get("User-Agent"), client_ip(request), options.admins, admission.role == "owner")
     log.info("signed in", extra={"fields": {"user_id": user.id, "role": admission.role}})
     if html:
         response: web.Response = _to_page("login=ok")

@@ -22,6 +22,10 @@ from .keys import OPTIONS, VAULT
 from .security import is_https
 
 SESSION_COOKIE = "pj_session"
+# Without PROJECTIONIST_ADMINS: the id of the first user, the admin until some user holds an admin
+# grant (the first owner to sign in gets one, admission.py; an admin granting admin keeps theirs).
+FALLBACK_ADMIN_SQL = ("(SELECT CASE WHEN EXISTS (SELECT 1 FROM users WHERE admin_granted) THEN NULL "
+                      "ELSE min(id) END FROM users)")
 CSRF_HEADER = "X-CSRF-Token"
 _SESSION_ID_LENGTH = 43  # secrets.token_urlsafe(32)
 _RENEWED = "control.renewed_session"  # request key: (session id, new expiry) for the response cookie
@@ -85,7 +89,7 @@ def create_session(vault: Vault, user_id: int, ttl: int, user_agent: str | None,
 def load_session(vault: Vault, session_id: str, admins: frozenset[str]) -> Identity | None:
     row = vault.conn.execute(
         "SELECT u.id, u.username, u.plex_account_id, u.thumb, s.created_at, s.expires_at, "
-        "(SELECT min(id) FROM users), u.admin_granted FROM sessions s JOIN users u ON u.id = s.user_id "
+        f"{FALLBACK_ADMIN_SQL}, u.admin_granted FROM sessions s JOIN users u ON u.id = s.user_id "
         "WHERE s.id_hash = ? AND s.revoked_at IS NULL AND s.expires_at > ? AND u.disabled_at IS NULL",
         (token_hash(session_id), iso(now_utc())),
     ).fetchone()

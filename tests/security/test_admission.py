@@ -207,3 +207,19 @@ def test_the_allow_list_narrows_who_may_sign_in(fakes, tmp_path, monkeypatch):
         assert refusals(stack) == {"not_allowed": 1}
     finally:
         assert stack.stop() == 0, stack.logs()
+
+
+def test_the_first_owner_is_the_admin_even_when_a_shared_user_came_first(own_stack):
+    stack = own_stack
+    friend = Browser(stack)
+    assert friend.login(PLEX_ACCOUNT_TOKEN_2)["is_admin"] is True  # alone, before the owner: the first user
+    owner = Browser(stack)
+    assert owner.login(PLEX_ACCOUNT_TOKEN)["is_admin"] is True
+    assert friend.request("GET", "/api/auth/session").json()["user"]["is_admin"] is False
+    assert friend.request("GET", "/api/admin/users").status_code == 403
+    users = {u["username"]: u for u in owner.request("GET", "/api/admin/users").json()["users"]}
+    assert users["mrandersson"]["is_admin"] and not users["trinity_k"]["is_admin"]
+    # Granting admin keeps the granting admin an admin.
+    granted = owner.request("PUT", f"/api/admin/users/{users['trinity_k']['id']}/admin", json={"admin": True})
+    assert granted.status_code == 200 and granted.json()["user"]["is_admin"] is True
+    assert owner.request("GET", "/api/auth/session").json()["user"]["is_admin"] is True
