@@ -91,6 +91,11 @@ def test_sign_in_admits_the_servers_people_and_admins_disable_them(own_stack):
     assert PMS_FRIENDLY_NAME in page.text and "ask its owner for access" in page.text
     assert stranger.request("GET", "/api/auth/session").status_code == 401
     assert refusals(stack) == {"not_shared": 2}
+    shown = requests.get(stack.dashboard_url + "/projectionist/sign_in_refusals.json?_shape=objects", timeout=30,
+                         auth=("admin", (stack.home / "dashboard-password").read_text().strip()))
+    assert shown.status_code == 200 and [(r["reason"], r["refusals"]) for r in shown.json()["rows"]] == [
+        ("not_shared", 2)]
+    assert "cypher" not in shown.text  # counts only: no account
     assert "sign-in refused" in stack.logs() and PLEX_ACCOUNT_TOKEN_STRANGER not in stack.logs()
 
     # The user the server is shared with: admitted, not an admin.
