@@ -18,6 +18,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import diskcache
 
+from .disk_guard import DiskWrites
+
 # Query parameters that carry credentials: never part of a key (the scope partition is).
 CREDENTIAL_PARAMS = frozenset({"x-plex-token", "api_key", "access_token"})
 # Parameters that say which device, app or play session asks, not what it asks for: a fresh
@@ -145,13 +147,15 @@ class DiskLayer:
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.cache = diskcache.Cache(str(directory), size_limit=max_bytes,
                                      eviction_policy="least-recently-used", cull_limit=10)
+        self.writes = DiskWrites(f"response cache {directory}")
 
     def get(self, key: str) -> Entry | None:
         return self.cache.get(key)
 
     def put(self, key: str, entry: Entry) -> None:
         expire = entry.ttl + max(entry.stale_while_revalidate, entry.stale_if_error)
-        self.cache.set(key, entry, expire=max(expire - entry.age(), 1))
+        # A full or read-only disk: the entry stays in memory only (warned once a minute).
+        self.writes.attempt(lambda: self.cache.set(key, entry, expire=max(expire - entry.age(), 1)))
 
     def delete(self, keys: Iterable[str]) -> None:
         for key in keys:

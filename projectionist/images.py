@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 import diskcache
 
 from .cache_store import Entry
+from .disk_guard import DiskWrites
 from .lifetime import die_with
 
 log = logging.getLogger(__name__)
@@ -332,6 +333,7 @@ class ImageStore:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.evictions = 0
+        self.writes = DiskWrites(f"image cache {directory}")
         self._lock = threading.Lock()
         # key -> (size, expires_at, route, partition), least recently used first
         self._lru: OrderedDict[str, tuple[int, float, str, str]] = OrderedDict()
@@ -373,9 +375,13 @@ class ImageStore:
         """Store; returns the keys evicted to stay under the cap (never the one just stored)."""
         if entry.size > self.max_bytes:
             return []  # would evict everything else and still not fit
-        with self.cache.transact():
-            self.cache.set(("b", key), entry.body)
-            self.cache.set(("m", key), dataclasses.replace(entry, body=b"", body_size=len(entry.body)))
+        def write() -> None:
+            with self.cache.transact():
+                self.cache.set(("b", key), entry.body)
+                self.cache.set(("m", key), dataclasses.replace(entry, body=b"", body_size=len(entry.body)))
+
+        if not self.writes.attempt(write):  # disk full or read-only: served, not stored
+            return []
         with self._lock:
             old = self._lru.pop(key, None)
             if old is not None:
