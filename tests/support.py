@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import yaml
 from aiohttp import web
 from requests.adapters import HTTPAdapter
@@ -310,3 +312,31 @@ class SourceAddressAdapter(HTTPAdapter):
     def init_poolmanager(self, *args, **kwargs):
         kwargs["source_address"] = (self.address, 0)
         return super().init_poolmanager(*args, **kwargs)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# As a user's browser runs here: headless, and without the background traffic this closed network refuses.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+async def start_chromium(profile: Path, log: Path, *flags: str,
+                         env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Headless Chromium on a fresh profile with `flags`; returns the process and the DevTools
+    WebSocket URL of its page."""
+    assert CHROMIUM, "Chromium is missing: apt-get install chromium (.ci/run does)"
+    browser = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags,
+                                "--remote-debugging-port=0", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
+    port_file = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + 30
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if time.monotonic() > deadline or browser.poll() is not None:
+            browser.kill()
+            raise AssertionError(f"Chromium did not start:\n{log.read_text()[-2000:]}")
+        await asyncio.sleep(0.1)
+    port = port_file.read_text().split()[0]
+    async with aiohttp.ClientSession(trust_env=False) as session:
+        async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
+            targets = await response.json()
+    return browser, next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import shutil
 import ssl
 import subprocess
 import time
@@ -23,13 +22,13 @@ import aiohttp
 import pytest
 import trustme
 from aiohttp import web
+import support
 from test_e2e_credentials import RecordingClient
 
 from fake_upstreams.data import PLEX_ACCOUNT_TOKEN, PLEX_SERVER_TOKEN, TMDB_V4_TOKEN
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 APP_PLEX_TV_PAGE = """<!doctype html><meta charset="utf-8"><title>app.plex.tv</title>
 <p>Approving…</p>
@@ -128,27 +127,9 @@ class DevTools:
 
 
 async def start_chromium(profile: Path, app_plex_tv_port: int, log: Path) -> tuple[subprocess.Popen, str]:
-    assert CHROMIUM, "Chromium is missing: apt-get install chromium (.ci/run does)"
-    browser = subprocess.Popen([
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-        f"--host-resolver-rules=MAP app.plex.tv:443 127.0.0.1:{app_plex_tv_port}",
-        "--ignore-certificate-errors",  # the local app.plex.tv's certificate (this test's browser only)
-        "--remote-debugging-port=0", "about:blank",
-    ], stdout=subprocess.DEVNULL, stderr=log.open("w"))
-    port_file = profile / "DevToolsActivePort"
-    deadline = time.monotonic() + 30
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if time.monotonic() > deadline or browser.poll() is not None:
-            browser.kill()
-            raise AssertionError(f"Chromium did not start:\n{log.read_text()[-2000:]}")
-        await asyncio.sleep(0.1)
-    port = port_file.read_text().split()[0]
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
-            targets = await response.json()
-    page = next(t for t in targets if t["type"] == "page")
-    return browser, page["webSocketDebuggerUrl"]
+    return await support.start_chromium(
+        profile, log, f"--host-resolver-rules=MAP app.plex.tv:443 127.0.0.1:{app_plex_tv_port}",
+        "--ignore-certificate-errors")  # the local app.plex.tv's certificate (this test's browser only)
 
 
 async def test_settings_page_login_tmdb_key_usage_import_logout(stack, tmp_path, clean_fakes):

@@ -13,18 +13,17 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 from test_control_browser import DevTools
-from test_e2e_browser import CHROMIUM, save_artifact, spki_hash
+from test_e2e_browser import save_artifact, spki_hash
 
 from fake_upstreams.data import PLEX_ACCOUNT_TOKEN, PLEX_SERVER_TOKEN, TRAKT_ACCESS_TOKEN
 
-from support import REPO
+from support import REPO, start_chromium
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -218,26 +217,8 @@ async def start_player_origin(page: str) -> tuple[web.AppRunner, str]:
 
 
 async def start_browser(stack, profile: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    assert CHROMIUM, "Chromium is missing: apt-get install chromium (.ci/run does)"
-    browser = subprocess.Popen([
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", f"--proxy-server={stack.proxy_url}",
-        f"--ignore-certificate-errors-spki-list={spki_hash(stack.ca_path)}",
-        "--remote-debugging-port=0", "about:blank",
-    ], stdout=subprocess.DEVNULL, stderr=log.open("w"))
-    port_file = profile / "DevToolsActivePort"
-    deadline = time.monotonic() + 30
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if time.monotonic() > deadline or browser.poll() is not None:
-            browser.kill()
-            raise AssertionError(f"Chromium did not start:\n{log.read_text()[-2000:]}")
-        time.sleep(0.1)
-    port = port_file.read_text().split()[0]
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
-            targets = await response.json()
-    return browser, next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"]
+    return await start_chromium(profile, log, f"--proxy-server={stack.proxy_url}",
+                                f"--ignore-certificate-errors-spki-list={spki_hash(stack.ca_path)}")
 
 
 async def screenshot(page: DevTools, name: str) -> None:

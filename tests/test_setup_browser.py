@@ -4,24 +4,20 @@ green; without the CA, step 2 is red and says what to do. Screenshots go to test
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
 import re
-import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 import requests
-from support import REPO
+from support import REPO, start_chromium
 from test_control_browser import DevTools
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 STEPS = ["proxy", "ca", "plex", "player", "keys"]
 
 
@@ -48,29 +44,11 @@ def trust_in_nss(home: Path, ca: Path) -> None:
 
 
 async def open_setup_page(stack, home: Path, log: Path, pac: bool = True) -> tuple[subprocess.Popen, str]:
-    assert CHROMIUM, "Chromium is missing: apt-get install chromium (.ci/run does)"
-    profile = home / "profile"
     env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
-    env["HOME"] = str(home)
-    browser = subprocess.Popen([
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}",
-        f"--proxy-pac-url={stack.control_url}/proxy.pac" if pac else "--no-proxy-server",
-        "--window-size=1100,3000", "--remote-debugging-port=0", "about:blank",
-    ], stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
-    port_file = profile / "DevToolsActivePort"
-    deadline = time.monotonic() + 30
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if time.monotonic() > deadline or browser.poll() is not None:
-            browser.kill()
-            raise AssertionError(f"Chromium did not start:\n{log.read_text()[-2000:]}")
-        await asyncio.sleep(0.1)
-    port = port_file.read_text().split()[0]
-    async with aiohttp.ClientSession(trust_env=False) as session:
-        async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
-            targets = await response.json()
-    return browser, next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"]
+    env["HOME"] = str(home)  # the profile's NSS store is under $HOME/.pki
+    return await start_chromium(home / "profile", log,
+                                f"--proxy-pac-url={stack.control_url}/proxy.pac" if pac else "--no-proxy-server",
+                                "--window-size=1100,3000", env=env)
 
 
 async def check_setup_page(stack, home: Path, screenshot: str, url: str | None = None,
