@@ -351,6 +351,11 @@ class WarmingSettings(_Strict):
     detail_parts: list[str] = ["", "/credits", "/recommendations", "/similar", "/videos",
                                "/images?include_image_language=en%2Cnull"]
     poster_size: str | None = "w342"  # the posters of every title listed, at the size the player asks
+    # After a sign-in: the account's Plex Home and library ({section}: each section's key), and
+    # the thumbnails they list.
+    plex_paths: list[str] = ["/library/onDeck", "/library/recentlyAdded?X-Plex-Container-Size=50",
+                             "/library/sections/{section}/all?sort=titleSort&X-Plex-Container-Start=0"
+                             "&X-Plex-Container-Size=100"]
     max_requests: int = Field(default=400, ge=1)  # per run
 
 

@@ -9,6 +9,11 @@ player sends: the TMDB lists of `warming.tmdb_lists`, the details-page requests 
 background work that takes an upstream slot only when one is free, so warming never goes ahead
 of a person: refused (429), it waits the Retry-After and tries again, and stops after many
 refusals. usage_events records its requests with listener "warm". TMDB data is shared, so one warm run serves every user.
+
+After a sign-in (the plex.tv resources answer the player receives, surrogates in it), the same
+is done for that account's Plex server: `warming.plex_paths` (Home, each section's first page)
+and the thumbnails they list, with the server token the player was just handed, in that
+account's partition.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import ssl
 from pathlib import Path
 
 import aiohttp
-from mitmproxy import ctx
+from mitmproxy import ctx, http
 
+from . import flowinfo
 from .response_cache import WARM_HEADER, ResponseCache
 from .rules_watch import RulesWatcher
 
@@ -29,6 +35,8 @@ log = logging.getLogger(__name__)
 
 TMDB_API = "https://api.themoviedb.org"
 TMDB_IMAGES = "https://image.tmdb.org"
+# What Chromium sends for an <img>: the image cache keys on the format negotiated from it.
+IMAGE_ACCEPT = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
 CONCURRENCY = 4  # a few at once: a person's requests queue behind none of them
 RETRIES = 3  # per URL, after a refusal's Retry-After
 MAX_YIELD = 5.0  # seconds waited after one refusal at most
@@ -40,6 +48,53 @@ class CacheWarmer:
         self.watcher = watcher
         cache.warmer = self
         self._running: asyncio.Task | None = None
+        self._plex_warming: set[tuple[int, str]] = set()
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        """After a sign-in (the player's plex.tv resources answer, surrogates in it by now): warm
+        that account's Plex Home and library, with the server token the player was handed."""
+        info = flowinfo.get(flow)
+        rules = self.watcher.rules
+        if (info is None or info.route != "plextv.resources" or info.user_id is None or rules is None
+                or not rules.model.warming.enabled or not rules.model.warming.plex_paths
+                or flow.response is None or flow.response.status_code != 200):
+            return
+        try:
+            servers = [r for r in json.loads(flow.response.content or b"[]")
+                       if isinstance(r, dict) and "server" in (r.get("provides") or "") and r.get("accessToken")]
+        except ValueError:
+            return
+        if not servers or not servers[0].get("connections"):
+            return
+        base, token = servers[0]["connections"][0].get("uri"), servers[0]["accessToken"]
+        if base and (info.user_id, base) not in self._plex_warming:
+            self._plex_warming.add((info.user_id, base))
+            task = asyncio.get_running_loop().create_task(self._warm_plex(base.rstrip("/"), token))
+            task.add_done_callback(lambda _: self._plex_warming.discard((info.user_id, base)))
+
+    async def _warm_plex(self, base: str, token: str) -> int:
+        settings = self.watcher.rules.model.warming
+        proxy = self._proxy_url()
+        if proxy is None:
+            return 0
+        run = _Run(settings.max_requests)
+        plex_proxy = None if base.startswith("http://127.0.0.1") or base.startswith("http://localhost") else proxy
+        ca = Path(ctx.options.confdir).expanduser() / "mitmproxy-ca-cert.pem"
+        context = ssl.create_default_context(cafile=str(ca))
+
+        def url(path: str) -> str:
+            return f"{base}{path}{'&' if '?' in path else '?'}X-Plex-Token={token}"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=CONCURRENCY)) as session:
+            sections = await run.get(session, plex_proxy, url("/library/sections"))
+            keys = [d.get("key") for d in ((sections or {}).get("MediaContainer") or {}).get("Directory") or []]
+            paths = [p for p in settings.plex_paths if "{section}" not in p]
+            paths += [p.replace("{section}", str(k)) for p in settings.plex_paths if "{section}" in p for k in keys if k]
+            answers = await asyncio.gather(*(run.get(session, plex_proxy, url(p)) for p in paths))
+            thumbs = {m["thumb"] for a in answers if a for m in (a.get("MediaContainer") or {}).get("Metadata") or []
+                      if isinstance(m, dict) and m.get("thumb")}
+            await asyncio.gather(*(run.get(session, plex_proxy, url(t)) for t in sorted(thumbs)))
+        log.info("cache warm (sign-in): %d Plex requests, %d from the server", run.requests, run.fetched)
+        return run.requests
 
     def _proxy_url(self) -> str | None:
         ps = ctx.master.addons.get("proxyserver")
@@ -95,11 +150,13 @@ class _Run:
         self.requests = self.fetched = self.refusals = 0
         self.stopped = False
 
-    async def get(self, session: aiohttp.ClientSession, proxy: str, url: str) -> dict | None:
+    async def get(self, session: aiohttp.ClientSession, proxy: str | None, url: str) -> dict | None:
         if self.stopped or self.requests >= self.budget:
             return None
-        headers = {WARM_HEADER: "1", "Accept": "application/json" if "/t/p/" not in url else "image/webp,*/*",
-                   "Authorization": "Bearer projectionist-warmer"}  # any placeholder: the proxy injects its key
+        image = "/t/p/" in url or "/thumb/" in url or "/art/" in url
+        headers = {WARM_HEADER: "1", "Accept": IMAGE_ACCEPT if image else "application/json"}
+        if "themoviedb" in url:
+            headers["Authorization"] = "Bearer projectionist-warmer"  # any placeholder: the proxy injects its key
         for _ in range(RETRIES):
             self.requests += 1
             try:

@@ -58,13 +58,13 @@ def projectionist_addons() -> list:
     router = Router(watcher)
     store = CredentialStore()
     cache = ResponseCache(watcher)
-    CacheWarmer(watcher, cache)  # no hooks: the cache calls it (flush target "warm")
+    warmer = CacheWarmer(watcher, cache)  # the cache calls it (flush target "warm"); it sees sign-ins
     images = ImageCache(watcher, router)
     limiter = RateLimit(watcher, cache, images)
     return [watcher, SetupHost(), router, Listeners(watcher, router), RequestBodyLimit(watcher), store, limiter.retry, Redirects(),
             PlexTokens(store, watcher, router),
             TmdbKey(store), TraktCredentials(store), cache, images, limiter,
-            LargeBodies(watcher), TimedForward(watcher),
+            LargeBodies(watcher), TimedForward(watcher), warmer,
             UsageRecorder(), ViewingHistory(), OpsListener(watcher)]
 
 

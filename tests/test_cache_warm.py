@@ -10,13 +10,19 @@ import sqlite3
 import aiohttp
 
 from fake_upstreams import FakeUpstreams
+from proxy_addons.cache_warmer import IMAGE_ACCEPT
 
-from support import FAKE_TO_RULES, start_embedded_proxy
+from support import FAKE_TO_RULES, free_port, start_embedded_proxy
 
 
 def small_warm(rules: dict) -> None:
     rules["warming"] = {"tmdb_lists": ["/3/trending/movie/week"], "details": 2,
-                        "detail_parts": ["", "/credits"], "poster_size": "w342"}
+                        "detail_parts": ["", "/credits"], "poster_size": "w342", "plex_paths": []}
+
+
+def plex_warm(rules: dict) -> None:
+    rules["warming"] = {"plex_paths": ["/library/onDeck",
+                                       "/library/sections/{section}/all?sort=titleSort&X-Plex-Container-Start=0"]}
 
 
 async def applied(db, request_id: int, timeout: float = 60) -> int:
@@ -49,7 +55,7 @@ async def test_a_warm_run_makes_the_first_home_a_hit(tmp_path):
             async with session.get(f"http://api.themoviedb.org/3/movie/{first['id']}/credits", proxy=proxy_url) as r:
                 assert r.headers["Cache-Status"].startswith("Projectionist; hit")
             async with session.get(f"http://image.tmdb.org/t/p/w342{first['poster_path']}", proxy=proxy_url,
-                                   headers={"Accept": "image/webp,*/*"}) as r:
+                                   headers={"Accept": IMAGE_ACCEPT}) as r:  # Chromium's, as the warmer's
                 assert r.status == 200 and "hit" in r.headers["Cache-Status"]
             assert len([r for r in fakes.requests["tmdb"] if r.path == "/3/trending/movie/week"]) == 1
             for _ in range(50):
@@ -63,3 +69,36 @@ async def test_a_warm_run_makes_the_first_home_a_hit(tmp_path):
 
 
 WARM = "X-Projectionist-Warm"
+
+
+async def test_a_sign_in_warms_that_accounts_plex_home_and_library(tmp_path):
+    from fake_upstreams.data import PLEX_ACCOUNT_TOKEN
+
+    async with FakeUpstreams() as fakes, aiohttp.ClientSession() as session:
+        plex_port = free_port()
+        proxy = await start_embedded_proxy(tmp_path, [f"{FAKE_TO_RULES[n]}={u}" for n, u in fakes.urls.items()],
+                                           plex_warm, plex_listen=plex_port)
+        try:
+            proxy_url = f"http://127.0.0.1:{proxy.ports['regular']}"
+            async with session.get("http://plex.tv/api/v2/resources?includeHttps=1&includeRelay=1", proxy=proxy_url,
+                                   headers={"X-Plex-Token": PLEX_ACCOUNT_TOKEN, "Accept": "application/json",
+                                            "X-Plex-Client-Identifier": "warm-test"}) as r:
+                server = next(s for s in await r.json() if "server" in s["provides"])
+            base, token = server["connections"][0]["uri"], server["accessToken"]
+            assert token.startswith("pj_")
+            for _ in range(100):  # the warm runs in the background of the sign-in
+                plex_paths = [r.path for r in fakes.requests["plex"]]
+                if "/library/onDeck" in plex_paths and any("/thumb/" in p for p in plex_paths):
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            calls = len(fakes.requests["plex"])
+            for path in ("/library/onDeck", "/library/sections/1/all?sort=titleSort&X-Plex-Container-Start=0"):
+                sep = "&" if "?" in path else "?"
+                async with session.get(f"{base}{path}{sep}X-Plex-Token={token}&X-Plex-Client-Identifier=browser",
+                                       headers={"Accept": "application/json"}) as r:
+                    assert r.status == 200 and r.headers["Cache-Status"].startswith("Projectionist; hit"), path
+            assert len(fakes.requests["plex"]) == calls
+            assert all(WARM not in r.headers for r in fakes.requests["plex"])
+        finally:
+            await proxy.stop()
