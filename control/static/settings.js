@@ -125,6 +125,56 @@ async function runJob(name) {
   }
 }
 
+async function loadUsers() {
+  const section = $("users");
+  if (!state.admin) { section.hidden = true; return; }
+  const result = await api("GET", "/api/admin/users");
+  if (!result.ok) { $("users-message").textContent = errorText(result); return; }
+  section.hidden = false;
+  const body = $("users-table");
+  body.replaceChildren();
+  for (const user of result.data.users) {
+    const row = document.createElement("tr");
+    row.id = `user-${user.id}`;
+    const cells = [user.username, user.is_admin ? "admin" : "user", user.disabled ? "disabled" : "active",
+                   String(user.active_sessions)];
+    for (const value of cells) {
+      const cell = document.createElement("td");
+      cell.textContent = value;
+      row.appendChild(cell);
+    }
+    row.cells[2].className = "user-status";
+    const actions = document.createElement("td");
+    const buttons = [
+      [`toggle-${user.id}`, user.disabled ? "Enable" : "Disable",
+       () => userAction("POST", `/api/admin/users/${user.id}/${user.disabled ? "enable" : "disable"}`)],
+      [`admin-${user.id}`, user.is_admin ? "Remove admin" : "Make admin",
+       () => userAction("PUT", `/api/admin/users/${user.id}/admin`, { admin: !user.is_admin })],
+      [`revoke-${user.id}`, "Sign out everywhere", () => userAction("POST", `/api/admin/users/${user.id}/revoke`)],
+    ];
+    for (const [id, label, action] of buttons) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.id = id;
+      button.textContent = label;
+      button.addEventListener("click", action);
+      actions.appendChild(button);
+    }
+    row.appendChild(actions);
+    body.appendChild(row);
+  }
+  body.dataset.loaded = String(Date.now());
+}
+
+async function userAction(method, path, body) {
+  const result = await api(method, path, body);
+  $("users-message").textContent = result.ok
+    ? `${result.data.user.username}: done (${result.data.sessions_revoked} session(s) and `
+      + `${result.data.surrogates_revoked} player token(s) revoked).`
+    : errorText(result);
+  await loadUsers();
+}
+
 async function loadRecommendations() {
   const result = await api("GET", "/api/recommendations");
   if (!result.ok) return;
@@ -145,7 +195,7 @@ async function loadRecommendations() {
 
 async function refreshAll() {
   if (await loadSession()) {
-    await Promise.all([loadSettings(), loadUsage(), loadJobs(), loadRecommendations()]);
+    await Promise.all([loadSettings(), loadUsage(), loadJobs(), loadUsers(), loadRecommendations()]);
   }
 }
 
