@@ -6,7 +6,8 @@
     PROJECTIONIST_SESSION_MAX_AGE    absolute lifetime of a session in seconds (default 90 days; never renewed past)
     PROJECTIONIST_AUTH_RATE_LIMIT    sign-in requests per IP, "COUNT/SECONDS" (default 20/60)
     PROJECTIONIST_CONTROL_URL        the control plane's public origin, e.g. https://projectionist.lan
-                                     (default: the origin each request was made to)
+                                     (default: the name of this machine the browser used, at the
+                                     listener's port; else the listener's address: never any Host)
     PROJECTIONIST_PLEX_SERVERS       comma-separated machine identifiers of the Plex servers served
                                      (default: the servers the first owner to sign in owns)
     PROJECTIONIST_ALLOWED_USERS      optional allow-list: Plex account ids, usernames or e-mails that may
