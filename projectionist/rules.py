@@ -355,7 +355,13 @@ class WarmingSettings(_Strict):
     # the thumbnails they list.
     plex_paths: list[str] = ["/library/onDeck", "/library/recentlyAdded?X-Plex-Container-Size=50",
                              "/library/sections/{section}/all?sort=titleSort&X-Plex-Container-Start=0"
-                             "&X-Plex-Container-Size=100"]
+                             "&X-Plex-Container-Size=100",
+                             "/library/sections/{section}/all?type=1&sort=random:desc&X-Plex-Container-Start=0"
+                             "&X-Plex-Container-Size=1",
+                             "/library/sections/{section}/genre", "/library/sections/{section}/collections"]
+    # The details page of the first `details` items each of those lists ({rk}: the item's key).
+    plex_item_paths: list[str] = ["/library/metadata/{rk}?includeExtras=1&includeExternalMedia=1&includeChildren=1",
+                                  "/library/metadata/{rk}/children"]
     max_requests: int = Field(default=400, ge=1)  # per run
 
 

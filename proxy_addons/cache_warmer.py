@@ -11,8 +11,9 @@ of a person: refused (429), it waits the Retry-After and tries again, and stops 
 refusals. usage_events records its requests with listener "warm". TMDB data is shared, so one warm run serves every user.
 
 After a sign-in (the plex.tv resources answer the player receives, surrogates in it), the same
-is done for that account's Plex server: `warming.plex_paths` (Home, each section's first page)
-and the thumbnails they list, with the server token the player was just handed, in that
+is done for that account's Plex server: `warming.plex_paths` (Home, each section's first page,
+genres, collections), the thumbnails they list and the details pages (`plex_item_paths`) of
+their first `details` items, with the server token the player was just handed, in that
 account's partition.
 """
 
@@ -90,9 +91,13 @@ class CacheWarmer:
             paths = [p for p in settings.plex_paths if "{section}" not in p]
             paths += [p.replace("{section}", str(k)) for p in settings.plex_paths if "{section}" in p for k in keys if k]
             answers = await asyncio.gather(*(run.get(session, plex_proxy, url(p)) for p in paths))
-            thumbs = {m["thumb"] for a in answers if a for m in (a.get("MediaContainer") or {}).get("Metadata") or []
-                      if isinstance(m, dict) and m.get("thumb")}
+            listed = [[m for m in (a.get("MediaContainer") or {}).get("Metadata") or [] if isinstance(m, dict)]
+                      for a in answers if a]
+            thumbs = {m["thumb"] for items in listed for m in items if m.get("thumb")}
             await asyncio.gather(*(run.get(session, plex_proxy, url(t)) for t in sorted(thumbs)))
+            keys = {str(m["ratingKey"]) for items in listed for m in items[:settings.details] if m.get("ratingKey")}
+            await asyncio.gather(*(run.get(session, plex_proxy, url(p.replace("{rk}", k)))
+                                   for k in sorted(keys) for p in settings.plex_item_paths))
         log.info("cache warm (sign-in): %d Plex requests, %d from the server", run.requests, run.fetched)
         return run.requests
 
