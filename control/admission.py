@@ -35,7 +35,7 @@ from projectionist.vault import Vault
 from .errors import ApiError, upstream_failed
 from .jobs import JobContext, job
 from .keys import HTTP, OPTIONS, PLEX_CLIENT_ID, UPSTREAMS, VAULT
-from .upstreams import PRODUCT, PRODUCT_VERSION
+from .upstreams import plex_headers
 from .sessions import iso, now_utc, revoke_user_sessions
 from .vault_executor import transaction
 
@@ -240,9 +240,8 @@ async def refresh_members(app: web.Application, fetch) -> int | None:
 
 
 async def _plextv_get(app: web.Application, method: str, path: str, token: str) -> tuple[int, Any]:
-    headers = {"Accept": "application/json", "X-Plex-Client-Identifier": app[PLEX_CLIENT_ID],
-               "X-Plex-Product": PRODUCT, "X-Plex-Version": PRODUCT_VERSION, "X-Plex-Token": token}
-    async with app[HTTP].request(method, app[UPSTREAMS].url("plextv", path), headers=headers,
+    async with app[HTTP].request(method, app[UPSTREAMS].url("plextv", path),
+                                 headers=plex_headers(app[PLEX_CLIENT_ID], token),
                                  timeout=aiohttp.ClientTimeout(total=20)) as response:
         return response.status, (await response.json(content_type=None) if response.status == 200 else None)
 

@@ -57,7 +57,7 @@ from .sessions import (
     set_session_cookie,
     token_hash,
 )
-from .upstreams import PLEX_APP_AUTH, PRODUCT, PRODUCT_VERSION
+from .upstreams import PLEX_APP_AUTH, PRODUCT, plex_headers
 from .vault_executor import transaction
 
 log = logging.getLogger("control.auth")
@@ -153,12 +153,7 @@ def sign_out(vault: Vault, identity: Identity, everywhere: bool) -> tuple[int, i
 # --- plex.tv ------------------------------------------------------------------------------------
 
 def _plex_headers(request: web.Request, token: str | None = None) -> dict[str, str]:
-    headers = {"Accept": "application/json", "X-Plex-Client-Identifier": request.app[PLEX_CLIENT_ID],
-               "X-Plex-Product": PRODUCT, "X-Plex-Version": PRODUCT_VERSION,
-               "X-Plex-Device": "Projectionist control plane", "X-Plex-Platform": "Web"}
-    if token:
-        headers["X-Plex-Token"] = token
-    return headers
+    return plex_headers(request.app[PLEX_CLIENT_ID], token)
 
 
 async def _plextv(request: web.Request, method: str, path: str, token: str | None = None,

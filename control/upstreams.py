@@ -28,6 +28,16 @@ except PackageNotFoundError:  # running from a checkout that was never installed
     PRODUCT_VERSION = "0"
 
 
+def plex_headers(client_id: str, token: str | None = None) -> dict[str, str]:
+    """What the control plane sends plex.tv: JSON, its stable client identity, and a token if any."""
+    headers = {"Accept": "application/json", "X-Plex-Client-Identifier": client_id,
+               "X-Plex-Product": PRODUCT, "X-Plex-Version": PRODUCT_VERSION,
+               "X-Plex-Device": "Projectionist control plane", "X-Plex-Platform": "Web"}
+    if token:
+        headers["X-Plex-Token"] = token
+    return headers
+
+
 class Upstreams:
     def __init__(self, overrides: Sequence[str] = ()) -> None:
         self.bases = dict(DEFAULT_BASES)
