@@ -31,10 +31,9 @@ def _int(name: str, default: int, minimum: int = 1) -> int:
     value = os.environ.get(name, "").strip()
     if not value:
         return default
-    number = int(value)
-    if number < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {number}")
-    return number
+    if not value.isdigit() or int(value) < minimum:
+        raise ValueError(f"{name}={value!r} is not valid: use a whole number of at least {minimum}")
+    return int(value)
 
 
 def _names(name: str) -> frozenset[str]:
@@ -51,6 +50,14 @@ def parse_rate(value: str) -> tuple[int, float]:
     if parsed[0] < 1 or parsed[1] <= 0:
         raise ValueError(f"a rate limit needs a positive count and period, got {value!r}")
     return parsed
+
+
+def _rate(name: str, default: str) -> tuple[int, float]:
+    value = os.environ.get(name, "").strip() or default
+    try:
+        return parse_rate(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}={value!r} is not valid: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -73,12 +80,12 @@ class ControlOptions:
         if public:
             parts = urlsplit(public)
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
-                raise ValueError(f"PROJECTIONIST_CONTROL_URL must be an origin like https://host[:port], got {public!r}")
+                raise ValueError(f"PROJECTIONIST_CONTROL_URL={public!r} is not valid: use an origin like https://host[:port]")
         values = dict(
             admins=frozenset(a.strip() for a in env.get("PROJECTIONIST_ADMINS", "").split(",") if a.strip()),
             session_ttl=_int("PROJECTIONIST_SESSION_TTL", 14 * DAY, minimum=60),
             session_max_age=_int("PROJECTIONIST_SESSION_MAX_AGE", 90 * DAY, minimum=60),
-            auth_rate=parse_rate(env.get("PROJECTIONIST_AUTH_RATE_LIMIT", "").strip() or "20/60"),
+            auth_rate=_rate("PROJECTIONIST_AUTH_RATE_LIMIT", "20/60"),
             public_origin=public,
             plex_servers=_names("PROJECTIONIST_PLEX_SERVERS"),
             allowed_users=_names("PROJECTIONIST_ALLOWED_USERS"),

@@ -453,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command in SERVICES:
+            check_environment()
         if args.command in USES_DEFAULT_FILES and not getattr(args, "file", None):
             _install_defaults()
         return args.func(args)
@@ -463,6 +465,46 @@ def main(argv: list[str] | None = None) -> int:
 
 # Commands that read rules.yaml or datasette_metadata.yml.
 USES_DEFAULT_FILES = {"run", "proxy", "control", "dashboard", "check-rules"}
+SERVICES = {"run", "proxy", "control", "dashboard"}
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_environment() -> None:
+    """Every PROJECTIONIST_* value the services parse, parsed here first: a bad one is a ConfigError
+    naming the variable, the value and what is allowed, before anything starts (not a traceback
+    from a service that already runs beside the others)."""
+    from urllib.parse import urlsplit
+
+    from control.options import ControlOptions
+    from proxy_addons.router import parse_overrides
+
+    from .dashboard_guard import throttle_from_env
+    from .logs import FORMAT_ENV, FORMATS, resolve_format
+
+    def overrides() -> None:
+        value = os.environ.get("PROJECTIONIST_UPSTREAMS", "")
+        try:
+            parse_overrides([p for p in value.split(",") if p.strip()])
+        except ValueError as exc:
+            raise ValueError(f"PROJECTIONIST_UPSTREAMS={value!r} is not valid: {exc}") from None
+
+    def redis_url() -> None:  # the value is not repeated: it may hold a password
+        value = os.environ.get("PROJECTIONIST_REDIS_URL", "").strip()
+        if value and urlsplit(value).scheme not in REDIS_SCHEMES:
+            raise ValueError("PROJECTIONIST_REDIS_URL is not valid: use a redis://, rediss:// or unix:// URL")
+
+    def log_format() -> None:
+        try:
+            resolve_format()
+        except ValueError:
+            value = os.environ.get(FORMAT_ENV, "")
+            raise ValueError(f"{FORMAT_ENV}={value!r} is not valid: use one of {', '.join(FORMATS)}") from None
+
+    for check in (ControlOptions.from_env, overrides, redis_url, log_format, throttle_from_env):
+        try:
+            check()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _install_defaults() -> None:

@@ -160,9 +160,9 @@ def throttle_from_env() -> LoginThrottle:
     try:
         count, seconds = int(count), float(seconds or WINDOW)
     except ValueError:
-        raise SystemExit(f"{LIMIT_ENV} must look like COUNT/SECONDS (e.g. 10/900), got {value!r}") from None
+        count = seconds = 0
     if count < 1 or seconds <= 0:
-        raise SystemExit(f"{LIMIT_ENV} needs a positive count and period, got {value!r}")
+        raise ValueError(f"{LIMIT_ENV}={value!r} is not valid: use COUNT/SECONDS with both positive (e.g. 10/900)")
     return LoginThrottle(window=seconds, lockout=seconds, ip_lockout_after=count, account_lockout_after=3 * count,
                          delay_after=max(1, count // 3))
 

@@ -99,3 +99,32 @@ def test_invalid_environment_value_names_variable_value_and_what_is_allowed(tmp_
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert variable in proc.stderr and repr(value) in proc.stderr and "1 to 65535" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("variable,value,allowed", [
+    ("PROJECTIONIST_SESSION_TTL", "two weeks", "whole number of at least 60"),
+    ("PROJECTIONIST_AUTH_RATE_LIMIT", "lots", "COUNT/SECONDS"),
+    ("PROJECTIONIST_CONTROL_URL", "ftp://projectionist.lan", "https://host[:port]"),
+    ("PROJECTIONIST_UPSTREAMS", "tmdb", "name=http(s)://host[:port]"),
+    ("PROJECTIONIST_LOG_FORMAT", "xml", "auto, json, text"),
+    ("PROJECTIONIST_DASHBOARD_LOGIN_LIMIT", "ten/900", "COUNT/SECONDS"),
+])
+def test_every_invalid_setting_is_one_line_before_anything_starts(tmp_path, variable, value, allowed):
+    """Not only ports: each service setting is parsed before a process starts, so a bad value is
+    one line and exit 2, with no service left running beside a crashed one."""
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "projectionist", "run"], cwd=REPO, timeout=60,
+                          env=proxy_env(tmp_path, **{variable: value}), capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert variable in proc.stderr and repr(value) in proc.stderr and allowed in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert time.monotonic() - started < 30  # refused up front, not after the services came up
+    assert not (tmp_path / "projectionist.db").exists()  # nothing was started
+
+
+def test_a_redis_url_that_is_not_one_is_refused_without_repeating_it(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "projectionist", "run"], cwd=REPO, timeout=60,
+                          env=proxy_env(tmp_path, PROJECTIONIST_REDIS_URL="http://user:hunter2@cache"),
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "PROJECTIONIST_REDIS_URL" in proc.stderr and "redis://" in proc.stderr
+    assert "hunter2" not in proc.stderr
