@@ -400,7 +400,9 @@ async def replay(report: dict) -> None:
 def _usage_cache_rows(db_path: Path) -> dict[str, int]:
     conn = sqlite3.connect(db_path)
     try:
-        return dict(conn.execute("SELECT cache, count(*) FROM usage_events GROUP BY cache ORDER BY cache"))
+        # The cache warmer's own fetches (listener 'warm', after a sign-in) are not the client's.
+        return dict(conn.execute("SELECT cache, count(*) FROM usage_events WHERE listener != 'warm' "
+                                 "GROUP BY cache ORDER BY cache"))
     finally:
         conn.close()
 

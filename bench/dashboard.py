@@ -149,6 +149,15 @@ def generate(db_path: Path, rows: int, *, days: int = 14, seed: int = 1, now: fl
                      (f"k{i:06d}", "image" if "image" in route else "response", route,
                       rng.choice(["shared", "user"]), rng.randrange(2_000, 200_000), now - rng.uniform(0, 86400),
                       now + rng.uniform(-3600, 86400), rng.randrange(0, 500), now - rng.uniform(0, 7200)))
+    # A day's worth of scheduled jobs per day (control/jobs.py), one in twenty failed.
+    for day in range(days):
+        for job in ("retention", "cache-cleanup", "trakt-refresh", "library-sync", "backup"):
+            started = start + day * 86400 + rng.uniform(0, 86000)
+            failed = rng.random() < 0.05
+            conn.execute("INSERT INTO job_runs (job, trigger, started_at, ended_at, deadline_at, status, items, error) "
+                         "VALUES (?, 'schedule', ?, ?, ?, ?, ?, ?)",
+                         (job, started, started + rng.uniform(0.1, 30), started + 600,
+                          "failed" if failed else "ok", rng.randrange(0, 500), "upstream timed out" if failed else None))
     conn.execute("COMMIT")
     usage_s = time.monotonic() - t0
     t1 = time.monotonic()
