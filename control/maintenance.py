@@ -109,6 +109,14 @@ def flush_result(conn: sqlite3.Connection, request_id: int) -> int | None:
     return None if row is None or row[0] is None else (row[1] or 0)
 
 
+async def carried_out(ctx: JobContext, request_id: int) -> int:
+    """What the proxy reported for a cache request it carries out: waits until it applied it, or
+    until the job's timeout (no proxy running) ends the run."""
+    while (done := await ctx.db(flush_result, request_id)) is None:
+        await asyncio.sleep(0.5)
+    return done
+
+
 def _cleanup_interval(app) -> float:
     rules = app[JOBS].rules
     return rules.images.cleanup_interval if rules else 600.0
@@ -117,9 +125,4 @@ def _cleanup_interval(app) -> float:
 @job("cache-cleanup", every=_cleanup_interval, timeout=120,
      summary="Drop response and image cache entries past their last usable moment (carried out by the proxy)")
 async def cache_cleanup(ctx: JobContext) -> int:
-    request_id = await ctx.db(request_expiry_sweep)
-    while True:  # until the proxy applied it, or the job's timeout (no proxy running) ends the run
-        removed = await ctx.db(flush_result, request_id)
-        if removed is not None:
-            return removed
-        await asyncio.sleep(0.5)
+    return await carried_out(ctx, await ctx.db(request_expiry_sweep))

@@ -7,13 +7,12 @@ requests the warm run made. How often: `warming.every` in rules.yaml (or `jobs: 
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 
 from projectionist.store import utcnow_iso
 
 from .jobs import JOBS, JobContext, job
-from .maintenance import flush_result
+from .maintenance import carried_out
 
 
 def request_warm(conn: sqlite3.Connection, trigger: str) -> int:
@@ -33,9 +32,4 @@ def _every(app) -> float:
 @job("cache-warm", every=_every, timeout=600,
      summary="Fetch what Home and details pages will ask for before anyone asks (carried out by the proxy)")
 async def cache_warm(ctx: JobContext) -> int:
-    request_id = await ctx.db(request_warm, "schedule")
-    while True:  # until the proxy applied it, or the job's timeout (no proxy running) ends the run
-        done = await ctx.db(flush_result, request_id)
-        if done is not None:
-            return done
-        await asyncio.sleep(0.5)
+    return await carried_out(ctx, await ctx.db(request_warm, "schedule"))
