@@ -231,7 +231,7 @@ class _LoggedProcess:
 
 
 class ProxyProcess(_LoggedProcess):
-    """`python -m projectionist proxy` with its own temporary home, rules and ports.
+    """`python -m launcher proxy` with its own temporary home, rules and ports.
 
     `rules_edit(rules_dict)` may change the repository's rules.yaml before it is written (a later
     benchmark's cache or rate-limit settings); each reverse listener is moved to a free port.
@@ -307,7 +307,7 @@ class ProxyProcess(_LoggedProcess):
                 env["PROJECTIONIST_LOG_LEVEL"] = self.log_level
             env.update(self.extra_env)
             self._log = open(self.log_path, "wb")
-            self.proc = subprocess.Popen([sys.executable, "-m", "projectionist", "proxy"], env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "launcher", "proxy"], env=env,
                                          cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=self._log,
                                          stderr=subprocess.STDOUT)
             deadline = time.monotonic() + self.start_timeout

@@ -3,7 +3,7 @@
     python bench/passthrough.py [--connections 10] [--duration 5] [--warmup 1] [--json]
 
 Three processes: a local aiohttp upstream serving ~2 KB of Plex / TMDB JSON (bench/_upstream.py),
-the proxy (`python -m projectionist proxy`, the shipped rules.yaml with its listeners moved to
+the proxy (`python -m launcher proxy`, the shipped rules.yaml with its listeners moved to
 free ports) and this one, the load generator (bench/_load.py). Measured one after the other
 against the same upstream, so the ratios are comparable even on a noisy machine:
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from projectionist.config import parse_overrides
 from projectionist.vault import Vault
 
 from .auth import PLEX_TOKEN_KIND
@@ -39,8 +40,6 @@ def plex_servers(ctx: JobContext) -> dict[str, str]:
 
 def plex_server_bases(app) -> dict[str, str]:
     """plex_servers for anything holding the app (admission.py too)."""
-    from proxy_addons.router import parse_overrides
-
     rules = app[JOBS].rules if JOBS in app else None
     if rules is None:
         return {}

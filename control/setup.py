@@ -23,7 +23,7 @@ from aiohttp import web
 from projectionist.onboarding import (CA_BASENAME, CA_DOWNLOADS, PAC_CONTENT_TYPE, PROBE_PATH, SETUP_HOST,
                                       ca_download, fingerprint, pac_file)
 
-from proxy_addons.router import parse_overrides
+from projectionist.config import parse_overrides
 
 from .openapi import documented_statuses
 from .keys import CONFIG, HTTP, LIVE_RULES, OPTIONS, UPSTREAMS

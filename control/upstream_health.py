@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from projectionist.rules import Rules
-from proxy_addons.router import parse_overrides
+from projectionist.config import parse_overrides
 
 from .keys import CONFIG, HTTP, LIVE_RULES, UPSTREAM_HEALTH
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from proxy_addons.router import parse_overrides
+from projectionist.config import parse_overrides
 
 # Upstream names as rules.yaml declares them -> their real base URLs.
 DEFAULT_BASES = {

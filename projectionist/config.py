@@ -12,6 +12,8 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -168,3 +170,16 @@ class ServerCredentials:
 
     def __repr__(self) -> str:  # never print a secret, even in a traceback
         return "ServerCredentials(<redacted>)"
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
+    """PROJECTIONIST_UPSTREAMS pairs (the proxy and the control plane both read them):
+    ["tmdb=http://127.0.0.1:9000", ...] -> {"tmdb": "http://127.0.0.1:9000"}."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, url = pair.partition("=")
+        parts = urlsplit(url.strip())
+        if not sep or not name.strip() or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"upstream override must look like name=http(s)://host[:port], got {pair!r}")
+        out[name.strip()] = url.strip().rstrip("/")
+    return out

@@ -26,6 +26,7 @@ from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.net.http import url
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from projectionist.config import parse_overrides
 from projectionist.onboarding import SETUP_HOST
 from projectionist.rules import Match, Rules
 
@@ -34,18 +35,6 @@ from .local_responses import misdirected
 from .rules_watch import RulesWatcher
 
 log = logging.getLogger(__name__)
-
-
-def parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
-    """["tmdb=http://127.0.0.1:9000", ...] -> {"tmdb": "http://127.0.0.1:9000"}."""
-    out: dict[str, str] = {}
-    for pair in pairs:
-        name, sep, url = pair.partition("=")
-        parts = urlsplit(url.strip())
-        if not sep or not name.strip() or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"upstream override must look like name=http(s)://host[:port], got {pair!r}")
-        out[name.strip()] = url.strip().rstrip("/")
-    return out
 
 
 def reverse_target(rules: Rules, name: str, overrides: Mapping[str, str]) -> str | None:

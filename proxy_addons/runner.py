@@ -16,7 +16,7 @@ from mitmproxy import options
 from mitmproxy.addons import block, core, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from projectionist.config import Config
+from projectionist.config import Config, parse_overrides
 from projectionist.rules import load_rules
 
 from .binding import Redirects
@@ -29,7 +29,7 @@ from .plex_tokens import PlexTokens
 from .rate_limit import RateLimit
 from .response_cache import ResponseCache
 from .setup_host import SetupHost
-from .router import Listeners, Router, listener_modes, parse_overrides
+from .router import Listeners, Router, listener_modes
 from .rules_watch import RulesWatcher
 from .body_limit import RequestBodyLimit
 from .streaming import LargeBodies

@@ -245,7 +245,7 @@ class Stack:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self, timeout: float = 90.0) -> Stack:
-        from projectionist.cli import DEMO_ALSO_SERVES  # app.plex.tv and trakt.tv/activate, as the demo
+        from launcher.cli import DEMO_ALSO_SERVES  # app.plex.tv and trakt.tv/activate, as the demo
 
         overrides = ",".join([f"{FAKE_TO_RULES[name]}={url}" for name, url in self.fakes.urls.items()
                               if name in FAKE_TO_RULES]
@@ -264,7 +264,7 @@ class Stack:
         )
         self.log_path = self.home / "stack.log"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "projectionist", "run"], env=self.env, cwd=REPO,
+            [sys.executable, "-m", "launcher", "run"], env=self.env, cwd=REPO,
             stdout=subprocess.PIPE, stderr=self.log_path.open("w"), text=True,
             start_new_session=True,
         )

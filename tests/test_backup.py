@@ -29,7 +29,7 @@ PASSPHRASE = "correct horse battery staple 42"
 def cli(*args: str, home, env: dict | None = None, **extra: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in (env or os.environ).items() if not k.upper().endswith("_PROXY")}
     full.update(PROJECTIONIST_HOME=str(home), **extra)
-    return subprocess.run([sys.executable, "-m", "projectionist", *args], env=full, cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "launcher", *args], env=full, cwd=REPO, capture_output=True,
                           text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 

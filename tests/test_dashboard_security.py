@@ -526,7 +526,7 @@ def test_dashboard_refuses_metadata_that_would_expose_secrets(tmp_path, edit, pr
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROJECTIONIST_")}
     env.update(PROJECTIONIST_HOME=str(tmp_path), PROJECTIONIST_DATASETTE_METADATA=str(edited),
                PROJECTIONIST_DASHBOARD_PORT="1")  # never bound: it must refuse first
-    result = subprocess.run([sys.executable, "-m", "projectionist", "dashboard"], env=env,
+    result = subprocess.run([sys.executable, "-m", "launcher", "dashboard"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "refusing to serve the dashboard" in result.stderr and problem in result.stderr, result.stderr

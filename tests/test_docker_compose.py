@@ -191,7 +191,7 @@ def _env_example() -> dict[str, str]:
 def test_env_example_names_every_setting_the_containers_read(compose):
     example = _env_example()
     code = set()
-    for package in ("projectionist", "control", "proxy_addons"):
+    for package in ("launcher", "projectionist", "control", "proxy_addons"):
         for path in (REPO / package).rglob("*.py"):
             code |= set(re.findall(r"PROJECTIONIST_[A-Z0-9_]+", path.read_text()))
     # set by the compose file or the image itself, or internal to one process tree
@@ -368,7 +368,7 @@ def dockerfile():
 
 @pytest.fixture(scope="module")
 def cli_subcommands() -> set[str]:
-    result = subprocess.run([sys.executable, "-m", "projectionist", "--help"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "launcher", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     groups = [set(g.split(",")) for g in re.findall(r"\{([\w,-]+)\}", result.stdout)]

@@ -189,11 +189,11 @@ def test_image_rule_errors_name_their_line():
 def test_check_rules_command(tmp_path):
     bad = tmp_path / "rules.yaml"
     bad.write_text("version: 1\nupstreams:\n  t: {kind: tmdb, hosts: [a.b], colour: red}\n")
-    result = subprocess.run([sys.executable, "-m", "projectionist", "check-rules", str(bad)],
+    result = subprocess.run([sys.executable, "-m", "launcher", "check-rules", str(bad)],
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert f"{bad}:3:33: upstreams.t.colour: unknown key" in result.stderr
-    good = subprocess.run([sys.executable, "-m", "projectionist", "check-rules", str(REPO / "rules.yaml")],
+    good = subprocess.run([sys.executable, "-m", "launcher", "check-rules", str(REPO / "rules.yaml")],
                           capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
     assert "OK" in good.stdout

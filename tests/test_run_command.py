@@ -28,7 +28,7 @@ def test_demo_mode_serves_offline_and_flushes_usage_on_stop(tmp_path):
     rules = (REPO / "rules.yaml").read_text().replace("listen: 32401", f"listen: {free_port()}")
     (tmp_path / "rules.yaml").write_text(rules)
     env["PROJECTIONIST_RULES"] = str(tmp_path / "rules.yaml")
-    proc = subprocess.Popen([sys.executable, "-m", "projectionist", "run", "--demo"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", "--demo"], env=env,
                             stdout=subprocess.PIPE, stderr=(tmp_path / "run.log").open("w"), text=True)
     try:
         banner = []  # stdout carries only the banner, which ends with the Ctrl-C line

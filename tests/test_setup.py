@@ -238,7 +238,7 @@ def test_run_banner_says_plex_is_unreachable_and_ends_with_the_setup_page(tmp_pa
                PROJECTIONIST_DASHBOARD_PORT=str(ports["dashboard"]),
                # everything but Plex goes to the fakes
                PROJECTIONIST_UPSTREAMS=f"tmdb={fakes.urls['tmdb']},trakt={fakes.urls['trakt']}")
-    proc = subprocess.Popen([sys.executable, "-m", "projectionist", "run"], env=env, cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run"], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=(tmp_path / "run.log").open("w"), text=True)
     try:
         banner = []
@@ -262,19 +262,19 @@ def test_every_subcommand_help_lists_its_options_and_environment():
     commands = ["run", "proxy", "control", "dashboard", "check-rules", "migrate", "rotate-key", "backup",
                 "restore", "test"]
     for command in commands:
-        proc = subprocess.run([sys.executable, "-m", "projectionist", command, "--help"], cwd=REPO,
+        proc = subprocess.run([sys.executable, "-m", "launcher", command, "--help"], cwd=REPO,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, (command, proc.stderr)
         out = proc.stdout
         assert "options:" in out and "-h, --help" in out, (command, out)
         if command != "test":
             assert "environment:" in out and ("PROJECTIONIST_HOME" in out or command == "check-rules"), (command, out)
-    run_help = subprocess.run([sys.executable, "-m", "projectionist", "run", "--help"], cwd=REPO,
+    run_help = subprocess.run([sys.executable, "-m", "launcher", "run", "--help"], cwd=REPO,
                               capture_output=True, text=True, timeout=60).stdout
     for name in ("--demo", "PROJECTIONIST_PROXY_PORT", "PROJECTIONIST_CONTROL_PORT", "PROJECTIONIST_UPSTREAMS",
                  "PROJECTIONIST_TMDB_API_KEY", "PROJECTIONIST_TRAKT_CLIENT_ID", "PROJECTIONIST_DEMO_PORT"):
         assert name in run_help, name
-    check_help = subprocess.run([sys.executable, "-m", "projectionist", "check-rules", "--help"], cwd=REPO,
+    check_help = subprocess.run([sys.executable, "-m", "launcher", "check-rules", "--help"], cwd=REPO,
                                 capture_output=True, text=True, timeout=60).stdout
     assert "PROJECTIONIST_RULES" in check_help and "PROJECTIONIST_TMDB_API_KEY" not in check_help
 

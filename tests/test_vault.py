@@ -72,7 +72,7 @@ def make_users(v: Vault) -> tuple[int, int]:
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != KEY_ENV and not k.startswith("PROJECTIONIST_")}
     full_env.update(env)
-    return subprocess.run([sys.executable, "-m", "projectionist", *args], env=full_env, cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "launcher", *args], env=full_env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -36,7 +36,7 @@ async def run_and_stop(tmp_path, how: signal.Signals, seconds: float = 3.0) -> d
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROJECTIONIST_")}
         env.update(PROJECTIONIST_HOME=str(tmp_path), PROJECTIONIST_RULES=str(tmp_path / "rules.yaml"),
                    PROJECTIONIST_PROXY_PORT=str(free_port()), PROJECTIONIST_UPSTREAMS=f"plex={up.url},plextv={up.url}")
-        proc = subprocess.Popen([sys.executable, "-m", "projectionist", "proxy"], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "launcher", "proxy"], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_for(lambda: _listening(listen) or proc.poll() is not None, timeout=60, what="the proxy")

@@ -26,7 +26,7 @@ def proxy_env(home, **extra) -> dict[str, str]:
 
 def start_proxy(home, port: int) -> subprocess.Popen:
     write_test_rules(home / "rules.yaml", free_port(), lambda rules: rules["images"].update(workers=2))
-    return subprocess.Popen([sys.executable, "-m", "projectionist", "proxy"], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "launcher", "proxy"], cwd=REPO,
                             env=proxy_env(home, PROJECTIONIST_PROXY_PORT=str(port)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -83,7 +83,7 @@ def test_reverse_listener_port_in_use_names_the_rules_setting(tmp_path):
         holder.listen()
         taken = holder.getsockname()[1]
         write_test_rules(tmp_path / "rules.yaml", taken)
-        proc = subprocess.run([sys.executable, "-m", "projectionist", "proxy"], cwd=REPO, timeout=60,
+        proc = subprocess.run([sys.executable, "-m", "launcher", "proxy"], cwd=REPO, timeout=60,
                               env=proxy_env(tmp_path, PROJECTIONIST_PROXY_PORT=str(free_port())),
                               capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -94,7 +94,7 @@ def test_reverse_listener_port_in_use_names_the_rules_setting(tmp_path):
                                             ("PROJECTIONIST_CONTROL_PORT", "70000"),
                                             ("PROJECTIONIST_DASHBOARD_PORT", "-1")])
 def test_invalid_environment_value_names_variable_value_and_what_is_allowed(tmp_path, variable, value):
-    proc = subprocess.run([sys.executable, "-m", "projectionist", "run"], cwd=REPO, timeout=60,
+    proc = subprocess.run([sys.executable, "-m", "launcher", "run"], cwd=REPO, timeout=60,
                           env=proxy_env(tmp_path, **{variable: value}), capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert variable in proc.stderr and repr(value) in proc.stderr and "1 to 65535" in proc.stderr
@@ -113,7 +113,7 @@ def test_every_invalid_setting_is_one_line_before_anything_starts(tmp_path, vari
     """Not only ports: each service setting is parsed before a process starts, so a bad value is
     one line and exit 2, with no service left running beside a crashed one."""
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "projectionist", "run"], cwd=REPO, timeout=60,
+    proc = subprocess.run([sys.executable, "-m", "launcher", "run"], cwd=REPO, timeout=60,
                           env=proxy_env(tmp_path, **{variable: value}), capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert variable in proc.stderr and repr(value) in proc.stderr and allowed in proc.stderr, proc.stderr
@@ -123,7 +123,7 @@ def test_every_invalid_setting_is_one_line_before_anything_starts(tmp_path, vari
 
 
 def test_a_redis_url_that_is_not_one_is_refused_without_repeating_it(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "projectionist", "run"], cwd=REPO, timeout=60,
+    proc = subprocess.run([sys.executable, "-m", "launcher", "run"], cwd=REPO, timeout=60,
                           env=proxy_env(tmp_path, PROJECTIONIST_REDIS_URL="http://user:hunter2@cache"),
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "PROJECTIONIST_REDIS_URL" in proc.stderr and "redis://" in proc.stderr

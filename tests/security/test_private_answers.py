@@ -198,7 +198,7 @@ def test_check_rules_warns_about_a_shared_rule_over_private_paths(tmp_path):
     path.write_text(yaml.safe_dump(shipped, sort_keys=False))
     (warning,) = parse_rules(path.read_text(), str(path)).warnings
     assert warning.loc[-1] == "path" and warning.line and "/users/someone/history" in warning.message
-    out = subprocess.run([sys.executable, "-m", "projectionist", "check-rules", str(path)], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "launcher", "check-rules", str(path)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "warning:" in out.stderr and "trakt" in out.stderr and "1 warning" in out.stdout
 

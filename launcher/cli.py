@@ -22,9 +22,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .config import PORT_VARIABLES, PRIVATE_UMASK, REPO_ROOT, Config, ConfigError
-from .lifetime import child_preexec
-from .rules import RulesError, load_rules
+from projectionist.config import PORT_VARIABLES, PRIVATE_UMASK, REPO_ROOT, Config, ConfigError
+from projectionist.lifetime import child_preexec
+from projectionist.rules import RulesError, load_rules
 
 # Fake upstream names (fake_upstreams) -> upstream names in the shipped rules.yaml.
 DEMO_UPSTREAMS = {"plex": "plex", "plextv": "plextv", "tmdb": "tmdb",
@@ -88,7 +88,7 @@ def cmd_check_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(_args: argparse.Namespace) -> int:
-    from .store import open_db, schema_version
+    from projectionist.store import open_db, schema_version
 
     config = Config.from_env()
     db = open_db(config.db_path)
@@ -97,7 +97,7 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 
 
 def cmd_rotate_key(_args: argparse.Namespace) -> int:
-    from .vault import KEY_ENV, rotate_key
+    from projectionist.vault import KEY_ENV, rotate_key
 
     config = Config.from_env()
     count = rotate_key(config.home, config.db_path)
@@ -108,7 +108,7 @@ def cmd_rotate_key(_args: argparse.Namespace) -> int:
 
 
 def _passphrase(confirm: bool) -> str | None:
-    from .backup import PASSPHRASE_ENV
+    from projectionist.backup import PASSPHRASE_ENV
 
     if os.environ.get(PASSPHRASE_ENV):
         return os.environ[PASSPHRASE_ENV]
@@ -123,7 +123,7 @@ def _passphrase(confirm: bool) -> str | None:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from .backup import PASSPHRASE_ENV, BackupError, backup
+    from projectionist.backup import PASSPHRASE_ENV, BackupError, backup
 
     config = Config.from_env()
     phrase = None if args.no_secrets else _passphrase(confirm=True)
@@ -143,7 +143,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .backup import BackupError, read_manifest, restore
+    from projectionist.backup import BackupError, read_manifest, restore
 
     config = Config.from_env()
     archive = Path(args.file).expanduser()
@@ -163,7 +163,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_proxy(_args: argparse.Namespace) -> int:
     from proxy_addons.runner import serve
 
-    from .logs import setup_logging
+    from projectionist.logs import setup_logging
 
     config = Config.from_env()
     ensure_ports_free(config, "proxy")
@@ -178,7 +178,7 @@ def cmd_proxy(_args: argparse.Namespace) -> int:
 def cmd_control(_args: argparse.Namespace) -> int:
     from control.app import serve
 
-    from .logs import setup_logging
+    from projectionist.logs import setup_logging
 
     config = Config.from_env()
     ensure_ports_free(config, "control")
@@ -188,8 +188,8 @@ def cmd_control(_args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(_args: argparse.Namespace) -> int:
-    from .dashboard import UnsafeMetadata, datasette_command, datasette_env
-    from .store import open_db
+    from projectionist.dashboard import UnsafeMetadata, datasette_command, datasette_env
+    from projectionist.store import open_db
 
     config = Config.from_env()
     ensure_ports_free(config, "dashboard")
@@ -265,8 +265,8 @@ def demo_credentials() -> dict[str, str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .logs import setup_logging
-    from .store import open_db
+    from projectionist.logs import setup_logging
+    from projectionist.store import open_db
 
     setup_logging("supervisor")  # its own lines look like the services' (stdout keeps the banner)
 
@@ -289,7 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         env.update(demo_credentials())
     for service in ("proxy", "control", "dashboard"):
         # Services log to stderr (Datasette's server logs to stdout): stdout carries only the banner.
-        children[service] = subprocess.Popen([sys.executable, "-m", "projectionist", service], env=env,
+        children[service] = subprocess.Popen([sys.executable, "-m", "launcher", service], env=env,
                                              stdout=sys.stderr, preexec_fn=child_preexec())
 
     stopping = False
@@ -379,8 +379,8 @@ def _upstream_lines(upstreams: dict[str, dict] | None) -> list[str]:
 
 
 def _banner(config: Config, demo: bool, upstreams: dict[str, dict] | None = None) -> str:
-    from .rules import load_rules
-    from .dashboard import login_hint
+    from projectionist.rules import load_rules
+    from projectionist.dashboard import login_hint
 
     rules = load_rules(config.rules_path)
     host = _shown_host(config.host)
@@ -405,7 +405,7 @@ def _banner(config: Config, demo: bool, upstreams: dict[str, dict] | None = None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="projectionist", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .logs import FORMAT_ENV, FORMATS
+    from projectionist.logs import FORMAT_ENV, FORMATS
 
     logging_options = argparse.ArgumentParser(add_help=False)
     logging_options.add_argument("--log-format", choices=FORMATS, default=argparse.SUPPRESS,
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                                       f"(default: {FORMAT_ENV} or auto); passed on to every service")
     parser._add_container_actions(logging_options)
     sub = parser.add_subparsers(dest="command", required=True)
-    from .environment import help_for
+    from projectionist.environment import help_for
 
     def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
         # Each command's --help ends with the environment variables it reads.
@@ -476,10 +476,10 @@ def check_environment() -> None:
     from urllib.parse import urlsplit
 
     from control.options import ControlOptions
-    from proxy_addons.router import parse_overrides
+    from projectionist.config import parse_overrides
 
-    from .dashboard_guard import throttle_from_env
-    from .logs import FORMAT_ENV, FORMATS, resolve_format
+    from projectionist.dashboard_guard import throttle_from_env
+    from projectionist.logs import FORMAT_ENV, FORMATS, resolve_format
 
     def overrides() -> None:
         value = os.environ.get("PROJECTIONIST_UPSTREAMS", "")
