@@ -130,7 +130,9 @@ def setup_logging(service: str, level: str | None = None, fmt: str | None = None
     root.handlers[:] = handlers
     root.setLevel(level or os.environ.get(LEVEL_ENV, "INFO"))
     logging.captureWarnings(True)  # warnings too are log lines, not bare text on stderr
-    for noisy in ("hpack", "asyncio", "watchfiles"):
+    # APScheduler says "Adding job tentatively" and "Running job" for every job at info; control.jobs
+    # logs each run's outcome once, which is what an operator reads.
+    for noisy in ("hpack", "asyncio", "watchfiles", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     connection = logging.getLogger("mitmproxy.proxy.server")
     if not any(isinstance(f, ConnectionNoise) for f in connection.filters):
