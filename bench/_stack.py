@@ -287,6 +287,9 @@ class ProxyProcess(_LoggedProcess):
         self.home = Path(tempfile.mkdtemp(prefix="projectionist-bench-"))
         try:
             rules = yaml.safe_load((REPO_ROOT / "rules.yaml").read_text())
+            # The benches' clients send TMDB requests without a user's surrogate and measure the
+            # server's key (cache, limits, images): lent to them, as before proxy.anonymous.
+            rules.setdefault("proxy", {})["anonymous"] = "lend"
             if self.rules_edit is not None:
                 self.rules_edit(rules)
             for name, upstream in rules.get("upstreams", {}).items():

@@ -39,6 +39,8 @@ IMAGE_ENCODES = Counter("projectionist_image_encodes", "Images decoded and re-en
 IMAGE_BYTES_SAVED = Counter("projectionist_image_saved_bytes", "Bytes re-encoding and resizing saved (source "
                             "minus sent)", ["bucket"])
 USAGE_ROWS_WRITTEN = Counter("projectionist_usage_rows_written", "Usage rows committed to SQLite")
+ANONYMOUS_REQUESTS = Counter("projectionist_anonymous_requests", "TMDB/Trakt requests without a user's surrogate, "
+                             "by what proxy.anonymous did with them", ["upstream", "outcome"])
 USAGE_ROWS_DROPPED = Counter("projectionist_usage_rows_dropped", "Usage rows that could not be written")
 
 # --- the control plane ---------------------------------------------------------------------------

@@ -126,6 +126,11 @@ class ResolvedTimeouts:
 
 class ProxySettings(_Strict):
     unknown_hosts: Literal["pass", "refuse"] = "pass"
+    # A request to TMDB or Trakt without a live surrogate of an enabled user (anonymous): forward it
+    # untouched (the client's own key works; the server's TMDB key and Trakt app credentials are
+    # never added), refuse it (401 in the upstream's format), or lend it the server's credentials
+    # (the behaviour before issue 17: only for a proxy that nobody but trusted clients can reach).
+    anonymous: Literal["forward", "refuse", "lend"] = "forward"
     # Responses bigger than this (or of unknown length with a media type) stream through.
     stream_threshold: ByteSize = 1_000_000
     # Seconds the cache waits for an upstream before answering stale or a clean 504.

@@ -49,7 +49,7 @@ from projectionist.limits import RateLimited
 from projectionist.metrics import CACHE_EVICTIONS, add_cache_source, remove_cache_source
 from projectionist.rules import CacheRule
 
-from . import flowinfo
+from . import anonymous, flowinfo
 from .local_responses import cors_headers, gateway_error
 from .rules_watch import RulesWatcher
 from .upstream_fetch import Fetched, fetch, upstream_session
@@ -183,6 +183,8 @@ class ResponseCache:
         if (rule is None or info.scope(rule.scope) != "shared" or flow.request.method not in ("GET", "HEAD")
                 or _asks_no_cache(flow.request)):
             return
+        if info.match.credentials in ("tmdb", "trakt") and anonymous.mode(self.watcher) != "lend":
+            return  # what the server's key fetched is not for strangers: the credential addons decide first
         key = self._key(flow, info, rule, "shared")
         entry = self.memory.get(key)
         now = time.time()
@@ -200,6 +202,10 @@ class ResponseCache:
             # Routes that invalidate are writes; they change what this user's entries say.
             flow.metadata[_INVALIDATES] = (rule.invalidates, f"u{info.user_id}")
         if rule.cache is None or flow.request.method not in ("GET", "HEAD"):
+            return
+        if info.credential == anonymous.CREDENTIAL:  # forwarded as sent: its answer is the client's key's
+            info.cache = "bypass"
+            self._bypass(flow, info, Miss("bypass", "anonymous"))
             return
         partition = self._partition(rule.cache, info)
         if partition is None:  # user-scoped data of an unknown user: never shared, never stored

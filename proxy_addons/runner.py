@@ -63,7 +63,7 @@ def projectionist_addons() -> list:
     limiter = RateLimit(watcher, cache, images)
     return [watcher, SetupHost(), router, Listeners(watcher, router), RequestBodyLimit(watcher), store, limiter.retry, Redirects(),
             PlexTokens(store, watcher, router),
-            TmdbKey(store), TraktCredentials(store), cache, images, limiter,
+            TmdbKey(store, watcher), TraktCredentials(store, watcher), cache, images, limiter,
             LargeBodies(watcher), TimedForward(watcher), warmer,
             UsageRecorder(), ViewingHistory(), OpsListener(watcher)]
 

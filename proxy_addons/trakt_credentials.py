@@ -14,6 +14,10 @@ revoked in the vault once Trakt has accepted the call.
 
 Without server credentials (PROJECTIONIST_TRAKT_CLIENT_ID/SECRET unset) the client's own app
 credentials pass unchanged; surrogates are still swapped.
+
+A request that names no user (no live surrogate in the bearer or the body) is anonymous:
+`proxy.anonymous` says what it gets (proxy_addons/anonymous.py). Forwarded, it goes out exactly as
+the client sent it, with its own app credentials, and its answer is not vaulted either.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from mitmproxy import http
 
 from projectionist.vault import is_surrogate
 
-from . import flowinfo
+from . import anonymous, flowinfo
 from .credentials import CredentialStore
 from .local_responses import unauthorized
+from .rules_watch import RulesWatcher
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +52,9 @@ _REDACTED = b"[redacted]"
 
 
 class TraktCredentials:
-    def __init__(self, store: CredentialStore) -> None:
+    def __init__(self, store: CredentialStore, watcher: RulesWatcher) -> None:
         self.store = store
+        self.watcher = watcher
 
     def running(self) -> None:
         if not self._configured():
@@ -67,6 +73,7 @@ class TraktCredentials:
                 or flow.request.method == "OPTIONS"):  # preflights carry no credentials
             return
         request = flow.request
+        as_sent = request.headers.copy(), request.raw_content  # put back if it turns out anonymous
         path = request.path.split("?", 1)[0]
         configured = self._configured()
         if configured:
@@ -106,6 +113,10 @@ class TraktCredentials:
             users.add(info.user_id)
         if len(users) > 1:  # tokens of two different users in one request
             flow.response = unauthorized(request, info.match.upstream.kind)
+            return
+        if not users and anonymous.handle(flow, info, self.watcher):
+            request.headers, request.raw_content = as_sent
+            flow.metadata.pop(_SPENT, None)
             return
         info.user_id = users.pop() if users else None
         info.credential = credential
@@ -154,6 +165,8 @@ class TraktCredentials:
         if info is None or info.match.credentials != TRAKT or response is None or response.stream:
             return
         self._keep_server_credentials_out(response)
+        if info.credential == anonymous.CREDENTIAL:  # forwarded as sent: the client's own tokens
+            return
         path = flow.request.path.split("?", 1)[0]
         if flow.request.method != "POST" or path not in _OAUTH or not 200 <= response.status_code < 300:
             return

@@ -96,10 +96,13 @@ def run_bench(script: str, *args: str, timeout: float, check: bool = True) -> di
 def write_test_rules(path: Path, plex_listen: int, edit: Callable[[dict], None] | None = None) -> Path:
     """The shipped rules.yaml with only the reverse listener's port changed (and `edit` applied).
     No Plex warming after sign-ins (tests count the Plex requests a sign-in is followed by;
-    tests/test_cache_warm.py turns it back on)."""
+    tests/test_cache_warm.py turns it back on). `proxy.anonymous: lend`: tests about caching, limits
+    or images send TMDB requests without a user's surrogate; tests/test_e2e_anonymous.py and the
+    first-hour browser tests hold the shipped default (`forward`)."""
     rules = yaml.safe_load((REPO / "rules.yaml").read_text())
     rules["upstreams"]["plex"]["listen"] = plex_listen
     rules.setdefault("warming", {})["plex_paths"] = []
+    rules.setdefault("proxy", {})["anonymous"] = "lend"
     if edit:
         edit(rules)
     tmp = path.with_suffix(".tmp")

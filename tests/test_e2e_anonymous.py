@@ -1,0 +1,158 @@
+"""`proxy.anonymous`, end to end through the real explicit proxy: a client without a user's surrogate
+gets none of the server's credentials (asserted on what the fake TMDB and Trakt received), a
+signed-in user's surrogate does, and `refuse` answers in TMDB's and Trakt's own format without
+reaching them. The shipped default is `forward`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import aiohttp
+import pytest
+import yaml
+
+from control.settings import tmdb_bearer
+from fake_upstreams.data import TMDB_V3_KEY, TRAKT_CLIENT_ID, TRAKT_CLIENT_SECRET
+from projectionist.vault import SecretBox, Vault, upsert_plex_user
+
+from support import REPO, start_embedded_proxy
+
+pytestmark = pytest.mark.e2e
+
+FRONTEND_TRAKT_ID = "frontend-bundled-trakt-id"
+TRAKT_HEADERS = {"trakt-api-version": "2", "trakt-api-key": FRONTEND_TRAKT_ID}
+
+
+def test_the_shipped_default_is_forward():
+    assert yaml.safe_load((REPO / "rules.yaml").read_text())["proxy"]["anonymous"] == "forward"
+
+
+@pytest.fixture
+def server_credentials(monkeypatch):
+    monkeypatch.setenv("PROJECTIONIST_TRAKT_CLIENT_ID", TRAKT_CLIENT_ID)
+    monkeypatch.setenv("PROJECTIONIST_TRAKT_CLIENT_SECRET", TRAKT_CLIENT_SECRET)
+
+
+async def proxy_with(tmp_path, fakes, mode: str):
+    def edit(rules: dict) -> None:
+        rules["proxy"]["anonymous"] = mode
+    return await start_embedded_proxy(tmp_path, [f"tmdb={fakes.urls['tmdb']}", f"trakt={fakes.urls['trakt']}",
+                                                 f"plex={fakes.urls['plex']}", f"plextv={fakes.urls['plextv']}"], edit)
+
+
+def user_surrogate(tmp_path, username: str, disabled: bool = False) -> str:
+    vault = Vault(tmp_path / "projectionist.db", SecretBox.load(tmp_path))
+    try:
+        user = upsert_plex_user(vault.conn, f"acct-{username}", username)
+        if disabled:
+            vault.conn.execute("UPDATE users SET disabled_at = '2026-01-01T00:00:00+00:00' WHERE id = ?", (user,))
+        return tmdb_bearer(vault, user)
+    finally:
+        vault.close()
+
+
+async def get(proxy, url: str, headers: dict) -> tuple[int, dict, bytes]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, proxy=f"http://127.0.0.1:{proxy.ports['regular']}", headers=headers) as r:
+            return r.status, dict(r.headers), await r.read()
+
+
+def usage(tmp_path, upstream: str) -> list[tuple]:
+    conn = sqlite3.connect(tmp_path / "projectionist.db")
+    try:
+        return conn.execute("SELECT credential, route, status FROM usage_events WHERE upstream = ? ORDER BY id",
+                            (upstream,)).fetchall()
+    finally:
+        conn.close()
+
+
+async def wait_usage(tmp_path, upstream: str, count: int) -> list[tuple]:
+    import asyncio
+    for _ in range(200):
+        rows = usage(tmp_path, upstream)
+        if len(rows) >= count:
+            return rows
+        await asyncio.sleep(0.05)
+    return usage(tmp_path, upstream)
+
+
+async def test_forward_lends_nothing_and_a_users_surrogate_gets_the_servers_key(tmp_path, fakes, server_credentials):
+    proxy = await proxy_with(tmp_path, fakes, "forward")
+    try:
+        fakes.clear()
+        # No key at all: TMDB itself says 401, and it saw no key of the server's.
+        status, _, body = await get(proxy, "http://api.themoviedb.org/3/movie/603", {"Accept": "application/json"})
+        assert status == 401 and b'"status_code":7' in body.replace(b" ", b"")
+        # A placeholder bearer goes on as it was sent (it is the client's own "key").
+        status, _, _ = await get(proxy, "http://api.themoviedb.org/3/movie/603", {"Authorization": "Bearer placeholder"})
+        assert status == 401
+        # The client's own valid key works, untouched.
+        status, _, _ = await get(proxy, f"http://api.themoviedb.org/3/movie/603?api_key={TMDB_V3_KEY}", {})
+        assert status == 200
+        anonymous = list(fakes.requests["tmdb"])
+        assert len(anonymous) == 3
+        assert [r.param("api_key") for r in anonymous] == [None, None, TMDB_V3_KEY]
+        assert [r.headers.get("Authorization") for r in anonymous] == [None, "Bearer placeholder", None]
+
+        # Trakt: the frontend's own client id passes; the server's app credentials are not added.
+        status, _, _ = await get(proxy, "http://api.trakt.tv/movies/trending", TRAKT_HEADERS)
+        assert status == 403  # the fake Trakt knows only the server's app
+        assert [r.headers.get("trakt-api-key") for r in fakes.requests["trakt"]] == [FRONTEND_TRAKT_ID]
+
+        # A signed-in user's surrogate: the server's key goes in, the surrogate never leaves.
+        fakes.clear()
+        surrogate = user_surrogate(tmp_path, "neo")
+        status, _, _ = await get(proxy, "http://api.themoviedb.org/3/movie/603", {"Authorization": f"Bearer {surrogate}"})
+        assert status == 200
+        (seen,) = fakes.requests["tmdb"]
+        assert seen.param("api_key") == TMDB_V3_KEY and seen.headers.get("Authorization") is None
+
+        # A disabled user's surrogate, or an unknown one: TMDB's 401, and TMDB never sees it.
+        fakes.clear()
+        for dead in (user_surrogate(tmp_path, "cypher", disabled=True), "pj_" + "x" * 32):
+            status, _, body = await get(proxy, "http://api.themoviedb.org/3/movie/603", {"Authorization": f"Bearer {dead}"})
+            assert status == 401 and b'"status_code": 7' in body
+        assert fakes.requests["tmdb"] == []
+
+        rows = await wait_usage(tmp_path, "tmdb", 6)
+        assert [r[0] for r in rows[:3]] == ["anonymous"] * 3
+        assert rows[3][0] == "default"
+    finally:
+        await proxy.stop()
+
+
+async def test_refuse_answers_in_the_upstreams_format_without_reaching_it(tmp_path, fakes, server_credentials):
+    proxy = await proxy_with(tmp_path, fakes, "refuse")
+    try:
+        fakes.clear()
+        status, headers, body = await get(proxy, "http://api.themoviedb.org/3/trending/movie/week",
+                                          {"Authorization": "Bearer placeholder", "Origin": "http://player.test"})
+        assert status == 401 and headers["Access-Control-Allow-Origin"] == "*"
+        assert __import__("json").loads(body) == {
+            "status_code": 7, "status_message": "Invalid API key: You must be granted a valid key.", "success": False}
+        status, _, body = await get(proxy, "http://api.trakt.tv/movies/trending", TRAKT_HEADERS)
+        assert status == 401 and b"invalid_grant" in body
+        assert fakes.requests["tmdb"] == [] and fakes.requests["trakt"] == []
+
+        surrogate = user_surrogate(tmp_path, "trinity")
+        status, _, _ = await get(proxy, "http://api.themoviedb.org/3/trending/movie/week",
+                                 {"Authorization": f"Bearer {surrogate}"})
+        assert status == 200 and len(fakes.requests["tmdb"]) == 1
+
+        rows = await wait_usage(tmp_path, "tmdb", 2)
+        assert rows[0][:2] == ("anonymous", "tmdb:anonymous") and rows[1][0] == "default"
+        from projectionist.metrics import ANONYMOUS_REQUESTS
+        assert ANONYMOUS_REQUESTS.labels("tmdb", "refused")._value.get() >= 1
+    finally:
+        await proxy.stop()
+
+
+async def test_lend_is_the_old_behaviour(tmp_path, fakes):
+    proxy = await proxy_with(tmp_path, fakes, "lend")
+    try:
+        fakes.clear()
+        status, _, _ = await get(proxy, "http://api.themoviedb.org/3/movie/603", {"Authorization": "Bearer placeholder"})
+        assert status == 200 and fakes.requests["tmdb"][0].param("api_key") == TMDB_V3_KEY
+    finally:
+        await proxy.stop()
