@@ -153,6 +153,8 @@ class Settings(Response):
     tmdb: TmdbStatus
     trakt_connected: bool
     updated_at: datetime | None = None
+    # Services whose stored token the token-health job found revoked ("Plex", "Trakt"): sign in again.
+    sign_in_again: list[Literal["Plex", "Trakt"]] = []
 
 
 class TmdbKeyUpdate(Request):

@@ -76,7 +76,17 @@ def read_settings(vault: Vault, user_id: int) -> Settings:
                         bearer=tmdb_bearer(vault, user_id)),
         trakt_connected=trakt_linked is not None,
         updated_at=parse_iso(updated),
+        sign_in_again=sign_in_again(vault, user_id),
     )
+
+
+# Vault kinds the token-health job checks (control/token_health.py), as the user knows them.
+SIGN_IN_AGAIN = {PLEX_KIND: "Plex", trakt.ACCESS_KIND: "Trakt"}
+
+
+def sign_in_again(vault: Vault, user_id: int) -> list[str]:
+    """The services this user must sign in to again: their stored token was found revoked."""
+    return [SIGN_IN_AGAIN[kind] for kind in vault.needs_sign_in(user_id, SIGN_IN_AGAIN)]
 
 
 def write_settings(vault: Vault, user_id: int, update: SettingsUpdate) -> Settings:

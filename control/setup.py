@@ -26,9 +26,11 @@ from projectionist.onboarding import (CA_BASENAME, CA_DOWNLOADS, PAC_CONTENT_TYP
 from projectionist.config import parse_overrides
 
 from .openapi import documented_statuses
-from .keys import CONFIG, HTTP, LIVE_RULES, OPTIONS, UPSTREAMS
+from .keys import CONFIG, HTTP, LIVE_RULES, OPTIONS, UPSTREAMS, VAULT
 from .page import STATIC_DIR
 from .security import CONTENT_SECURITY_POLICY, request_origin
+from .sessions import authenticate
+from .settings import sign_in_again
 from .upstream_health import check_all
 
 log = logging.getLogger("control.setup")
@@ -173,6 +175,7 @@ async def _trakt_check(app: web.Application) -> dict:
 async def setup_status(request: web.Request) -> web.Response:
     app = request.app
     config = app[CONFIG]
+    identity = await authenticate(request)
     rules = await app[LIVE_RULES].get()
     host = advertised_host(request)
     origin = request_origin(request)
@@ -196,6 +199,8 @@ async def setup_status(request: web.Request) -> web.Response:
         "tmdb": tmdb,
         "trakt": trakt,
         "rules_problem": app[LIVE_RULES].problem,
+        # Only for a signed-in caller: the services whose stored token was found revoked.
+        "sign_in_again": await app[VAULT].run(sign_in_again, identity.user_id) if identity else None,
     })
 
 

@@ -10,7 +10,8 @@ user's `accessToken` and a connection whose `uri` is the fake PMS base URL. Disc
 CORS: the Origin is echoed and preflights answered.
 
 Test hooks: `PlexTvState.link_pin(pin_id, account_token=...)` and `POST /test/link/{pin_id}`
-(optional `account_token` in query, form or JSON body) act as the user approving the PIN on app.plex.tv.
+(optional `account_token` in query, form or JSON body) act as the user approving the PIN on app.plex.tv;
+`PlexTvState.revoke_account(token)` as the user signing out everywhere (401 until the next link_pin).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class PlexTvState(FakeState):
         self._pin_ids = itertools.count(2071245123)
         self.watchlists: dict[int, list[str]] = data.initial_watchlists()
         self.unshared: set[int] = set()  # account ids the owner stopped sharing the server with (tests)
+        self.revoked: set[str] = set()  # tokens plex.tv no longer accepts (revoke_account; a new sign-in restores)
 
     def create_pin(self, client_id: str, product: str, strong: bool) -> dict[str, Any]:
         now = int(time.time())
@@ -66,9 +68,16 @@ class PlexTvState(FakeState):
 
     def link_pin(self, pin_id: int, account_token: str = data.PLEX_ACCOUNT_TOKEN) -> None:
         """Act as the user signing in on app.plex.tv: the next poll of the PIN returns `account_token`."""
-        if data.plextv_account_by_token(account_token) is None:
+        account = data.plextv_account_by_token(account_token)
+        if account is None:
             raise ValueError("unknown account token")
+        self.revoked -= {account.account_token, account.server_token}  # a fresh sign-in: its tokens work again
         self.pins[int(pin_id)]["authToken"] = account_token
+
+    def revoke_account(self, account_token: str) -> None:
+        """Act as the user signing out of every device at plex.tv: the account's tokens stop working."""
+        account = data.plextv_account_by_token(account_token)
+        self.revoked |= {account.account_token, account.server_token}
 
 
 STATE_KEY = web.AppKey("fake_plextv_state", PlexTvState)
@@ -146,7 +155,8 @@ def unauthorized(request: web.Request) -> web.Response:
 
 
 def _account(request: web.Request) -> data.Account | None:
-    return data.plextv_account_by_token(param(request, "X-Plex-Token"))
+    token = param(request, "X-Plex-Token")
+    return None if token in get_state(request).revoked else data.plextv_account_by_token(token)
 
 
 def get_state(request: web.Request) -> PlexTvState:

@@ -493,6 +493,25 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        14,
+        "token health: dead vaulted tokens and their events",
+        """
+        -- Set by the token-health job (control/token_health.py) when plex.tv or Trakt refused the
+        -- real token: its surrogates no longer resolve (401 without reaching the upstream) until
+        -- the token is vaulted again by a fresh sign-in.
+        ALTER TABLE vault_tokens ADD COLUMN invalid_at TEXT;
+        -- What the job found and what healed it: no token, no hash, only whose and which kind.
+        CREATE TABLE token_health_events (
+            id INTEGER PRIMARY KEY,
+            ts TEXT NOT NULL,
+            user_id INTEGER REFERENCES users(id) ON DELETE CASCADE,
+            kind TEXT NOT NULL,
+            event TEXT NOT NULL
+        );
+        CREATE INDEX token_health_events_ts ON token_health_events(ts);
+        """,
+    ),
 )
 
 SCHEMA_VERSION = max(version for version, _, _ in MIGRATIONS)

@@ -191,6 +191,7 @@ class Vault:
         if row:
             if server_id is not None and row[2] is None:
                 self.conn.execute("UPDATE vault_tokens SET server_id = ? WHERE id = ?", (server_id, row[1]))
+            self._heal(row[1])
             return self.box.decrypt(row[0])
         surrogate = SURROGATE_PREFIX + secrets.token_urlsafe(24)
         self.conn.execute(
@@ -202,11 +203,12 @@ class Vault:
         return surrogate
 
     def resolve(self, surrogate: str) -> VaultEntry | None:
-        """The live entry behind a surrogate; None when unknown, revoked, expired, or its user was
-        disabled by an admin (even a surrogate vaulted after that: a player signing in again)."""
+        """The live entry behind a surrogate; None when unknown, revoked, expired, its real token was
+        found dead by the token-health job, or its user was disabled by an admin (even a surrogate
+        vaulted after that: a player signing in again)."""
         row = self.conn.execute(
             "SELECT id, kind, user_id, secret_enc, server_id FROM vault_tokens WHERE surrogate_hash = ? "
-            "AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?) AND (user_id IS NULL OR "
+            "AND revoked_at IS NULL AND invalid_at IS NULL AND (expires_at IS NULL OR expires_at > ?) AND (user_id IS NULL OR "
             "NOT EXISTS (SELECT 1 FROM users u WHERE u.id = vault_tokens.user_id AND u.disabled_at IS NOT NULL))",
             (surrogate_hash(surrogate), utcnow_iso()),
         ).fetchone()
@@ -236,7 +238,7 @@ class Vault:
         token: the client keeps its surrogate). Returns how many entries changed."""
         hashes = self.box.lookup_hashes(old_real)
         return self.conn.execute(
-            f"UPDATE vault_tokens SET secret_enc = ?, real_hmac = ?, expires_at = ? WHERE kind = ? AND user_id = ? "
+            f"UPDATE vault_tokens SET secret_enc = ?, real_hmac = ?, expires_at = ?, invalid_at = NULL WHERE kind = ? AND user_id = ? "
             f"AND revoked_at IS NULL AND real_hmac IN ({_marks(hashes)})",
             (self.box.encrypt(new_real), self.box.lookup_hash(new_real), expires_at, kind, user_id, *hashes),
         ).rowcount
@@ -248,6 +250,54 @@ class Vault:
         if kinds is not None:
             sql += f" AND kind IN ({_marks(kinds)})"
         return self.conn.execute(sql, (utcnow_iso(), user_id, *(kinds or ()))).rowcount
+
+    # --- token health ---------------------------------------------------------------------------
+
+    def live_tokens(self, kinds: Iterable[str]) -> list[tuple[int, str, int | None, str]]:
+        """(id, kind, user_id, real) of every live, not yet invalid token of `kinds`, to be checked."""
+        kinds = tuple(kinds)
+        rows = self.conn.execute(
+            f"SELECT id, kind, user_id, secret_enc FROM vault_tokens WHERE kind IN ({_marks(kinds)}) AND revoked_at IS NULL "
+            "AND invalid_at IS NULL AND (expires_at IS NULL OR expires_at > ?) ORDER BY id", (*kinds, utcnow_iso())).fetchall()
+        return [(row_id, kind, user_id, self.box.decrypt(secret)) for row_id, kind, user_id, secret in rows]
+
+    def mark_invalid(self, kind: str, real: str) -> list[int | None]:
+        """The upstream refused `real`: every live entry of it stops resolving. Returns whose they were."""
+        hashes = self.box.lookup_hashes(real)
+        users = [row[0] for row in self.conn.execute(
+            f"UPDATE vault_tokens SET invalid_at = ? WHERE kind = ? AND real_hmac IN ({_marks(hashes)}) "
+            "AND revoked_at IS NULL AND invalid_at IS NULL RETURNING user_id", (utcnow_iso(), kind, *hashes))]
+        for user_id in sorted(set(users), key=lambda u: -1 if u is None else u):
+            self._health_event(user_id, kind, "invalid")
+        return users
+
+    def _heal(self, row_id: int) -> None:
+        """A token vaulted again (a fresh sign-in showed it live): its surrogates resolve again, and
+        so do the user's other tokens of that kind (a Plex sign-in stands for the account's server
+        tokens too, whose answer may come from the cache); a still dead one is found by the next check."""
+        row = self.conn.execute("SELECT user_id, kind FROM vault_tokens WHERE id = ? AND invalid_at IS NOT NULL",
+                                (row_id,)).fetchone()
+        if row is None:
+            return
+        user_id, kind = row
+        self.conn.execute("UPDATE vault_tokens SET invalid_at = NULL WHERE kind = ? AND invalid_at IS NOT NULL AND "
+                          "(id = ? OR (user_id = ? AND revoked_at IS NULL))", (kind, row_id, user_id))
+        self._health_event(user_id, kind, "healed")
+
+    def _health_event(self, user_id: int | None, kind: str, event: str) -> None:
+        self.conn.execute("INSERT INTO token_health_events (ts, user_id, kind, event) VALUES (?, ?, ?, ?)",
+                          (utcnow_iso(), user_id, kind, event))
+
+    def needs_sign_in(self, user_id: int, kinds: Iterable[str]) -> list[str]:
+        """The kinds whose newest live token of this user was found dead: "sign in again"."""
+        out = []
+        for kind in kinds:
+            row = self.conn.execute(
+                "SELECT invalid_at FROM vault_tokens WHERE user_id = ? AND kind = ? AND revoked_at IS NULL "
+                "ORDER BY id DESC LIMIT 1", (user_id, kind)).fetchone()
+            if row and row[0] is not None:
+                out.append(kind)
+        return out
 
     def revoke(self, surrogate: str) -> bool:
         cur = self.conn.execute("UPDATE vault_tokens SET revoked_at = ? WHERE surrogate_hash = ? AND revoked_at IS NULL",

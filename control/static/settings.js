@@ -52,6 +52,10 @@ async function loadSettings() {
   $("tmdb-status").textContent = tmdb.custom_key ? "your own key" : "the server's key";
   $("tmdb-bearer").textContent = tmdb.bearer;
   $("trakt-status").textContent = result.data.trakt_connected ? "connected" : "not connected";
+  const again = result.data.sign_in_again || [];  // stored tokens the token-health job found revoked
+  $("sign-in-again").hidden = again.length === 0;
+  $("sign-in-again").textContent = again.length ? `Sign in again to ${again.join(" and ")} in your player: ` +
+    "the stored token was revoked." : "";
 }
 
 async function loadUsage() {

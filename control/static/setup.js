@@ -103,6 +103,10 @@ function checkPlayer(status) {
 }
 
 function checkKeys(status) {
+  const again = status.sign_in_again || [];  // signed in, and a stored token was found revoked
+  document.getElementById("sign-in-again").hidden = again.length === 0;
+  document.getElementById("sign-in-again").textContent = again.length ?
+    `Sign in again to ${again.join(" and ")} in your player: your stored token was revoked.` : "";
   document.getElementById("tmdb-detail").textContent = status.tmdb.detail;
   document.getElementById("trakt-detail").textContent = status.trakt.detail;
   const problems = [status.tmdb, status.trakt].filter(c => !c.ok).map(c => c.detail);
