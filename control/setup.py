@@ -30,7 +30,7 @@ from .keys import CONFIG, HTTP, LIVE_RULES, OPTIONS, UPSTREAMS, VAULT
 from .page import STATIC_DIR
 from .security import CONTENT_SECURITY_POLICY, request_origin
 from .sessions import authenticate
-from .settings import sign_in_again
+from .settings import sign_in_again, tmdb_bearer
 from .upstream_health import check_all
 
 log = logging.getLogger("control.setup")
@@ -201,6 +201,8 @@ async def setup_status(request: web.Request) -> web.Response:
         "rules_problem": app[LIVE_RULES].problem,
         # Only for a signed-in caller: the services whose stored token was found revoked.
         "sign_in_again": await app[VAULT].run(sign_in_again, identity.user_id) if identity else None,
+        # What to type as the player's TMDB key (a surrogate of the caller's; proxy.anonymous).
+        "tmdb_bearer": await app[VAULT].run(tmdb_bearer, identity.user_id) if identity else None,
     })
 
 

@@ -203,6 +203,15 @@ def open_proxy_warning(rules: Rules, listen_host: str) -> str | None:
             "listen on 127.0.0.1 or set proxy.unknown_hosts: refuse")
 
 
+def lending_warning(rules: Rules, listen_host: str) -> str | None:
+    """`proxy.anonymous: lend` on a listener others can reach lends them the server's credentials."""
+    if rules.model.proxy.anonymous != "lend" or _is_loopback(listen_host):
+        return None
+    return (f"proxy.anonymous: lend while the explicit proxy listens on {listen_host or 'every address'}: anyone "
+            "who can reach it gets TMDB and Trakt answers on the server's key and app credentials; set "
+            "proxy.anonymous: forward (or refuse) unless only trusted clients can reach it")
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -234,8 +243,9 @@ class Listeners:
         self._warn_if_open()
 
     def _warn_if_open(self) -> None:
-        if self.watcher.rules is not None and (warning := open_proxy_warning(self.watcher.rules, ctx.options.listen_host)):
-            log.warning(warning)
+        for check in (open_proxy_warning, lending_warning):
+            if self.watcher.rules is not None and (warning := check(self.watcher.rules, ctx.options.listen_host)):
+                log.warning(warning)
 
     def _apply(self) -> None:
         if not ctx.options.projectionist_manage_listeners or self.watcher.rules is None:

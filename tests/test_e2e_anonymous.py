@@ -156,3 +156,14 @@ async def test_lend_is_the_old_behaviour(tmp_path, fakes):
         assert status == 200 and fakes.requests["tmdb"][0].param("api_key") == TMDB_V3_KEY
     finally:
         await proxy.stop()
+
+
+def test_lending_on_a_listener_others_reach_is_warned_about():
+    from projectionist.rules import parse_rules
+    from proxy_addons.router import lending_warning
+
+    shipped = (REPO / "rules.yaml").read_text()
+    lending = parse_rules(shipped.replace("anonymous: forward", "anonymous: lend"))
+    assert lending_warning(parse_rules(shipped), "0.0.0.0") is None
+    assert lending_warning(lending, "127.0.0.1") is None
+    assert "anyone who can reach it" in lending_warning(lending, "0.0.0.0")

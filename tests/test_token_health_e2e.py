@@ -32,6 +32,9 @@ def test_a_revoked_plex_token_is_found_refused_at_the_proxy_and_healed_by_signin
     admin = Admin(control, clean_fakes)  # the owner
     friend = Admin(control, clean_fakes, token=PLEX_ACCOUNT_TOKEN_2)  # a user the server is shared with
     assert friend.get("/api/settings").json()["sign_in_again"] == []
+    # /setup hands a signed-in user the value for the player's TMDB field: their own surrogate.
+    bearer = friend.get("/api/setup").json()["tmdb_bearer"]
+    assert bearer.startswith("pj_") and bearer == friend.get("/api/settings").json()["tmdb"]["bearer"]
 
     player = RecordingClient(stack)
     account = player.login(PLEX_ACCOUNT_TOKEN_2)

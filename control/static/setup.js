@@ -103,6 +103,7 @@ function checkPlayer(status) {
 }
 
 function checkKeys(status) {
+  if (status.tmdb_bearer) document.getElementById("tmdb-bearer").textContent = status.tmdb_bearer;
   const again = status.sign_in_again || [];  // signed in, and a stored token was found revoked
   document.getElementById("sign-in-again").hidden = again.length === 0;
   document.getElementById("sign-in-again").textContent = again.length ?
