@@ -6,10 +6,13 @@ reaching them. The shipped default is `forward`.
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
+import requests
 import yaml
 
 from control.settings import tmdb_bearer
@@ -129,7 +132,7 @@ async def test_refuse_answers_in_the_upstreams_format_without_reaching_it(tmp_pa
         status, headers, body = await get(proxy, "http://api.themoviedb.org/3/trending/movie/week",
                                           {"Authorization": "Bearer placeholder", "Origin": "http://player.test"})
         assert status == 401 and headers["Access-Control-Allow-Origin"] == "*"
-        assert __import__("json").loads(body) == {
+        assert json.loads(body) == {
             "status_code": 7, "status_message": "Invalid API key: You must be granted a valid key.", "success": False}
         status, _, body = await get(proxy, "http://api.trakt.tv/movies/trending", TRAKT_HEADERS)
         assert status == 401 and b"invalid_grant" in body
@@ -167,3 +170,63 @@ def test_lending_on_a_listener_others_reach_is_warned_about():
     assert lending_warning(parse_rules(shipped), "0.0.0.0") is None
     assert lending_warning(lending, "127.0.0.1") is None
     assert "anyone who can reach it" in lending_warning(lending, "0.0.0.0")
+
+
+TMDB_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>tmdb rows</title></head><body><script>
+// The player's Home rows from TMDB: first with a placeholder as its TMDB key, then with the value
+// the signed-in user got from /setup (their surrogate).
+const cfg = %(config)s;
+async function rows(bearer) {
+  const r = await fetch("https://api.themoviedb.org/3/trending/movie/week", {headers: {Authorization: "Bearer " + bearer}});
+  const body = await r.json();
+  return {status: r.status, count: (body.results || []).length, code: body.status_code || null};
+}
+(async () => {
+  const report = {};
+  try { report.placeholder = await rows("placeholder"); report.signedIn = await rows(cfg.tmdbBearer); }
+  catch (e) { report.error = String(e); }
+  await fetch("/report", {method: "POST", body: JSON.stringify(report)});
+})();
+</script></body></html>
+"""
+
+
+def _set_anonymous(stack, mode: str) -> None:
+    rules = yaml.safe_load(stack.rules_path.read_text())
+    rules["proxy"]["anonymous"] = mode
+    stack.rules_path.write_text(yaml.safe_dump(rules, sort_keys=False))
+
+
+def _anonymous_status(stack) -> int:
+    session = requests.Session()
+    session.trust_env = False
+    return session.get("https://api.themoviedb.org/3/configuration", proxies={"https": stack.proxy_url},
+                       verify=str(stack.ca_path), timeout=30).status_code
+
+
+@pytest.mark.browser
+def test_the_first_hour_in_chromium_tmdb_rows_load_with_the_key_setup_hands_out(stack, tmp_path, clean_fakes):
+    """The shipped default (`forward`) on the whole system: a signed-in user types what /setup shows
+    as the player's TMDB key, and the rows load; the placeholder gets TMDB's own 401."""
+    from test_e2e_browser import run_page
+    from test_jobs import Admin
+
+    from support import wait_for
+
+    user = Admin(SimpleNamespace(url=stack.control_url), clean_fakes)
+    bearer = user.get("/api/setup").json()["tmdb_bearer"]
+    _set_anonymous(stack, "forward")
+    try:
+        wait_for(lambda: _anonymous_status(stack) == 401, 30, what="the proxy to reload proxy.anonymous: forward")
+        clean_fakes.clear()
+        report = run_page(stack, tmp_path, TMDB_PAGE % {"config": json.dumps({"tmdbBearer": bearer})})
+    finally:
+        _set_anonymous(stack, "lend")
+        wait_for(lambda: _anonymous_status(stack) == 200, 30, what="the proxy to reload proxy.anonymous: lend")
+    assert "error" not in report, report
+    assert report["placeholder"] == {"status": 401, "count": 0, "code": 7}
+    assert report["signedIn"]["status"] == 200 and report["signedIn"]["count"] > 0
+    sent = [r for r in clean_fakes.requests["tmdb"] if r.method == "GET" and r.path == "/3/trending/movie/week"]
+    assert [r.headers.get("Authorization") for r in sent] == ["Bearer placeholder", None]
+    assert sent[1].param("api_key") == TMDB_V3_KEY  # the server's key, for the signed-in user only
