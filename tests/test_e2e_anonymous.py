@@ -230,3 +230,17 @@ def test_the_first_hour_in_chromium_tmdb_rows_load_with_the_key_setup_hands_out(
     sent = [r for r in clean_fakes.requests["tmdb"] if r.method == "GET" and r.path == "/3/trending/movie/week"]
     assert [r.headers.get("Authorization") for r in sent] == ["Bearer placeholder", None]
     assert sent[1].param("api_key") == TMDB_V3_KEY  # the server's key, for the signed-in user only
+
+
+def test_a_bad_anonymous_mode_is_a_line_numbered_error_that_check_rules_prints(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "rules.yaml"
+    path.write_text((REPO / "rules.yaml").read_text().replace("anonymous: forward", "anonymous: lend-to-all"))
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "anonymous: lend-to-all" in text)
+    out = subprocess.run([sys.executable, "-m", "launcher", "check-rules", str(path)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0
+    assert f"rules.yaml:{line}:" in out.stderr + out.stdout and "proxy.anonymous" in out.stderr + out.stdout
+    assert "'forward', 'refuse' or 'lend'" in out.stderr + out.stdout
