@@ -141,12 +141,23 @@ class MemoryLRU:
         return len(self._entries)
 
 
+TAG_SEP = "\x1f"  # never in a route name, a partition or a hex URI key
+_AFTER_SEP = chr(ord(TAG_SEP) + 1)
+
+
+def entry_tag(entry: Entry) -> str:
+    """The disk entry's tag, "route<US>partition<US>uri": what flush and invalidation select on."""
+    return f"{entry.route}{TAG_SEP}{entry.partition}{TAG_SEP}{entry.uri}"
+
+
 class DiskLayer:
     """diskcache, bounded in bytes, least-recently-used culling. Blocking: call from a thread."""
 
     def __init__(self, directory: Path, max_bytes: int) -> None:
+        # tag_index: entries are selected by their tag (entry_tag) in SQL, so the proxy keeps no
+        # per-entry index in memory (RSS stays flat while the disk fills).
         self.cache = diskcache.Cache(str(directory), size_limit=max_bytes,
-                                     eviction_policy="least-recently-used", cull_limit=10)
+                                     eviction_policy="least-recently-used", cull_limit=10, tag_index=True)
         self.writes = DiskWrites(f"response cache {directory}")
 
     def get(self, key: str) -> Entry | None:
@@ -155,16 +166,56 @@ class DiskLayer:
     def put(self, key: str, entry: Entry) -> None:
         expire = entry.ttl + max(entry.stale_while_revalidate, entry.stale_if_error)
         # A full or read-only disk: the entry stays in memory only (warned once a minute).
-        self.writes.attempt(lambda: self.cache.set(key, entry, expire=max(expire - entry.age(), 1)))
+        self.writes.attempt(lambda: self.cache.set(key, entry, expire=max(expire - entry.age(), 1),
+                                                    tag=entry_tag(entry)))
 
     def delete(self, keys: Iterable[str]) -> None:
         for key in keys:
             self.cache.delete(key)
 
-    def expire(self, known: Iterable[str]) -> set[str]:
-        """Remove the expired entries; returns which of the `known` keys are no longer stored."""
-        self.cache.expire()
-        return {k for k in known if k not in self.cache}
+    def expire(self) -> set[str]:
+        """Remove the expired entries; returns their keys."""
+        now = time.time()
+        gone = {key for key, in self.cache._sql(
+            "SELECT key FROM Cache WHERE raw = 1 AND expire_time IS NOT NULL AND expire_time < ?", (now,))}
+        self.cache.expire(now)
+        return gone
+
+    def keys_where(self, *, routes: Iterable[str] | None = None, partition: str | None = None,
+                   uri: str | None = None, prefix: str | None = None) -> list[str]:
+        """Keys of the stored entries of these routes / this partition / this URI / key prefix (all
+        when nothing is given), read from diskcache's own table by tag (see entry_tag)."""
+        sql = "SELECT key FROM Cache WHERE raw = 1"
+        if routes is not None:
+            keys: list[str] = []
+            for route in routes:  # a range on the tag index: "route<US>partition<US>..." is a prefix
+                low = f"{route}{TAG_SEP}{partition}{TAG_SEP}" if partition is not None else f"{route}{TAG_SEP}"
+                keys += [k for k, in self.cache._sql(f"{sql} AND tag >= ? AND tag < ?", (low, low[:-1] + _AFTER_SEP))]
+            return keys
+        args: list[str] = []
+        if partition is not None:
+            sql += " AND instr(tag, ?) > 0"
+            args.append(f"{TAG_SEP}{partition}{TAG_SEP}")
+        if uri:
+            sql += " AND substr(tag, -?) = ?"
+            args += [len(uri) + 1, f"{TAG_SEP}{uri}"]
+        if prefix is not None:
+            sql += " AND substr(key, 1, ?) = ?"
+            args += [len(prefix), prefix]
+        return [k for k, in self.cache._sql(sql, args)]
+
+    def tag_untagged(self) -> int:
+        """Entries stored before tags existed get theirs (once, at start, in a thread)."""
+        count = 0
+        for key, in self.cache._sql("SELECT key FROM Cache WHERE raw = 1 AND tag IS NULL").fetchall():
+            entry = self.cache.get(key)
+            if isinstance(entry, Entry):
+                self.put(key, entry)
+                count += 1
+        return count
+
+    def __len__(self) -> int:
+        return len(self.cache)
 
     def contains(self, keys: Iterable[str]) -> set[str]:
         return {k for k in keys if k in self.cache}

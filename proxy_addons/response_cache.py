@@ -63,7 +63,10 @@ _INVALIDATES = "projectionist.cache.invalidates"
 _TOKEN_BEARING = ("plex-tv",)  # answers rewritten by the credential addons: refreshed only in-flow
 WARM_HEADER = "X-Projectionist-Warm"  # set by the cache warmer on its own requests (stripped here)
 _STATUS = "projectionist.cache.status"  # Cache-Status for a forwarded flow, set in `response`
-_GONE_MAX = 100_000  # why recently dropped keys went: remembered for this many keys
+# Per-key bookkeeping is bounded: RSS stays flat once the memory layer is full, however many
+# entries the disk holds (flush and invalidation select disk entries in SQL, by tag).
+_GONE_MAX = 20_000  # why recently dropped keys went: remembered for this many keys
+_KNOWN_URIS_MAX = 20_000  # URIs whose stored variants are remembered (miss reasons only)
 _FOLLOW_SLACK = 6.0  # seconds a waiter allows beyond the upstream timeout (a limiter's queue)
 
 
@@ -117,15 +120,12 @@ class ResponseCache:
         self.session: aiohttp.ClientSession | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: dict[str, asyncio.Future] = {}  # key -> the fetch (task or in-flow leader)
-        # What each stored key names (uri_key), and the stored keys per URI: how a miss of a known
-        # URI (another variant, another partition) is told from a URI never seen.
-        self._uri_of: dict[str, str] = {}
-        self._variants: dict[str, dict[str, str]] = {}
+        # The stored keys (-> partition) of recently stored URIs: how a miss of a known URI (another
+        # variant, another partition, an entry the disk culled) is told from a URI never seen.
+        self._variants: OrderedDict[str, dict[str, str]] = OrderedDict()
         self._gone: OrderedDict[str, str] = OrderedDict()  # key -> why it was dropped
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
-        # key -> (route, partition): what flush and invalidation select on.
-        self.index: dict[str, tuple[str, str]] = {}
         # The rate limiter (proxy_addons/rate_limit.py) sets itself here; every upstream fetch of
         # the cache then goes through its fetch(): a slot first, retries of 429/503 inside it.
         self.upstream_gate = None
@@ -144,7 +144,7 @@ class ResponseCache:
         self.disk = DiskLayer(home / "cache" / "responses", settings.disk_max_bytes)
         self.mirror = CacheMirror(Path(ctx.options.projectionist_db).expanduser()).start()
         self.session = upstream_session()
-        self._spawn(self._load_index())
+        self._spawn(self._tag_legacy_entries())
         self._spawn(self._apply_flush_requests_forever())
         add_cache_source(self._memory_size)
         add_cache_source(self._disk_size)
@@ -153,7 +153,7 @@ class ResponseCache:
         return BUCKET, "memory", len(self.memory), self.memory.bytes
 
     def _disk_size(self) -> tuple[str, str, int, int]:  # scraped from a thread: diskcache's own connection
-        return BUCKET, "disk", len(self.index), self.disk.volume()
+        return BUCKET, "disk", len(self.disk), self.disk.volume()
 
     async def done(self) -> None:
         remove_cache_source(self._memory_size)
@@ -366,11 +366,11 @@ class ResponseCache:
             return Miss("uri-miss", gone)
         variants = self._variants.get(uri)
         if variants:
+            if key in variants:  # stored, dropped by no one: the disk culled it
+                return Miss("uri-miss", "evicted")
             if partition in variants.values():
                 return Miss("vary-miss")
             return Miss("uri-miss", "new-partition")
-        if key in self.index:  # stored once, gone from both layers since
-            return Miss("uri-miss", "evicted")
         return Miss("uri-miss")
 
     async def _fetch(self, flow: http.HTTPFlow, *, stale_ok: bool = False, background: bool = False) -> Fetched:
@@ -482,8 +482,9 @@ class ResponseCache:
 
     async def invalidate(self, routes: Iterable[str], partition: str) -> int:
         routes = set(routes)
-        keys = [k for k, (route, part) in self.index.items() if route in routes and part == partition]
-        await self._forget_async(keys, reason="invalidated")
+        keys = set(self._memory_keys(lambda e: e.route in routes and e.partition == partition))
+        keys.update(await self._disk_keys(routes=sorted(routes), partition=partition))
+        await self._forget_async(list(keys), reason="invalidated")
         return len(keys)
 
     async def flush(self, target: str, value: str | None) -> int:
@@ -492,17 +493,18 @@ class ResponseCache:
         if target == "expired":
             return await self._drop_expired()
         if target == "all" or (target == "bucket" and value == BUCKET):
-            keys = list(self.index) + self.memory.keys()
+            keys = self.memory.keys() + await self._disk_keys()
         elif target == "route":
-            keys = [k for k, (route, _) in self.index.items() if route == value]
+            keys = self._memory_keys(lambda e: e.route == value) + await self._disk_keys(routes=[value or ""])
         elif target == "prefix":
-            keys = [k for k in set(self.index) | set(self.memory.keys()) if k.startswith(value or "\0")]
+            prefix = value or "\0"
+            keys = [k for k in self.memory.keys() if k.startswith(prefix)] + await self._disk_keys(prefix=prefix)
         elif target == "warm":
             return await self.warmer.warm(value or "schedule") if self.warmer is not None else 0
         elif target == "url":
             keys = await self._keys_of_url(value or "")
         elif target == "partition":  # one user's entries ("u<id>"): an admin disabled them
-            keys = [k for k, (_, part) in self.index.items() if part == value]
+            keys = self._memory_keys(lambda e: e.partition == value) + await self._disk_keys(partition=value or "")
         else:
             return 0
         await self._forget_async(keys, reason="flushed")
@@ -521,13 +523,14 @@ class ResponseCache:
         if upstream is None:
             return []
         uri = uri_key(upstream, "GET", parts.path or "/", parse_qsl(parts.query, keep_blank_values=True))
-        keys = list(self._variants.get(uri, {}))
-        unknown = [k for k in self.index if k not in self._uri_of]  # on disk since an earlier run
-        if unknown:
-            def read() -> list[str]:
-                return [k for k in unknown if (e := self.disk.get(k)) is not None and e.uri == uri]
-            keys += await asyncio.get_running_loop().run_in_executor(self._executor, read)
-        return keys
+        return list(set(self._memory_keys(lambda e: e.uri == uri)) | set(await self._disk_keys(uri=uri)))
+
+    def _memory_keys(self, selected) -> list[str]:
+        return [k for k in self.memory.keys() if (e := self.memory.peek(k)) is not None and selected(e)]
+
+    async def _disk_keys(self, **where) -> list[str]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: self.disk.keys_where(**where))
 
     async def _drop_expired(self) -> int:
         """Entries past their last usable moment: from memory, and from disk (diskcache knows their expiry)."""
@@ -535,10 +538,19 @@ class ResponseCache:
         stale = [k for k in self.memory.keys() if (e := self.memory.peek(k)) is not None and e.expired_for_good(now)]
         for key in stale:
             self.memory.pop(key)
-        on_disk = await asyncio.get_running_loop().run_in_executor(self._executor, self.disk.expire, list(self.index))
+        on_disk = await asyncio.get_running_loop().run_in_executor(self._executor, self.disk.expire)
         gone = set(stale) | on_disk
         self._forget(list(gone))
+        await self._drop_culled_mirror_rows()
         return len(gone)
+
+    async def _drop_culled_mirror_rows(self) -> None:
+        """diskcache culls its least recently used entries silently when it is full: their mirror
+        rows (cache_entries) go at the next cleanup, or the table would grow without bound."""
+        loop = asyncio.get_running_loop()
+        mirrored = {key for key, _, _ in await loop.run_in_executor(None, self.mirror.index_rows, BUCKET)}
+        stored = set(await self._disk_keys()) | set(self.memory.keys())
+        self.mirror.deleted(sorted(mirrored - stored), evicted=True)
 
     async def _forget_async(self, keys: list[str], reason: str) -> None:
         self._forget(keys, reason=reason)
@@ -549,21 +561,19 @@ class ResponseCache:
             CACHE_EVICTIONS.labels(BUCKET).inc(len(keys))
         reason = reason or ("evicted" if evicted else "expired")
         for key in keys:
-            self.memory.pop(key)
-            self.index.pop(key, None)
-            if (uri := self._uri_of.pop(key, None)) is not None:
-                variants = self._variants.get(uri)
-                if variants is not None:
-                    variants.pop(key, None)
-                    if not variants:
-                        del self._variants[uri]
+            entry = self.memory.pop(key)
+            if entry is not None and (variants := self._variants.get(entry.uri)) is not None:
+                variants.pop(key, None)
+                if not variants:
+                    del self._variants[entry.uri]
             self._remember_gone(key, reason)
         self.mirror.deleted(keys, evicted=evicted)
 
     def _known(self, key: str, uri: str, entry: Entry) -> None:
-        self.index[key] = (entry.route, entry.partition)
-        self._uri_of[key] = uri
         self._variants.setdefault(uri, {})[key] = entry.partition
+        self._variants.move_to_end(uri)
+        while len(self._variants) > _KNOWN_URIS_MAX:
+            self._variants.popitem(last=False)
         self._gone.pop(key, None)
 
     def _remember_gone(self, key: str, reason: str) -> None:
@@ -584,10 +594,12 @@ class ResponseCache:
             return None
         return entry
 
-    async def _load_index(self) -> None:
-        """Entries survive restarts on disk; the index of what they are comes from the mirror."""
-        for key, route, partition in await asyncio.get_running_loop().run_in_executor(None, self.mirror.index_rows, BUCKET):
-            self.index.setdefault(key, (route, partition))
+    async def _tag_legacy_entries(self) -> None:
+        """Entries survive restarts on disk, tagged with what they are; those stored before tags
+        existed are tagged once (flush and invalidation find them by tag)."""
+        count = await asyncio.get_running_loop().run_in_executor(self._executor, self.disk.tag_untagged)
+        if count:
+            log.info("response cache: %d entries of an earlier version tagged", count)
 
     async def _apply_flush_requests_forever(self) -> None:
         while True:
