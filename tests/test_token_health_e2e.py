@@ -60,11 +60,14 @@ def test_a_revoked_plex_token_is_found_refused_at_the_proxy_and_healed_by_signin
     conn = sqlite3.connect(stack.db_path)
     try:
         friend_id = conn.execute("SELECT id FROM users WHERE username = 'trinity_k'").fetchone()[0]
+        owner_id = conn.execute("SELECT id FROM users WHERE username = 'mrandersson'").fetchone()[0]
         events = conn.execute("SELECT user_id, kind, event FROM token_health_events ORDER BY id").fetchall()
     finally:
         conn.close()
     assert (friend_id, "plex", "invalid") in events
-    assert all(user == friend_id for user, _, event in events if event == "invalid")
+    # The owner's tokens still work at plex.tv: none is marked. (The stack is shared by the session:
+    # other tests' made-up accounts may be marked too, rightly, so only the owner is judged.)
+    assert not [e for e in events if e[0] == owner_id and e[2] == "invalid"], events
     shown = requests.get(stack.dashboard_url + "/projectionist/token_health_events.json?_shape=objects", timeout=30,
                          auth=("admin", (stack.home / "dashboard-password").read_text().strip()))
     assert shown.status_code == 200 and any(r["event"] == "invalid" for r in shown.json()["rows"])
