@@ -20,12 +20,14 @@ from typing import Any
 import aiohttp
 
 from projectionist.config import parse_overrides
+from projectionist.store import WARM_AFTER_LIBRARY_CHANGE
 from projectionist.vault import Vault
 
 from .auth import PLEX_TOKEN_KIND
 from .jobs import JOBS, JobContext, job
 from .keys import CONFIG, HTTP, OPTIONS, VAULT
 from .sessions import is_admin
+from .warming import request_warm
 
 log = logging.getLogger("control.library")
 
@@ -143,6 +145,7 @@ async def library_sync(ctx: JobContext) -> int:
     if not servers:
         return 0
     tokens = await ctx.app[VAULT].run(candidate_tokens, ctx.app[OPTIONS].admins)
+    synced_before = await ctx.db(_synced_before)
     changed = 0
     for server, base in servers.items():
         for token in tokens:
@@ -155,4 +158,10 @@ async def library_sync(ctx: JobContext) -> int:
             break
         else:
             log.warning("library sync: no stored Plex token opens server %s", server)
+    if changed and synced_before:  # the library changed (the first sync only learns it): refresh the cache
+        await ctx.db(request_warm, WARM_AFTER_LIBRARY_CHANGE)
     return changed
+
+
+def _synced_before(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM control_state WHERE name LIKE 'library-sync:%' LIMIT 1").fetchone() is not None

@@ -16,8 +16,8 @@ from .maintenance import carried_out
 
 
 def request_warm(conn: sqlite3.Connection, trigger: str) -> int:
-    pending = conn.execute("SELECT id FROM cache_flush_requests WHERE target = 'warm' AND applied_at IS NULL "
-                           "ORDER BY id LIMIT 1").fetchone()
+    pending = conn.execute("SELECT id FROM cache_flush_requests WHERE target = 'warm' AND value = ? "
+                           "AND applied_at IS NULL ORDER BY id LIMIT 1", (trigger,)).fetchone()
     if pending:  # one run at a time: join the one asked for already
         return pending[0]
     return conn.execute("INSERT INTO cache_flush_requests (target, value, requested_at) VALUES ('warm', ?, ?)",

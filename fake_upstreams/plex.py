@@ -129,7 +129,7 @@ SORT_FIELDS: dict[str, Callable[[Item, Ctx], Any]] = {
     "titleSort": lambda i, c: i.title_sort.lower(),
     "title": lambda i, c: i.title.lower(),
     "addedAt": lambda i, c: i.added_at,
-    "updatedAt": lambda i, c: i.updated_at,
+    "updatedAt": lambda i, c: c.state.updated_at(i),
     "originallyAvailableAt": lambda i, c: i.originally_available_at or "",
     "year": lambda i, c: i.year or 0,
     "audienceRating": lambda i, c: getattr(i.obj, "vote_average", 0),

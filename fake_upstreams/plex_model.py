@@ -47,9 +47,17 @@ class PlexState(FakeState):
         self.selected_streams: dict[tuple[int, int], dict[str, int]] = {}
         self.play_queues: dict[int, list[str]] = {}
         self.next_play_queue_id = 4101
+        self.edits: dict[str, tuple[str, int]] = {}  # rating key -> (title, updatedAt): see retitle()
 
     def view(self, account: Account, rating_key: str) -> ViewState:
         return self.view_states.setdefault((account.id, rating_key), ViewState())
+
+    def retitle(self, rating_key: str, title: str) -> None:
+        """A metadata edit on the server: the movie's title changes and so does its updatedAt."""
+        self.edits[rating_key] = (title, int(time.time()))
+
+    def updated_at(self, item: "Item") -> int:
+        return self.edits[item.rating_key][1] if item.rating_key in self.edits else item.updated_at
 
 
 STATE_KEY = web.AppKey("fake_plex_state", PlexState)
@@ -374,11 +382,13 @@ def _movie(ctx: Ctx, item: Item) -> Node:
     m: Movie = item.obj
     attrs = {
         "ratingKey": item.rating_key, "key": f"/library/metadata/{item.rating_key}", "guid": item.plex_guid,
-        "slug": m.slug, "studio": m.studio, "type": "movie", "title": m.title, **_section_attrs(item),
+        "slug": m.slug, "studio": m.studio, "type": "movie",
+        "title": ctx.state.edits[item.rating_key][0] if item.rating_key in ctx.state.edits else m.title,
+        **_section_attrs(item),
         "contentRating": m.content_rating, "summary": m.overview, "audienceRating": m.vote_average,
         **_view_attrs(ctx, item), "year": m.year, "tagline": m.tagline or None,
         "thumb": _img(item, "thumb"), "art": _img(item, "art"), "duration": item.duration,
-        "originallyAvailableAt": m.release_date, "addedAt": item.added_at, "updatedAt": item.updated_at,
+        "originallyAvailableAt": m.release_date, "addedAt": item.added_at, "updatedAt": ctx.state.updated_at(item),
         "audienceRatingImage": "themoviedb://image.rating",
         "primaryExtraKey": f"/library/metadata/{data.MATRIX_TRAILER_RATING_KEY}" if m.tmdb_id == 603 else None,
     }

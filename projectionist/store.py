@@ -29,6 +29,9 @@ from .metrics import USAGE_ROWS_DROPPED, USAGE_ROWS_WRITTEN
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
+# cache_flush_requests (target 'warm', value: the trigger) the library-sync job files when the Plex
+# library changed: the proxy then fetches its signed-in accounts' Plex lists afresh.
+WARM_AFTER_LIBRARY_CHANGE = "library-change"
 
 # Append only: a released migration is never edited, a change is a new entry.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (

@@ -14,7 +14,10 @@ After a sign-in (the plex.tv resources answer the player receives, surrogates in
 is done for that account's Plex server: `warming.plex_paths` (Home, each section's first page,
 genres, collections), the thumbnails they list and the details pages (`plex_item_paths`) of
 their first `details` items, with the server token the player was just handed, in that
-account's partition.
+account's partition. The proxy remembers those sign-ins (the most recent `REMEMBERED` accounts, in
+memory): when the library-sync job sees the server's library change, a warm with trigger
+"library-change" fetches each remembered account's Plex lists afresh (`Cache-Control: no-cache`:
+the cache refetches and stores), so the next Home shows the new items from the cache.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ import asyncio
 import json
 import logging
 import ssl
+from collections import OrderedDict
 from pathlib import Path
 
 import aiohttp
 from mitmproxy import ctx, http
+
+from projectionist.store import WARM_AFTER_LIBRARY_CHANGE
 
 from . import flowinfo
 from .response_cache import WARM_HEADER, ResponseCache
@@ -42,6 +48,7 @@ CONCURRENCY = 4  # a few at once: a person's requests queue behind none of them
 RETRIES = 3  # per URL, after a refusal's Retry-After
 MAX_YIELD = 5.0  # seconds waited after one refusal at most
 MAX_REFUSALS = 200  # per run; then it stops (the next scheduled run carries on)
+REMEMBERED = 100  # signed-in accounts whose Plex lists a library change refreshes
 
 
 class CacheWarmer:
@@ -50,6 +57,8 @@ class CacheWarmer:
         cache.warmer = self
         self._running: asyncio.Task | None = None
         self._plex_warming: set[tuple[int, str]] = set()
+        # (user id, server URI) -> the server surrogate that account's player was handed
+        self._signed_in: OrderedDict[tuple[int, str], str] = OrderedDict()
 
     async def response(self, flow: http.HTTPFlow) -> None:
         """After a sign-in (the player's plex.tv resources answer, surrogates in it by now): warm
@@ -68,12 +77,18 @@ class CacheWarmer:
         if not servers or not servers[0].get("connections"):
             return
         base, token = servers[0]["connections"][0].get("uri"), servers[0]["accessToken"]
+        if base:
+            self._signed_in[(info.user_id, base)] = token
+            self._signed_in.move_to_end((info.user_id, base))
+            while len(self._signed_in) > REMEMBERED:
+                self._signed_in.popitem(last=False)
         if base and (info.user_id, base) not in self._plex_warming:
             self._plex_warming.add((info.user_id, base))
             task = asyncio.get_running_loop().create_task(self._warm_plex(base.rstrip("/"), token))
             task.add_done_callback(lambda _: self._plex_warming.discard((info.user_id, base)))
 
-    async def _warm_plex(self, base: str, token: str) -> int:
+    async def _warm_plex(self, base: str, token: str, refresh: bool = False) -> int:
+        """The account's Plex Home and library; `refresh`: the lists are fetched afresh."""
         settings = self.watcher.rules.model.warming
         proxy = self._proxy_url()
         if proxy is None:
@@ -86,11 +101,11 @@ class CacheWarmer:
         def url(path: str) -> str:
             return f"{base}{path}{'&' if '?' in path else '?'}X-Plex-Token={token}"
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=CONCURRENCY)) as session:
-            sections = await run.get(session, plex_proxy, url("/library/sections"))
+            sections = await run.get(session, plex_proxy, url("/library/sections"), fresh=refresh)
             keys = [d.get("key") for d in ((sections or {}).get("MediaContainer") or {}).get("Directory") or []]
             paths = [p for p in settings.plex_paths if "{section}" not in p]
             paths += [p.replace("{section}", str(k)) for p in settings.plex_paths if "{section}" in p for k in keys if k]
-            answers = await asyncio.gather(*(run.get(session, plex_proxy, url(p)) for p in paths))
+            answers = await asyncio.gather(*(run.get(session, plex_proxy, url(p), fresh=refresh) for p in paths))
             listed = [[m for m in (a.get("MediaContainer") or {}).get("Metadata") or [] if isinstance(m, dict)]
                       for a in answers if a]
             thumbs = {m["thumb"] for items in listed for m in items if m.get("thumb")}
@@ -98,8 +113,16 @@ class CacheWarmer:
             keys = {str(m["ratingKey"]) for items in listed for m in items[:settings.details] if m.get("ratingKey")}
             await asyncio.gather(*(run.get(session, plex_proxy, url(p.replace("{rk}", k)))
                                    for k in sorted(keys) for p in settings.plex_item_paths))
-        log.info("cache warm (sign-in): %d Plex requests, %d from the server", run.requests, run.fetched)
+        log.info("cache warm (%s): %d Plex requests, %d from the server",
+                 WARM_AFTER_LIBRARY_CHANGE if refresh else "sign-in", run.requests, run.fetched)
         return run.requests
+
+    async def _refresh_signed_in(self) -> int:
+        """After a library change: every remembered account's Plex lists, one account at a time."""
+        made = 0
+        for (_, base), token in list(self._signed_in.items()):
+            made += await self._warm_plex(base.rstrip("/"), token, refresh=True)
+        return made
 
     def _proxy_url(self) -> str | None:
         ps = ctx.master.addons.get("proxyserver")
@@ -112,7 +135,8 @@ class CacheWarmer:
         """One run (one at a time): the number of requests made."""
         if self._running is not None and not self._running.done():
             return await asyncio.shield(self._running)
-        self._running = asyncio.get_running_loop().create_task(self._warm(trigger))
+        work = self._refresh_signed_in() if trigger == WARM_AFTER_LIBRARY_CHANGE else self._warm(trigger)
+        self._running = asyncio.get_running_loop().create_task(work)
         return await asyncio.shield(self._running)
 
     async def _warm(self, trigger: str) -> int:
@@ -155,11 +179,14 @@ class _Run:
         self.requests = self.fetched = self.refusals = 0
         self.stopped = False
 
-    async def get(self, session: aiohttp.ClientSession, proxy: str | None, url: str) -> dict | None:
+    async def get(self, session: aiohttp.ClientSession, proxy: str | None, url: str, fresh: bool = False
+                  ) -> dict | None:
         if self.stopped or self.requests >= self.budget:
             return None
         image = "/t/p/" in url or "/thumb/" in url or "/art/" in url
         headers = {WARM_HEADER: "1", "Accept": IMAGE_ACCEPT if image else "application/json"}
+        if fresh:  # RFC 9111: the cache fetches anew (and stores the answer)
+            headers["Cache-Control"] = "no-cache"
         if "themoviedb" in url:
             headers["Authorization"] = "Bearer projectionist-warmer"  # any placeholder: the proxy injects its key
         for _ in range(RETRIES):

@@ -323,8 +323,8 @@ class ResponseCache:
         flow.metadata[_LEADER] = (key, self._uri(flow, info), miss)
         rule = info.match.route.rule.cache
         stale_ok = stale is not None and stale.usable_stale(rule.stale_if_error)
-        try:
-            fetched = await self._fetch(flow, stale_ok=stale_ok)
+        try:  # a warm request takes a slot only when one is free, as for shared routes
+            fetched = await self._fetch(flow, stale_ok=stale_ok, background=info.warm)
         except RateLimited as refused:  # no slot for the upstream: stale if usable, else the 429
             self._finish(key, None)  # followers ask the limiter for themselves
             flow.metadata.pop(_LEADER, None)

@@ -107,3 +107,66 @@ async def test_a_sign_in_warms_that_accounts_plex_home_and_library(tmp_path):
             assert all(WARM not in r.headers for r in fakes.requests["plex"])
         finally:
             await proxy.stop()
+
+
+async def test_a_library_change_refreshes_the_signed_in_accounts_cached_lists(tmp_path):
+    """The library-sync job saw the server's library change and filed a "library-change" warm (as
+    control/library.py does, through control.warming.request_warm): the proxy fetches the lists of
+    the account that signed in afresh, so the player's next page is a hit with the new title, where
+    it would have shown the old one for the route's TTL."""
+    from control.warming import request_warm
+    from fake_upstreams.data import PLEX_ACCOUNT_TOKEN, PLEX_SERVER_TOKEN
+    from projectionist.store import WARM_AFTER_LIBRARY_CHANGE
+
+    async with FakeUpstreams() as fakes, aiohttp.ClientSession() as session:
+        proxy = await start_embedded_proxy(tmp_path, [f"{FAKE_TO_RULES[n]}={u}" for n, u in fakes.urls.items()],
+                                           plex_warm, plex_listen=free_port())
+        try:
+            proxy_url = f"http://127.0.0.1:{proxy.ports['regular']}"
+            async with session.get("http://plex.tv/api/v2/resources?includeHttps=1&includeRelay=1", proxy=proxy_url,
+                                   headers={"X-Plex-Token": PLEX_ACCOUNT_TOKEN, "Accept": "application/json",
+                                            "X-Plex-Client-Identifier": "warm-test"}) as r:
+                server = next(s for s in await r.json() if "server" in s["provides"])
+            base, token = server["connections"][0]["uri"], server["accessToken"]
+            page = f"{base}/library/sections/1/all?sort=titleSort&X-Plex-Container-Start=0&X-Plex-Token={token}"
+
+            async def titles() -> tuple[str, list[str]]:
+                async with session.get(page, headers={"Accept": "application/json"}) as r:
+                    assert r.status == 200
+                    return r.headers["Cache-Status"], [m["title"] for m in (await r.json())["MediaContainer"]["Metadata"]]
+
+            for _ in range(100):  # the sign-in's own warm stores the page
+                if any(r.path == "/library/sections/1/all" for r in fakes.requests["plex"]):
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            status, before = await titles()
+            assert status.startswith("Projectionist; hit") and "The Matrix" in before, status
+
+            matrix = next(key for key, item in plex_items().items() if item.type == "movie" and item.title == "The Matrix")
+            fakes.plex.retitle(matrix, "The Matrix (Projectionist Cut)")
+            fakes.clear()
+            assert "The Matrix (Projectionist Cut)" not in (await titles())[1]  # the cache cannot know yet
+
+            db = sqlite3.connect(tmp_path / "projectionist.db", isolation_level=None)
+            made = await applied(db, request_warm(db, WARM_AFTER_LIBRARY_CHANGE))
+            refetched = [r for r in fakes.requests["plex"] if r.path == "/library/sections/1/all"]
+            assert made >= len(plex_warm_paths()) and refetched, made
+            assert all(r.query["X-Plex-Token"] == [PLEX_SERVER_TOKEN] for r in refetched)  # that account's server token
+            assert all(WARM not in r.headers for r in refetched)
+            status, after = await titles()
+            assert status.startswith("Projectionist; hit"), status
+            assert "The Matrix (Projectionist Cut)" in after and "The Matrix" not in after
+        finally:
+            await proxy.stop()
+
+
+def plex_items() -> dict:
+    from fake_upstreams.plex_model import ITEMS
+    return ITEMS
+
+
+def plex_warm_paths() -> list[str]:
+    rules: dict = {}
+    plex_warm(rules)
+    return rules["warming"]["plex_paths"]

@@ -61,3 +61,33 @@ def test_library_sync_without_a_usable_token_does_nothing(tmp_path, fakes):
         assert run["status"] == "ok" and run["items"] == 0
         assert conn.execute("SELECT count(*) FROM media_items").fetchone()[0] == 0
         conn.close()
+
+
+def test_a_changed_library_asks_the_proxy_to_refresh_signed_in_accounts(tmp_path, fakes):
+    """The first sync only learns the library; a later one that finds an edited item files one
+    "library-change" warm for the proxy (tests/test_cache_warm.py: what the proxy then does); an
+    unchanged library files none."""
+    write_test_rules(tmp_path / "rules.yaml", free_port())
+    db_path = tmp_path / "projectionist.db"
+
+    def warms() -> list:
+        conn = sqlite3.connect(db_path)
+        try:
+            return conn.execute("SELECT value FROM cache_flush_requests WHERE target = 'warm'").fetchall()
+        finally:
+            conn.close()
+
+    with control_plane(tmp_path, fakes) as control:
+        admin = Admin(control, fakes)
+        assert admin.run("library-sync")["items"] > 0 and warms() == []
+        assert admin.run("library-sync")["items"] == 0 and warms() == []
+        try:
+            fakes.plex.retitle("1001", "A New Title")
+            changed = admin.run("library-sync")
+        finally:
+            fakes.plex.edits.clear()
+        assert changed["items"] == 1, changed
+        assert warms() == [("library-change",)]
+        conn = sqlite3.connect(db_path)
+        assert conn.execute("SELECT title FROM media_items WHERE rating_key = '1001'").fetchone() == ("A New Title",)
+        conn.close()
