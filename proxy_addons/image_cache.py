@@ -65,7 +65,7 @@ from projectionist.images import (
 )
 from projectionist.limits import RateLimited
 from projectionist.metrics import CACHE_EVICTIONS, IMAGE_ENCODES, add_cache_source, remove_cache_source
-from projectionist.rules import ImageRule, Rules
+from projectionist.rules import ImageRule, ResolvedTimeouts, Rules
 
 from . import flowinfo
 from .local_responses import cors_headers
@@ -121,6 +121,7 @@ class _Source:
     rule: ImageRule
     target: str | None
     partition: str
+    timeouts: ResolvedTimeouts  # the route's (else its upstream's) connect, first-byte and idle
 
 
 class ImageCache:
@@ -366,7 +367,8 @@ class ImageCache:
     def _source(self, flow: http.HTTPFlow, info, rule: ImageRule, target: str | None, partition: str) -> _Source:
         request = flow.request
         headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _NOT_FORWARDED]
-        return _Source(request.url, headers, info.route, rule, target, partition)
+        return _Source(request.url, headers, info.route, rule, target, partition,
+                       info.match.timeouts(self.watcher.rules.model.proxy))
 
     def _production(self, key: str, source: _Source, previous: ImageEntry | None, flow: http.HTTPFlow,
                     background: bool = False) -> tuple[asyncio.Task, bool]:
@@ -470,15 +472,23 @@ class ImageCache:
         headers = [*source.headers, ("Accept", _UPSTREAM_ACCEPT), ("Accept-Encoding", "identity")]
         if etag:
             headers.append(("If-None-Match", etag))
-        timeout = aiohttp.ClientTimeout(total=self.watcher.rules.model.proxy.upstream_timeout)
-        async with self.session.get(source.url, headers=headers, allow_redirects=False, timeout=timeout) as r:
+        timeouts = source.timeouts  # a hung origin: TimeoutError, a 504 (see _produce)
+        async with asyncio.timeout(timeouts.until_headers):
+            r = await self.session.get(source.url, headers=headers, allow_redirects=False,
+                                       timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect,
+                                                                     sock_read=timeouts.first_byte))
+        async with r:
             if r.status == 304 and etag:
                 return _NOT_MODIFIED
             kept = [(k, v) for k, v in r.headers.items() if k.lower() not in _NOT_PASSED_BACK]
             if r.content_length is not None and r.content_length > max_bytes:
                 return Refusal(422, f"Unprocessable: the source image is over {max_bytes} bytes", "source-too-large")
             body = bytearray()
-            async for chunk in r.content.iter_chunked(256 * 1024):
+            while True:
+                async with asyncio.timeout(timeouts.idle):
+                    chunk = await r.content.readany()
+                if not chunk:
+                    break
                 body += chunk
                 if len(body) > max_bytes:
                     return Refusal(422, f"Unprocessable: the source image is over {max_bytes} bytes",

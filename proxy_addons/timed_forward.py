@@ -7,9 +7,11 @@ route that mitmproxy would forward are fetched here instead, like the response c
 with the route's timeouts (rules.py `Match.timeouts`): a hung origin gets a 504, an unreachable
 one a 502, each in the upstream's own format, within the timeout.
 
-Streamed routes (`stream: true`: media parts and segments), image routes (the image cache fetches
-for itself), requests to no route and protocol upgrades stay with mitmproxy: their bodies must
-not be buffered, and a stalled media stream is the client's to give up on.
+Image routes are the image cache's, which fetches for itself with the same timeouts; what it
+leaves alone (an unknown account's image, a source it will not touch) is fetched here. Streamed
+routes (`stream: true`: media parts and segments), requests to no route (Plex's event stream among
+them: an answer that never ends) and protocol upgrades stay with mitmproxy: their bodies must not
+be buffered, and a stalled media stream is the client's to give up on.
 """
 
 from __future__ import annotations
@@ -49,8 +51,7 @@ class TimedForward:
         if info is None or flow.response is not None or self.session is None or rules is None:
             return
         route = info.match.route
-        if (route is None or route.rule.stream or route.rule.image is not None or flow.request.stream
-                or "upgrade" in flow.request.headers):
+        if route is None or route.rule.stream or flow.request.stream or "upgrade" in flow.request.headers:
             return
         timeouts = info.match.timeouts(rules.model.proxy)
         kind = info.match.upstream.kind

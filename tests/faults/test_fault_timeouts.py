@@ -61,6 +61,7 @@ def timeouts_edit(rules: dict) -> None:
     rules["proxy"]["stale_timeout"] = 0.5
     rules["upstreams"]["plex"]["timeouts"] = {"connect": 2, "first_byte": 3, "idle": 1}
     rules["upstreams"]["tmdb"]["timeouts"] = {"first_byte": 3}
+    rules["upstreams"]["tmdb-images"]["timeouts"] = {"first_byte": 3}
     for route in rules["routes"]:
         if route["name"] == "plex.identity":
             route["timeouts"] = {"first_byte": 1}
@@ -73,7 +74,8 @@ async def setup(tmp_path):
     async with HangingOrigin() as origin, PlexTv() as plextv:
         port = free_port()
         proxy = await start_embedded_proxy(tmp_path, [f"plex={origin.url}", f"plextv={plextv.url}",
-                                                      f"tmdb={origin.url}"], timeouts_edit, plex_listen=port)
+                                                      f"tmdb={origin.url}", f"tmdb-images={origin.url}"],
+                                           timeouts_edit, plex_listen=port)
         origin.proxy_url = f"http://127.0.0.1:{proxy.ports['regular']}"
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as client:
@@ -134,3 +136,25 @@ async def test_a_hung_tmdb_gets_a_504_in_tmdb_format(setup):
     took = time.monotonic() - started
     assert r.status == 504 and took < 8, (r.status, took)
     assert body["status_code"] == 24 and body["success"] is False  # TMDB's "backend server timed out"
+
+
+async def test_a_hung_image_origin_gets_a_504_within_the_upstreams_timeout(setup):
+    """The image cache fetches for itself: with the upstream's timeouts (first byte 3 s here), not
+    the 15 s proxy.upstream_timeout it used to wait whatever the rules said."""
+    origin, _, client = setup
+    origin.delay = 90
+    status, body, headers, took = await timed_get(client, "http://image.tmdb.org/t/p/w342/hung.jpg",
+                                                  proxy=origin.proxy_url, headers={"Accept": "image/webp,*/*"})
+    assert status == 504 and 2.5 < took < 8, (status, took, body)
+    assert "fwd-status=504" in headers.get("Cache-Status", ""), headers
+
+
+async def test_an_image_the_image_cache_leaves_alone_is_forwarded_with_the_timeouts(setup):
+    """An image of an account the proxy does not know is not the image cache's to store: it is
+    forwarded, within the upstream's timeouts (it used to wait as long as the origin liked)."""
+    origin, base, client = setup
+    origin.delay = 90
+    status, body, headers, took = await timed_get(client, f"{base}/library/metadata/42/thumb/1700000000?{TOKEN}",
+                                                  headers={"Accept": "image/webp,*/*"})
+    assert status == 504 and 2.5 < took < 8, (status, took, body)
+    assert "fwd-status=504" in headers.get("Cache-Status", ""), headers
