@@ -10,7 +10,7 @@ For a GET on a route with an `image` rule (TMDB posters, Plex thumbs and photo t
   `immutable` routes (TMDB paths never change) are kept a year and answered with
   `Cache-Control: public, max-age=31536000, immutable`;
 - miss: fetched by the cache itself (aiohttp, deadline, size cap), concurrent misses of a key
-  share one fetch and one transcode (`fwd=miss; collapsed`); the body is re-encoded to WebP/AVIF
+  share one fetch and one transcode (`fwd=uri-miss; collapsed`); the body is re-encoded to WebP/AVIF
   when the client's Accept names it (`Vary: Accept`) and that is smaller, and scaled down to the
   route's `max_width`. Pillow runs in worker processes (projectionist/images.py), never here.
 
@@ -69,6 +69,7 @@ from projectionist.rules import ImageRule, ResolvedTimeouts, Rules
 
 from . import flowinfo
 from .local_responses import cors_headers
+from .response_cache import Miss, bypass
 from .router import Router
 from .rules_watch import RulesWatcher
 from .upstream_fetch import HOP_BY_HOP, upstream_session
@@ -259,6 +260,7 @@ class ImageCache:
             f"u{info.user_id}" if info.user_id is not None else None)
         if partition is None:  # a user's image, but whose? never stored, never shared
             info.cache = "bypass"
+            bypass(flow, info, Miss("bypass", "unknown-user"))
             return
         target = self._target(flow, rule)
         key = self._key(flow, info, rule, target, partition)
@@ -271,6 +273,8 @@ class ImageCache:
             self._serve(flow, info, rule, key, entry, "stale", now)
             self._production(key, source, entry, flow.copy(), background=True)  # one refresh per key
             return
+        miss = Miss("uri-miss") if entry is None else Miss("stale", "expired")  # RFC 9211, as for documents
+        info.cache_reason = miss.reason
         task, leader = self._production(key, source, entry, flow)
         outcome = await self._outcome(task)
         if isinstance(outcome, Limited) and not leader:  # the leader's slot was refused: ask for ours
@@ -280,11 +284,11 @@ class ImageCache:
             flow.response = outcome.response if leader else outcome.response.copy()
             info.cache = "miss"
         elif isinstance(outcome, ImageEntry):
-            detail = "; detail=encoder-busy" if outcome.provisional else ""
+            detail = "encoder-busy" if outcome.provisional else miss.detail
             self._serve(flow, info, rule, key, outcome, "miss", time.time(),
-                        ("fwd=miss; stored" if leader else "fwd=miss; collapsed") + detail)
+                        f"fwd={miss.fwd}; {'stored' if leader else 'collapsed'}" + (f"; detail={detail}" if detail else ""))
         elif isinstance(outcome, Passthrough):
-            flow.response = self._passthrough(flow, info, outcome)
+            flow.response = self._passthrough(flow, info, outcome, miss)
         else:
             flow.response = self._refusal(flow, info, outcome)
 
@@ -547,13 +551,13 @@ class ImageCache:
         if sends_body and entry.source_size:
             self.mirror.saved(BUCKET, entry.route, entry.source_size, len(entry.body), now)
 
-    def _passthrough(self, flow: http.HTTPFlow, info, passed: Passthrough) -> http.Response:
+    def _passthrough(self, flow: http.HTTPFlow, info, passed: Passthrough, miss: Miss) -> http.Response:
         headers = http.Headers([(k.encode(), v.encode("latin-1", "replace")) for k, v in passed.headers
                                 if not k.lower().startswith("access-control-")])
         for name, value in cors_headers(flow.request, info.match.upstream.kind).items():
             headers[name] = value
         headers["Content-Length"] = str(len(passed.body))
-        headers["Cache-Status"] = "Projectionist; fwd=miss"
+        headers["Cache-Status"] = f"Projectionist; {miss.params(fwd_status=passed.status)}"
         info.cache = "miss"
         return http.Response(b"HTTP/1.1", passed.status, b"", headers,
                              b"" if flow.request.method == "HEAD" else passed.body, None, time.time(), time.time())

@@ -205,12 +205,12 @@ class ResponseCache:
             return
         if info.credential == anonymous.CREDENTIAL:  # forwarded as sent: its answer is the client's key's
             info.cache = "bypass"
-            self._bypass(flow, info, Miss("bypass", "anonymous"))
+            bypass(flow, info, Miss("bypass", "anonymous"))
             return
         partition = self._partition(rule.cache, info)
         if partition is None:  # user-scoped data of an unknown user: never shared, never stored
             info.cache = "bypass"
-            self._bypass(flow, info, Miss("bypass", "unknown-user"))
+            bypass(flow, info, Miss("bypass", "unknown-user"))
             return
         key = self._key(flow, info, rule.cache, partition)
         uri = self._uri(flow, info)
@@ -355,11 +355,6 @@ class ResponseCache:
         flow.response = gateway_error(flow.request, info.match.upstream.kind, gateway, "the upstream did not answer")
         flow.response.headers["Cache-Status"] = f"Projectionist; {miss.params(fwd_status=gateway)}"
         info.cache = "miss"
-
-    def _bypass(self, flow: http.HTTPFlow, info, miss: Miss) -> None:
-        """A request the cache forwards untouched: its answer says why (set in `response`)."""
-        flow.metadata[_STATUS] = miss
-        info.cache_reason = miss.reason
 
     def _why_missing(self, key: str, uri: str, partition: str) -> Miss:
         if (gone := self._gone.get(key)) is not None:
@@ -660,6 +655,12 @@ def _asks_no_cache(request: http.Request) -> bool:
     """The client asked for a fresh answer (RFC 9111 request `no-cache`; Pragma for HTTP/1.0)."""
     value = request.headers.get("Cache-Control") or request.headers.get("Pragma")
     return value is not None and "no-cache" in value.lower()
+
+
+def bypass(flow: http.HTTPFlow, info, miss: Miss) -> None:
+    """A request a cache forwards untouched: its answer says why (set in `response`)."""
+    flow.metadata[_STATUS] = miss
+    info.cache_reason = miss.reason
 
 
 def _not_cached(flow: http.HTTPFlow) -> Miss:

@@ -56,7 +56,7 @@ def test_img_loads_in_chromium_hit_the_cache_and_are_reencoded_and_capped(stack,
     player = client(stack)
     first = player.get(f"https://image.tmdb.org{primed}", headers={"Accept": CHROMIUM_IMG_ACCEPT}, timeout=30)
     assert first.status_code == 200 and first.headers["Content-Type"] in ("image/avif", "image/webp")
-    assert "fwd=miss" in first.headers["Cache-Status"]
+    assert "fwd=uri-miss" in first.headers["Cache-Status"]
     again = player.get(f"https://image.tmdb.org{primed}", headers={"Accept": CHROMIUM_IMG_ACCEPT,
                                                                    "If-None-Match": first.headers["ETag"]})
     assert again.status_code == 304 and again.content == b""

@@ -107,7 +107,7 @@ async def test_miss_hit_revalidation_and_variants_by_accept(tmp_path):
     async with image_proxy(tmp_path) as env:
         status, headers, webp = await env.tmdb(path)
         assert status == 200 and headers["Content-Type"] == "image/webp"
-        assert headers["Cache-Status"] == "Projectionist; fwd=miss; stored"
+        assert headers["Cache-Status"] == "Projectionist; fwd=uri-miss; stored"
         assert headers["Cache-Control"] == "public, max-age=31536000, immutable" and headers["Vary"] == "Accept"
         status, again_headers, again = await env.tmdb(path)
         assert again == webp and again_headers["Cache-Status"].startswith("Projectionist; hit; ttl=")
@@ -141,8 +141,8 @@ async def test_concurrent_misses_share_one_fetch_and_one_transcode(tmp_path):
         assert env.upstream_calls("tmdb_images", path) == 1
         assert len({body for _, _, body in results}) == 1 and all(s == 200 for s, _, _ in results)
         statuses = [h["Cache-Status"] for _, h, _ in results]
-        assert statuses.count("Projectionist; fwd=miss; stored") == 1
-        assert statuses.count("Projectionist; fwd=miss; collapsed") == 19
+        assert statuses.count("Projectionist; fwd=uri-miss; stored") == 1
+        assert statuses.count("Projectionist; fwd=uri-miss; collapsed") == 19
 
 
 async def test_bombs_are_refused_and_bodies_that_are_no_image_never_crash_a_worker(tmp_path):
@@ -172,10 +172,10 @@ async def test_plex_images_are_kept_per_user_and_never_keyed_on_tokens(tmp_path)
     path = "/library/metadata/1001/thumb/1731000000"
     async with image_proxy(tmp_path) as env:
         _, first, body = await env.plex(path, PLEX_SERVER_TOKEN)
-        assert first["Content-Type"] == "image/webp" and "fwd=miss" in first["Cache-Status"]
+        assert first["Content-Type"] == "image/webp" and "fwd=uri-miss" in first["Cache-Status"]
         assert first["Cache-Control"].startswith("private, max-age=")
         _, other_user, _ = await env.plex(path, PLEX_SERVER_TOKEN_2)
-        assert "fwd=miss" in other_user["Cache-Status"]  # same URL, another account: never shared
+        assert "fwd=uri-miss" in other_user["Cache-Status"]  # same URL, another account: never shared
         _, same_user, again = await env.plex(path, PLEX_ACCOUNT_TOKEN)  # another token of the first account
         assert "hit" in same_user["Cache-Status"] and again == body
         assert env.upstream_calls("plex", path) == 2
@@ -246,7 +246,7 @@ async def test_eviction_at_the_cap_and_stats(tmp_path):
         _, headers, _ = await env.tmdb(paths[-1])
         assert "hit" in headers["Cache-Status"]
         _, headers, _ = await env.tmdb(paths[0])  # least recently used: gone
-        assert "fwd=miss" in headers["Cache-Status"]
+        assert "fwd=uri-miss" in headers["Cache-Status"]
         conn = env.db()
 
         def images_bucket():
@@ -303,7 +303,7 @@ async def test_flushing_the_images_bucket(tmp_path):
         assert flushed[0] == 1  # applied means applied by the image cache too
         conn.close()
         _, headers, _ = await env.tmdb(path)
-        assert "fwd=miss" in headers["Cache-Status"]
+        assert "fwd=uri-miss" in headers["Cache-Status"]
 
 
 async def test_misses_wait_for_the_upstreams_rate_limit_and_hits_never_count(tmp_path):
