@@ -6,9 +6,10 @@ metadata before its `default_allow_sql` setting, so an edit could turn arbitrary
 ignores every table permission) back on. `datasette_command` refuses such metadata, and metadata
 without the admin-only authentication, and canned queries that write or read a secret table.
 
-How an admin gets in: every request to the dashboard needs HTTP Basic authentication (the
-`datasette-auth-passwords` plugin with `http_basic_auth: true`; anything else gets 401 and no
-data, static files and `/-/` endpoints included). The user is `admin`; the password is
+How an admin gets in: every request to the dashboard needs an admin's control-plane session (the
+Plex sign-in; projectionist/dashboard_session.py) or HTTP Basic authentication with the dashboard
+password (the `datasette-auth-passwords` plugin's check); anything else gets 401 or 403 and no
+data, static files and `/-/` endpoints included. The Basic user is `admin`; the password is
 `PROJECTIONIST_DASHBOARD_PASSWORD` if set, else the content of `<config dir>/dashboard-password`,
 a random one written on first start with mode 0600. `projectionist run` prints where it is;
 change it by editing that file (or the variable) and restarting the dashboard. Only a salted
@@ -84,8 +85,9 @@ def metadata_problems(metadata: dict) -> list[str]:
                 problems.append(f"databases.{DATABASE}.queries.{name} reads {table}, which holds secrets")
     # Admins only: authentication on every request, and the instance allowed to the admin alone.
     auth = (metadata.get("plugins") or {}).get(AUTH_PLUGIN) or {}
-    if auth.get("http_basic_auth") is not True:
-        problems.append(f"plugins.{AUTH_PLUGIN}.http_basic_auth must be true (the dashboard is for admins only)")
+    if auth.get("http_basic_auth") is not False:  # dashboard_session's gate asks for a session or the password
+        problems.append(f"plugins.{AUTH_PLUGIN}.http_basic_auth must be false (projectionist.dashboard_session "
+                        "gates every request: an admin's Plex session or the dashboard password)")
     if auth.get(f"{ADMIN_USER}_password_hash") != {"$env": PASSWORD_HASH_ENV}:
         problems.append(f"plugins.{AUTH_PLUGIN}.{ADMIN_USER}_password_hash must be {{$env: {PASSWORD_HASH_ENV}}}")
     extra = [k for k in auth if k.endswith("_password_hash") and k != f"{ADMIN_USER}_password_hash"]

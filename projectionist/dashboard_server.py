@@ -18,9 +18,10 @@ def main(argv: list[str]) -> None:
     from datasette.cli import cli
     from datasette.plugins import pm
 
-    from . import dashboard_guard
+    from . import dashboard_guard, dashboard_session
 
     pm.register(dashboard_guard, name="projectionist-dashboard-guard")  # password guessing is throttled
+    pm.register(dashboard_session, name="projectionist-dashboard-session")  # admins: Plex session or password
 
     cli.main(args=argv, prog_name="datasette")
 
