@@ -301,7 +301,7 @@ def warm_run(db: Path, timeout: float) -> int:
 def session_stats(db: Path, since: float, until: float) -> dict:
     conn = sqlite3.connect(db)
     try:
-        rows = conn.execute("SELECT cache, cache_reason, status, method FROM usage_events WHERE ts >= ? AND ts < ? "
+        rows = conn.execute("SELECT cache, cache_reason, status, method, route FROM usage_events WHERE ts >= ? AND ts < ? "
                             "AND listener != 'warm'",
                             (since, until)).fetchall()
         queued = conn.execute("SELECT count(*), max(waited_ms) FROM rate_limit_events WHERE outcome = 'queued' "
@@ -319,6 +319,7 @@ def session_stats(db: Path, since: float, until: float) -> dict:
         "hit_ratio_cacheable": round(len(hits) / len(cacheable), 3) if cacheable else None,
         "hit_ratio_all": round(len(hits) / len(player), 3) if player else None,
         "misses_by_reason": dict(Counter(r[1] or "none" for r in cacheable if r[0] == "miss").most_common()),
+        "misses_by_route": dict(Counter(r[4] or "none" for r in cacheable if r[0] == "miss").most_common()),
         "not_cacheable_by_reason": dict(Counter(r[1] or "none" for r in player if r[0] not in ("hit", "stale", "miss"))
                                         .most_common()),
         "projectionist_429": refused,
@@ -371,6 +372,7 @@ def render(r: dict) -> str:
         f"  session 2 (fresh profile, fresh sign-in): {s2['hit_ratio_cacheable']} of {s2['cacheable']} cacheable "
         f"(target >= 0.95), {s2['hit_ratio_all']} of all {s2['requests']}",
         f"  misses by reason, session 1: {s1['misses_by_reason']}",
+        f"  misses by route, session 1: {s1['misses_by_route']}",
         f"  misses by reason, session 2: {s2['misses_by_reason']}",
         f"  not cacheable, session 2: {s2['not_cacheable_by_reason']}",
         f"  Projectionist-made 429s: {s1['projectionist_429']} + {s2['projectionist_429']} (target 0); "

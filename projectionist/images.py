@@ -36,7 +36,7 @@ from urllib.parse import unquote, urlsplit
 
 import diskcache
 
-from .cache_store import Entry
+from .cache_store import SQLITE_MEMORY, Entry
 from .disk_guard import DiskWrites
 from .lifetime import die_with
 
@@ -329,7 +329,7 @@ class ImageStore:
         directory.mkdir(parents=True, exist_ok=True)
         # diskcache's own culling is only a backstop (its volume counts SQLite pages too).
         self.cache = diskcache.Cache(str(directory), size_limit=int(max_bytes * 1.5) + 2**24,
-                                     eviction_policy="least-recently-stored", cull_limit=10)
+                                     eviction_policy="least-recently-stored", cull_limit=10, **SQLITE_MEMORY)
         self.max_bytes = max_bytes
         self.bytes = 0
         self.evictions = 0
