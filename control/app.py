@@ -29,7 +29,7 @@ from projectionist.redact import RedactSecrets
 from projectionist.store import connect, migrate, schema_version
 
 from . import admin, auth, cache_api, jobs, metrics, openapi, page, security, settings, setup, trakt, upstream_health, usage
-from . import history, library, maintenance, recommendations, reports, token_health, warming  # noqa: F401  (they register jobs)
+from . import history, library, maintenance, recommendations, reports, token_health, warming, watchlist  # noqa: F401  (they register jobs)
 from .errors import ApiError
 from .keys import (AUTH_RATE_LIMITER, CONFIG, DB, DB_LOCK, HTTP, LIVE_RULES, OPERATIONS, OPTIONS, PLEX_CLIENT_ID,
                    UPSTREAM_HEALTH, UPSTREAMS, VAULT)

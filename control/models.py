@@ -120,6 +120,11 @@ class PlexServer(Request):
     owned: bool | None = None
 
 
+WatchlistSync = Literal["off", "on", "dry-run"]
+WATCHLIST_SYNC_HELP = ("Mirror your Plex and Trakt watchlists both ways (the watchlist-sync job): `on`, `dry-run` "
+                       "(only log what it would change), or `off` (the default). Needs Trakt connected.")
+
+
 class SettingsUpdate(Request):
     """Fields left out keep their value."""
 
@@ -127,6 +132,7 @@ class SettingsUpdate(Request):
         default=None, description="Free-form display preferences (no credentials; at most 16 KiB).")
     plex_servers: Annotated[list[PlexServer], Field(max_length=50)] | None = None
     watchlist_provider: Literal["plex", "trakt", "none"] | None = None
+    watchlist_sync: WatchlistSync | None = Field(default=None, description=WATCHLIST_SYNC_HELP)
 
     @field_validator("preferences")
     @classmethod
@@ -150,6 +156,7 @@ class Settings(Response):
     preferences: dict[str, JsonValue]
     plex_servers: list[PlexServer]
     watchlist_provider: Literal["plex", "trakt", "none"] | None
+    watchlist_sync: WatchlistSync = Field(default="off", description=WATCHLIST_SYNC_HELP)
     tmdb: TmdbStatus
     trakt_connected: bool
     updated_at: datetime | None = None

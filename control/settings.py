@@ -1,4 +1,4 @@
-"""Per-user settings: preferences, Plex servers, watchlist provider, a custom TMDB key, and the
+"""Per-user settings: preferences, Plex servers, watchlist provider and sync, a custom TMDB key, and the
 import of a player's `localStorage` (the migration path for players that held every secret).
 
 A custom TMDB key is checked against TMDB (`/3/configuration`) before it is stored, encrypted, as
@@ -61,9 +61,9 @@ def tmdb_bearer(vault: Vault, user_id: int) -> str:
 
 
 def read_settings(vault: Vault, user_id: int) -> Settings:
-    row = vault.conn.execute("SELECT preferences, plex_servers, watchlist_provider, updated_at FROM user_settings "
-                             "WHERE user_id = ?", (user_id,)).fetchone()
-    preferences, servers, provider, updated = row if row else ("{}", "[]", None, None)
+    row = vault.conn.execute("SELECT preferences, plex_servers, watchlist_provider, watchlist_sync, updated_at "
+                             "FROM user_settings WHERE user_id = ?", (user_id,)).fetchone()
+    preferences, servers, provider, sync, updated = row if row else ("{}", "[]", None, "off", None)
     tmdb = vault.conn.execute("SELECT updated_at FROM user_credentials WHERE user_id = ? AND name = ?",
                               (user_id, TMDB_CREDENTIAL)).fetchone()
     trakt_linked = vault.conn.execute("SELECT 1 FROM user_credentials WHERE user_id = ? AND name = ?",
@@ -72,6 +72,7 @@ def read_settings(vault: Vault, user_id: int) -> Settings:
         preferences=json.loads(preferences or "{}"),
         plex_servers=[PlexServer.model_validate(s) for s in json.loads(servers or "[]")],
         watchlist_provider=provider,
+        watchlist_sync=sync or "off",
         tmdb=TmdbStatus(custom_key=tmdb is not None, updated_at=parse_iso(tmdb[0]) if tmdb else None,
                         bearer=tmdb_bearer(vault, user_id)),
         trakt_connected=trakt_linked is not None,
@@ -99,6 +100,8 @@ def write_settings(vault: Vault, user_id: int, update: SettingsUpdate) -> Settin
             changes["plex_servers"] = json.dumps([s.model_dump(mode="json") for s in update.plex_servers])
         if "watchlist_provider" in update.model_fields_set:
             changes["watchlist_provider"] = update.watchlist_provider
+        if update.watchlist_sync is not None:
+            changes["watchlist_sync"] = update.watchlist_sync
         assignments = ", ".join(f"{column} = ?" for column in changes)  # column names are ours, not the client's
         conn.execute(f"UPDATE user_settings SET {assignments} WHERE user_id = ?", (*changes.values(), user_id))
     return read_settings(vault, user_id)

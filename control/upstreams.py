@@ -38,10 +38,16 @@ def plex_headers(client_id: str, token: str | None = None) -> dict[str, str]:
     return headers
 
 
+# plex.tv's watchlist host: rules.yaml routes it to the `plextv` upstream, so overriding `plextv`
+# moves it too (never the real discover host while plex.tv is a fake).
+DISCOVER_BASE = "https://discover.provider.plex.tv"
+
+
 class Upstreams:
     def __init__(self, overrides: Sequence[str] = ()) -> None:
         self.bases = dict(DEFAULT_BASES)
         self.bases.update({name: url for name, url in parse_overrides(overrides).items() if name in DEFAULT_BASES})
+        self.bases["discover"] = self.bases["plextv"] if self.bases["plextv"] != DEFAULT_BASES["plextv"] else DISCOVER_BASE
 
     def url(self, name: str, path: str) -> str:
         return self.bases[name] + path

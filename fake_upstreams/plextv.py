@@ -6,7 +6,9 @@ tokens come from the `X-Plex-Token` header or query; a bad token is 401
 without `X-Plex-Client-Identifier` is 400 code 1000. PIN login: `POST /api/v2/pins` (201), poll
 `GET /api/v2/pins/{id}` until `authToken` is set. `GET /api/v2/resources` lists the fake PMS with this
 user's `accessToken` and a connection whose `uri` is the fake PMS base URL. Discover:
-`/library/sections/watchlist/{filter}` (MediaContainer, paged) and `PUT|DELETE /library/metadata/{id}/watchlist`.
+`/library/sections/watchlist/{filter}` (MediaContainer, paged; `Guid` ids with `includeGuids=1`, and each
+item's `watchlistedAt`), `PUT|DELETE /library/metadata/{id}/watchlist` (the web player's calls),
+`PUT /actions/addToWatchlist|removeFromWatchlist?ratingKey=` (plexapi's), and `/library/search` (titles).
 CORS: the Origin is echoed and preflights answered.
 
 Test hooks: `PlexTvState.link_pin(pin_id, account_token=...)` and `POST /test/link/{pin_id}`
@@ -51,6 +53,7 @@ class PlexTvState(FakeState):
         self.pins: dict[int, dict[str, Any]] = {}
         self._pin_ids = itertools.count(2071245123)
         self.watchlists: dict[int, list[str]] = data.initial_watchlists()
+        self.watchlisted_at: dict[tuple[int, str], int] = {}  # (account, ratingKey) -> when it was added
         self.unshared: set[int] = set()  # account ids the owner stopped sharing the server with (tests)
         self.revoked: set[str] = set()  # tokens plex.tv no longer accepts (revoke_account; a new sign-in restores)
 
@@ -399,7 +402,15 @@ def _discover_items() -> dict[str, tuple[str, Any]]:
 DISCOVER_ITEMS = _discover_items()
 
 
-def _discover_node(rating_key: str) -> Node:
+WATCHLISTED_BEFORE = 1730000000  # watchlistedAt of the initial entries (added before the fakes started)
+
+
+def _discover_guids(kind: str, obj: Any) -> list[Node]:
+    ids = [f"imdb://{obj.imdb_id}", f"tmdb://{obj.tmdb_id}"] + ([f"tvdb://{obj.tvdb_id}"] if kind == "show" else [])
+    return [Node("Guid", {"id": g}) for g in ids]
+
+
+def _discover_node(rating_key: str, guids: bool = False, extra: dict[str, Any] | None = None) -> Node:
     kind, obj = DISCOVER_ITEMS[rating_key]
     title = obj.title if kind == "movie" else obj.name
     date = obj.release_date if kind == "movie" else obj.first_air_date
@@ -411,9 +422,9 @@ def _discover_node(rating_key: str) -> Node:
         "audienceRating": obj.vote_average, "year": obj.year,
         "thumb": f"https://image.tmdb.org/t/p/original{obj.poster}", "originallyAvailableAt": date,
         "duration": obj.runtime * 60000 if kind == "movie" else None,
-        "publicPagesURL": f"https://watch.plex.tv/{kind}/{obj.slug}",
-    }, [Node("Image", {"alt": title, "type": "coverPoster",
-                       "url": f"https://image.tmdb.org/t/p/original{obj.poster}"})], json_key="Metadata")
+        "publicPagesURL": f"https://watch.plex.tv/{kind}/{obj.slug}", **(extra or {}),
+    }, [Node("Image", {"alt": title, "type": "coverPoster", "url": f"https://image.tmdb.org/t/p/original{obj.poster}"}),
+        *(_discover_guids(kind, obj) if guids else [])], json_key="Metadata")
 
 
 @routes.get("/library/sections/watchlist/{filter}")
@@ -433,7 +444,9 @@ async def watchlist(request: web.Request) -> web.Response:
         return error(request, 400, 1000, "Invalid paging parameters")
     attrs = {"librarySectionID": "watchlist", "librarySectionTitle": "Watchlist", "offset": 0,
              "totalSize": len(keys), "identifier": "tv.plex.provider.discover", **page_attrs}
-    root = container(attrs, [_discover_node(k) for k in page])
+    state, guids = get_state(request), request.query.get("includeGuids") == "1"
+    root = container(attrs, [_discover_node(k, guids, {"watchlistedAt": state.watchlisted_at.get(
+        (account.id, k), WATCHLISTED_BEFORE)}) for k in page])
     headers.setdefault("X-Plex-Container-Start", str(attrs["offset"]))
     headers.setdefault("X-Plex-Container-Total-Size", str(len(keys)))
     return respond(request, root, headers=headers)
@@ -445,15 +458,51 @@ async def change_watchlist(request: web.Request) -> web.Response:
     account = _account(request)
     if account is None:
         return unauthorized(request)
-    key = request.match_info["rating_key"]
+    return _change(request, account, request.match_info["rating_key"], request.method == "PUT")
+
+
+@routes.put("/actions/addToWatchlist")
+@routes.put("/actions/removeFromWatchlist")
+async def watchlist_action(request: web.Request) -> web.Response:
+    account = _account(request)
+    if account is None:
+        return unauthorized(request)
+    key = request.query.get("ratingKey")
+    if not key:
+        return error(request, 400, 1000, "Missing ratingKey")
+    return _change(request, account, key, request.path.endswith("/addToWatchlist"))
+
+
+def _change(request: web.Request, account: data.Account, key: str, add: bool) -> web.Response:
     if key not in DISCOVER_ITEMS:
         return error(request, 404, 1020, "Item not found")
-    keys = get_state(request).watchlists.setdefault(account.id, [])
+    state = get_state(request)
+    keys = state.watchlists.setdefault(account.id, [])
+    if add and key in keys:
+        return web.Response(status=200)  # already there: plex.tv keeps its place and date
     if key in keys:
         keys.remove(key)
-    if request.method == "PUT":
+    state.watchlisted_at.pop((account.id, key), None)
+    if add:
         keys.insert(0, key)
+        state.watchlisted_at[(account.id, key)] = int(time.time())
     return web.Response(status=200)
+
+
+@routes.get("/library/search")
+async def search(request: web.Request) -> web.Response:
+    """Discover search: movies and shows whose title contains the query (case-insensitive)."""
+    if _account(request) is None:
+        return unauthorized(request)
+    query = (request.query.get("query") or "").strip().lower()
+    types = {"movies": "movie", "tv": "show"}
+    wanted = {types[t] for t in (request.query.get("searchTypes") or "movies,tv").split(",") if t in types}
+    keys = [k for k, (kind, obj) in DISCOVER_ITEMS.items() if query and kind in wanted
+            and query in (obj.title if kind == "movie" else obj.name).lower()]
+    keys = keys[:max(1, int(request.query.get("limit") or 10))]
+    guids = request.query.get("includeGuids") == "1"
+    return respond(request, container({"identifier": "tv.plex.provider.discover"},
+                                      [_discover_node(k, guids) for k in keys]))
 
 
 def _not_found(request: web.Request) -> web.Response:

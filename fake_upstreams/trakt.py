@@ -428,6 +428,9 @@ def _watchlist_entries(request: web.Request, wanted: str | None) -> list[dict[st
 @routes.get("/users/{user}/watchlist")
 @routes.get("/users/{user}/watchlist/{type}")
 @routes.get("/users/{user}/watchlist/{type}/{sort}")
+@routes.get("/sync/watchlist")
+@routes.get("/sync/watchlist/{type}")
+@routes.get("/sync/watchlist/{type}/{sort}")
 async def user_watchlist(request: web.Request) -> web.Response:
     if denied := _guard(request, needs_user=True):
         return denied

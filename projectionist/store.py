@@ -515,6 +515,43 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX token_health_events_ts ON token_health_events(ts);
         """,
     ),
+    (
+        15,
+        "watchlist sync: the per-user opt-in, the last-synced snapshot, and every change",
+        """
+        -- off | on | dry-run (control/watchlist.py): whether the watchlist-sync job mirrors this
+        -- user's Plex and Trakt watchlists, and whether it only says what it would change.
+        ALTER TABLE user_settings ADD COLUMN watchlist_sync TEXT NOT NULL DEFAULT 'off';
+        -- What was on both watchlists after the user's last real sync: an item missing on one side
+        -- since then was removed there (not added on the other). listed_at: each side's date then.
+        CREATE TABLE watchlist_sync_items (
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            item TEXT NOT NULL,
+            media_type TEXT NOT NULL,
+            title TEXT,
+            guids TEXT NOT NULL DEFAULT '[]',
+            plex_key TEXT,
+            plex_listed_at REAL,
+            trakt_listed_at REAL,
+            synced_at REAL NOT NULL,
+            PRIMARY KEY (user_id, item)
+        );
+        -- One row per change the job made (or, dry_run = 1, would have made).
+        CREATE TABLE watchlist_sync_events (
+            id INTEGER PRIMARY KEY,
+            ts TEXT NOT NULL,
+            user_id INTEGER REFERENCES users(id) ON DELETE CASCADE,
+            direction TEXT NOT NULL,
+            action TEXT NOT NULL,
+            media_type TEXT NOT NULL,
+            title TEXT,
+            guids TEXT NOT NULL DEFAULT '[]',
+            dry_run INTEGER NOT NULL DEFAULT 0,
+            outcome TEXT NOT NULL
+        );
+        CREATE INDEX watchlist_sync_events_ts ON watchlist_sync_events(ts);
+        """,
+    ),
 )
 
 SCHEMA_VERSION = max(version for version, _, _ in MIGRATIONS)
