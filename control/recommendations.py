@@ -1,11 +1,14 @@
-"""Recommendations per user, from what they watched: refreshed daily by the `recommendations` job,
-served at `GET /api/recommendations` and shown on the settings page.
+"""Recommendations per user, from what they watched and want to watch: refreshed daily by the
+`recommendations` job, served at `GET /api/recommendations` and shown on the settings page.
 
 Seeds are the user's plays (timeline, Plex history, Trakt history) of items the library sync knows
-the TMDB id of (an episode counts for its show), most recent first, at most SEEDS of them. Each
-seed's TMDB `/recommendations` (the server's own TMDB credential) votes for what it lists, more
-for what it lists first; what the user has already played is left out; the best RESULTS are kept
-with the titles that led to them.
+the TMDB id of (an episode counts for its show), most recent first, at most SEEDS of them, and
+the titles on their watchlists (Plex discover with their own plex.tv token, Trakt if connected;
+read as the watchlist-sync job reads them), newest first, at most WATCHLIST_SEEDS. Each seed's
+TMDB `/recommendations` (the server's own TMDB credential) votes for what it lists, more for what
+it lists first; what the user has already played and what is already on a watchlist are left
+out; the best RESULTS are kept with the titles that led to them. A watchlist that cannot be read
+leaves the plays alone to seed.
 """
 
 from __future__ import annotations
@@ -16,17 +19,20 @@ import sqlite3
 import time
 from datetime import UTC, datetime
 
+import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, Field
 
 from .jobs import JobContext, job
-from .keys import HTTP, OPTIONS, UPSTREAMS
+from .keys import HTTP, OPTIONS, UPSTREAMS, VAULT
 from .openapi import USER, Api, Call
 from .usage import query
+from .watchlist import Entry, Plex, Trakt, Unreadable, user_tokens
 
 log = logging.getLogger("control.recommendations")
 
-SEEDS, RESULTS = 10, 20
+SEEDS, WATCHLIST_SEEDS, RESULTS = 10, 5, 20
+Seed = tuple[str, int, str]  # (movie | tv, tmdb id, title)
 
 
 def _tmdb_id(guids: str | None) -> int | None:
@@ -53,10 +59,38 @@ def seeds_by_user(conn: sqlite3.Connection) -> dict[int, list[tuple[str, int, st
     return out
 
 
-def rank(seeds: list[tuple[str, int, str]], answers: dict[tuple[str, int], list[dict]]) -> list[dict]:
-    seen = {(kind, tmdb) for kind, tmdb, _ in seeds}
+def active_users(conn: sqlite3.Connection) -> list[int]:
+    return [r[0] for r in conn.execute("SELECT id FROM users WHERE disabled_at IS NULL ORDER BY id")]
+
+
+def watchlist_seeds(entries: list[Entry]) -> list[Seed]:
+    """Watchlist entries (Plex and Trakt, duplicates too) as seeds, newest listed first."""
+    out: list[Seed] = []
+    for entry in sorted(entries, key=lambda e: -(e.listed_at or 0)):
+        tmdb = next((int(g[7:]) for g in entry.guids if g.startswith("tmdb://") and g[7:].isdigit()), None)
+        seed = ("movie" if entry.media_type == "movie" else "tv", tmdb, entry.title or "")
+        if tmdb is not None and all(s[:2] != seed[:2] for s in out):
+            out.append(seed)
+    return out
+
+
+def choose_seeds(played: list[Seed], listed: list[Seed]) -> list[Seed]:
+    """The plays' seeds, then the watchlist's (each capped): what to ask TMDB about."""
+    chosen = list(played[:SEEDS])
+    for seed in listed:
+        if len(chosen) >= SEEDS + WATCHLIST_SEEDS:
+            break
+        if all(s[:2] != seed[:2] for s in chosen):
+            chosen.append(seed)
+    return chosen
+
+
+def rank(seeds: list[Seed], answers: dict[tuple[str, int], list[dict]],
+         exclude: set[tuple[str, int]] | None = None) -> list[dict]:
+    """Vote; `exclude`: what was played and what is on a watchlist (the seeds are left out too)."""
+    seen = {(kind, tmdb) for kind, tmdb, _ in seeds} | (exclude or set())
     scored: dict[tuple[str, int], dict] = {}
-    for kind, tmdb, title in seeds[:SEEDS]:
+    for kind, tmdb, title in seeds:
         for position, result in enumerate(answers.get((kind, tmdb), [])[:20]):
             key = (kind, result.get("id"))
             if key in seen or not isinstance(key[1], int):
@@ -106,15 +140,38 @@ async def _recommendations_of(ctx: JobContext, kind: str, tmdb: int) -> list[dic
         return (await response.json()).get("results", [])
 
 
+async def read_watchlists(ctx: JobContext, user_id: int) -> list[Entry]:
+    """The user's Plex and Trakt watchlists; a side that cannot be read is left out (logged)."""
+    plex_token, link = await ctx.app[VAULT].run(user_tokens, user_id)
+    entries: list[Entry] = []
+    sides = [("plex", Plex(ctx, plex_token) if plex_token else None),
+             ("trakt", Trakt(ctx, link) if link and ctx.app[OPTIONS].server.trakt_client_id else None)]
+    for name, side in sides:
+        if side is None:
+            continue
+        try:
+            entries += await side.watchlist()
+        except (Unreadable, aiohttp.ClientError, ValueError) as exc:
+            log.warning("recommendations: the %s watchlist could not be read (%s)", name,
+                        exc if isinstance(exc, Unreadable) else type(exc).__name__, extra={"fields": {"user_id": user_id}})
+    return entries
+
+
 @job("recommendations", cron="30 5 * * *", timeout=900,
-     summary="Refresh each user's recommendations from what they watched (TMDB recommendations)")
+     summary="Refresh each user's recommendations from what they watched and their watchlists (TMDB)")
 async def refresh_recommendations(ctx: JobContext) -> int:
     stored = 0
-    for user_id, seeds in (await ctx.db(seeds_by_user)).items():
+    played_by_user = await ctx.db(seeds_by_user)
+    for user_id in await ctx.db(active_users):
+        played = played_by_user.get(user_id, [])
+        listed = watchlist_seeds(await read_watchlists(ctx, user_id))
+        seeds = choose_seeds(played, listed)
+        if not seeds:
+            continue
         answers = {}
-        for kind, tmdb, _ in seeds[:SEEDS]:
+        for kind, tmdb, _ in seeds:
             answers[(kind, tmdb)] = await _recommendations_of(ctx, kind, tmdb)
-        items = rank(seeds, answers)
+        items = rank(seeds, answers, {s[:2] for s in played + listed})
         await ctx.db(store, user_id, items)
         stored += len(items)
     return stored
