@@ -15,7 +15,10 @@ of the app (to read a setting); `run_at_start=True` also runs the job once at st
 async function; blocking work goes to a thread (`ctx.db`, `asyncio.to_thread`).
 
 Operators override a job's schedule in rules.yaml (`jobs: {cache-warm: {every: 2h}}`, `cron`,
-`timeout`, `enabled: false`; read at start-up). A job runs once at a time: a lease in Redis when
+`timeout`, `enabled: false`). An edit is picked up within RULES_POLL seconds without a restart: the
+changed jobs are rescheduled (added, removed) in the running scheduler, and the jobs see the new
+rules from their next run; an invalid file keeps the schedules running and `GET /api/jobs` shows
+its line-numbered errors (`rules_problem`). A job runs once at a time: a lease in Redis when
 `PROJECTIONIST_REDIS_URL` or `proxy.redis_url` is set (several control planes), else in the
 `job_locks` table of the shared SQLite file. Each run is a `job_runs` row (start, end, status
 ok/failed/timeout/interrupted, items, redacted error). A run past its timeout is cancelled.
@@ -48,7 +51,7 @@ from projectionist.rules import RulesError, RulesFile, load_rules
 from projectionist.store import connect
 
 from .errors import ApiError
-from .keys import CONFIG
+from .keys import CONFIG, LIVE_RULES
 from .metrics import count_job
 from .openapi import ADMIN, Api, Call
 
@@ -56,6 +59,7 @@ log = logging.getLogger("control.jobs")
 
 REDIS_URL_ENV = "PROJECTIONIST_REDIS_URL"  # the same variable the proxy's rate limiter reads
 LEASE_MARGIN = 30.0  # a lease outlives its run's timeout by this much (a crashed holder frees it)
+RULES_POLL = 2.0  # seconds between looks at rules.yaml (a stat, in a thread) for schedule changes
 
 JobFunction = Callable[["JobContext"], Awaitable[int | None]]
 
@@ -223,6 +227,7 @@ class JobScheduler:
         self.scheduler: AsyncIOScheduler | None = None
         self._tasks: dict[str, asyncio.Task] = {}
         self.listeners: list[Callable[[str, str, float], None]] = []  # (job, status, seconds): metrics
+        self.rules_source: object = None  # the LiveRules load `rules` came from (a new one: reload)
 
     def schedule(self, name: str) -> Schedule:
         definition = self.jobs[name]
@@ -242,12 +247,43 @@ class JobScheduler:
             if not schedule.enabled:
                 log.info("job %s is disabled by rules.yaml", name)
                 continue
-            extra = {"next_run_time": datetime.now(UTC)} if definition.run_at_start else {}
-            # coalesce + max_instances 1: a late or overlapping firing runs once, not in a burst.
-            self.scheduler.add_job(self._fire, schedule.trigger(), args=[name], id=name, name=name, coalesce=True,
-                                   max_instances=1, misfire_grace_time=max(60, int(schedule.timeout)), **extra)
+            self._add(name, schedule, at_start=definition.run_at_start)
         self.scheduler.start()
         log.info("scheduler started", extra={"fields": {"jobs": sorted(self.jobs), "leases": self.leases.kind}})
+
+    def _add(self, name: str, schedule: Schedule, at_start: bool = False) -> None:
+        extra = {"next_run_time": datetime.now(UTC)} if at_start else {}
+        # coalesce + max_instances 1: a late or overlapping firing runs once, not in a burst.
+        self.scheduler.add_job(self._fire, schedule.trigger(), args=[name], id=name, name=name, coalesce=True,
+                               max_instances=1, misfire_grace_time=max(60, int(schedule.timeout)), **extra)
+
+    def reload(self, rules: RulesFile | None) -> list[str]:
+        """Apply edited rules to the running scheduler; the names of the jobs whose schedule changed.
+        A run under way keeps its timeout; the next one gets the new one."""
+        before = {name: self.schedule(name) for name in self.jobs}
+        self.rules = rules
+        changed = []
+        for name in self.jobs:
+            old, new = before[name], self.schedule(name)
+            if new == old:
+                continue
+            changed.append(name)
+            present = self.scheduler.get_job(name) if self.scheduler else None
+            if not new.enabled:
+                if present:
+                    self.scheduler.remove_job(name)
+            elif present is None:
+                self._add(name, new)
+            elif (new.every, new.cron) != (old.every, old.cron):
+                self.scheduler.reschedule_job(name, trigger=new.trigger())
+                self.scheduler.modify_job(name, misfire_grace_time=max(60, int(new.timeout)))
+            else:
+                self.scheduler.modify_job(name, misfire_grace_time=max(60, int(new.timeout)))
+        if changed:
+            log.info("job schedules reloaded from rules.yaml", extra={"fields": {
+                "changed": {name: self.schedule(name).describe() if self.schedule(name).enabled else "disabled"
+                            for name in changed}}})
+        return changed
 
     async def close(self) -> None:
         if self.scheduler is not None and self.scheduler.running:
@@ -343,14 +379,51 @@ def read_rules(app: web.Application) -> RulesFile | None:
         return None
 
 
+async def follow_rules(app: web.Application) -> str | None:
+    """Look at rules.yaml now; apply an edit to the scheduler. LiveRules keeps the last valid rules
+    on a bad edit, so a bad edit changes nothing here; its line-numbered errors are returned."""
+    live, scheduler = app.get(LIVE_RULES), app[JOBS]
+    if live is None:
+        return None
+    current = await live.get()
+    if current is not None and current is not scheduler.rules_source:
+        scheduler.rules_source = current
+        scheduler.reload(current.model)
+    return live.problem
+
+
+async def watch_rules(app: web.Application) -> None:
+    while True:
+        await asyncio.sleep(RULES_POLL)
+        try:
+            await follow_rules(app)
+        except Exception:  # a watcher that dies would silently freeze the schedules
+            log.exception("applying the edited job schedules failed; keeping the running ones")
+
+
 async def scheduler_context(app: web.Application):
-    """Cleanup context: the scheduler runs while the app does."""
-    rules = read_rules(app)
+    """Cleanup context: the scheduler runs while the app does, and follows rules.yaml edits."""
+    live = app.get(LIVE_RULES)
+    if live is not None:
+        current = await live.get()
+        rules = current.model if current is not None else None
+        if current is None and live.problem and app[CONFIG].rules_path.exists():
+            log.error("rules.yaml cannot be used, jobs use their defaults: %s", live.problem)
+    else:
+        current, rules = None, read_rules(app)
     redis_url = os.environ.get(REDIS_URL_ENV) or (rules.proxy.redis_url if rules else None)
     scheduler = app[JOBS] = JobScheduler(app, REGISTRY, rules, redis_url)
+    scheduler.rules_source = current
     scheduler.listeners.append(count_job)  # job runs and durations, by status, for /metrics
     await scheduler.start()
+    watcher = asyncio.create_task(watch_rules(app), name="jobs-rules-watch") if live else None
     yield
+    if watcher is not None:
+        watcher.cancel()
+        try:
+            await watcher
+        except asyncio.CancelledError:
+            pass
     await scheduler.close()
 
 
@@ -381,6 +454,9 @@ class JobInfo(BaseModel):
 
 class JobList(BaseModel):
     leases: str = Field(description="where single-instance leases live: redis | sqlite")
+    rules_problem: str | None = Field(default=None, description=(
+        "Why the last edit of rules.yaml was not applied (line-numbered); the schedules shown are the ones "
+        "still running"))
     jobs: list[JobInfo]
 
 
@@ -400,6 +476,10 @@ api = Api("jobs")
 @api.get("/api/jobs", summary="Scheduled jobs: schedule, next and recent runs", access=ADMIN, response=JobList)
 async def list_jobs(request: web.Request, call: Call) -> JobList:
     scheduler = request.app[JOBS]
+    live, problem = request.app.get(LIVE_RULES), None
+    if live is not None:  # a look of its own for the file's errors; edits are applied by the watcher
+        await live.get()
+        problem = live.problem
     runs: dict[str, list[JobRun]] = {}
     for row in await asyncio.to_thread(_with_connection, request.app[CONFIG].db_path, recent_runs):
         runs.setdefault(row[1], []).append(_run_model(row))
@@ -411,7 +491,7 @@ async def list_jobs(request: web.Request, call: Call) -> JobList:
                             timeout_seconds=schedule.timeout, enabled=schedule.enabled,
                             running=scheduler.running(name), next_run_at=scheduler.next_run(name),
                             last_run=mine[0] if mine else None, recent_runs=mine))
-    return JobList(leases=scheduler.leases.kind, jobs=jobs)
+    return JobList(leases=scheduler.leases.kind, rules_problem=problem, jobs=jobs)
 
 
 @api.post("/api/jobs/{name}/run", summary="Run a job now", access=ADMIN, path_params=JobName, response=JobRun,
