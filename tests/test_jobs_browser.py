@@ -7,6 +7,7 @@ import dataclasses
 
 import aiohttp
 import pytest
+import yaml
 from support import free_port, write_test_rules
 from test_control_browser import AppPlexTv, DevTools, start_chromium
 from test_jobs import control_plane
@@ -56,3 +57,46 @@ async def test_admin_runs_a_job_from_the_settings_page(tmp_path, fakes):
                 finally:
                     browser.terminate()
                     browser.wait(10)
+
+
+async def test_watchlist_sync_setting_and_a_bad_rules_edit_on_the_settings_page(tmp_path, fakes):
+    """A user opts in to the watchlist sync from the Trakt section (kept across a reload); an
+    admin whose rules.yaml edit is invalid sees its line-numbered error above the running jobs."""
+    home = tmp_path / "home"
+    home.mkdir()
+    write_test_rules(home / "rules.yaml", free_port())
+    control = control_plane(home, fakes)
+    control.options = dataclasses.replace(control.options, public_origin=control.url)
+    with control:
+        async with AppPlexTv(fakes, PLEX_ACCOUNT_TOKEN) as app_plex_tv:
+            browser, ws_url = await start_chromium(tmp_path / "profile", app_plex_tv.port, tmp_path / "chromium.log")
+            try:
+                async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+                    page = DevTools(ws)
+                    await _signed_in_page(page, control.url)
+                    await page.wait_for("document.getElementById('jobs-table').dataset.loaded", what="jobs")
+                    assert await page.evaluate("document.getElementById('jobs-problem').hidden") is True
+                    assert await page.evaluate("document.getElementById('watchlist-sync').value") == "off"
+                    await page.evaluate("(() => { const s = document.getElementById('watchlist-sync');"
+                                        " s.value = 'dry-run'; s.dispatchEvent(new Event('change')); })()")
+                    await page.wait_for("document.getElementById('watchlist-message').textContent"
+                                        ".startsWith('Saved')", what="the setting saved")
+                    assert "once Trakt is connected" in await page.text("watchlist-message")
+
+                    rules = yaml.safe_load((home / "rules.yaml").read_text())
+                    rules["jobs"] = {"backup": {"every": "soon"}}
+                    text = yaml.safe_dump(rules, sort_keys=False)
+                    (home / "rules.yaml").write_text(text)
+                    line = next(n for n, t in enumerate(text.splitlines(), 1) if "every: soon" in t)
+                    await page.click("jobs-refresh")
+                    await page.wait_for("!document.getElementById('jobs-problem').hidden", what="the rules problem")
+                    problem = await page.text("jobs-problem")
+                    assert f":{line}:" in problem and "jobs.backup.every" in problem, problem
+                    assert "cron 15 4 * * *" in await page.text("job-backup")  # the running schedule
+
+                    await _signed_in_page(page, control.url)  # a fresh load shows what was stored
+                    await page.wait_for("document.getElementById('tmdb-status').textContent !== ''")
+                    assert await page.evaluate("document.getElementById('watchlist-sync').value") == "dry-run"
+            finally:
+                browser.terminate()
+                browser.wait(10)

@@ -52,6 +52,7 @@ async function loadSettings() {
   $("tmdb-status").textContent = tmdb.custom_key ? "your own key" : "the server's key";
   $("tmdb-bearer").textContent = tmdb.bearer;
   $("trakt-status").textContent = result.data.trakt_connected ? "connected" : "not connected";
+  $("watchlist-sync").value = result.data.watchlist_sync || "off";
   const again = result.data.sign_in_again || [];  // stored tokens the token-health job found revoked
   $("sign-in-again").hidden = again.length === 0;
   $("sign-in-again").textContent = again.length ? `Sign in again to ${again.join(" and ")} in your player: ` +
@@ -88,6 +89,9 @@ async function loadJobs() {
   const result = await api("GET", "/api/jobs");
   if (!result.ok) { $("jobs-message").textContent = errorText(result); return; }
   section.hidden = false;
+  const problem = result.data.rules_problem;  // a bad rules.yaml edit: the schedules shown still run
+  $("jobs-problem").hidden = !problem;
+  $("jobs-problem").textContent = problem ? `rules.yaml was not applied:\n${problem}` : "";
   const body = $("jobs-table");
   body.replaceChildren();
   for (const job of result.data.jobs) {
@@ -186,12 +190,12 @@ async function loadRecommendations() {
   list.replaceChildren();
   for (const item of result.data.items) {
     const entry = document.createElement("li");
-    entry.textContent = `${item.title}${item.year ? ` (${item.year})` : ""}, because you watched ${item.because.join(", ")}`;
+    entry.textContent = `${item.title}${item.year ? ` (${item.year})` : ""}, because of ${item.because.join(", ")}`;
     list.appendChild(entry);
   }
   if (!result.data.items.length) {
     const entry = document.createElement("li");
-    entry.textContent = "Nothing yet: watch something first.";
+    entry.textContent = "Nothing yet: watch something or add to your watchlist first.";
     list.appendChild(entry);
   }
   list.dataset.loaded = String(Date.now());
@@ -252,6 +256,16 @@ async function importSettings() {
   if (result.ok) { $("import-input").value = ""; await loadSettings(); }
 }
 
+async function saveWatchlistSync() {
+  const mode = $("watchlist-sync").value;
+  const result = await api("PUT", "/api/settings", { watchlist_sync: mode });
+  $("watchlist-message").textContent = !result.ok ? errorText(result)
+    : mode === "off" ? "Saved: your watchlists are left alone."
+    : `Saved: ${mode === "on" ? "synced" : "compared (nothing changed)"} by the watchlist-sync job`
+      + (result.data.trakt_connected ? "." : " once Trakt is connected.");
+  await loadSettings();
+}
+
 async function connectTrakt() {
   const start = await api("POST", "/api/trakt/device");
   if (!start.ok) { $("trakt-code").textContent = errorText(start); return; }
@@ -287,6 +301,7 @@ async function start() {
   $("trakt-connect").addEventListener("click", connectTrakt);
   $("trakt-disconnect").addEventListener("click", disconnectTrakt);
   $("jobs-refresh").addEventListener("click", loadJobs);
+  $("watchlist-sync").addEventListener("change", saveWatchlistSync);
 
   const params = new URLSearchParams(window.location.search);
   const outcome = params.get("login");
