@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,6 +159,22 @@ def generate(db_path: Path, rows: int, *, days: int = 14, seed: int = 1, now: fl
                          "VALUES (?, 'schedule', ?, ?, ?, ?, ?, ?)",
                          (job, started, started + rng.uniform(0.1, 30), started + 600,
                           "failed" if failed else "ok", rng.randrange(0, 500), "upstream timed out" if failed else None))
+    # The watchlist sync (control/watchlist.py): a few changes a day, some of them dry runs. A random
+    # source of its own: the rows generated before and after stay what they were for a seed.
+    wl = random.Random(seed + 1)
+    titles = [("movie", "Arrival", '["imdb://tt2543164", "tmdb://329865"]'),
+              ("show", "Severance", '["imdb://tt11280740", "tmdb://95396", "tvdb://371980"]'),
+              ("movie", "Dune: Part Two", '["imdb://tt15239678", "tmdb://693134"]')]
+    for day in range(days):
+        for _ in range(wl.randrange(0, 4)):
+            kind, title, guids = wl.choice(titles)
+            ts = datetime.fromtimestamp(start + day * 86400 + wl.uniform(0, 86000), UTC).isoformat(timespec="seconds")
+            dry = wl.random() < 0.2
+            conn.execute("INSERT INTO watchlist_sync_events (ts, user_id, direction, action, media_type, title, guids,"
+                         " dry_run, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (ts, wl.choice(user_ids), wl.choice(["plex->trakt", "trakt->plex"]),
+                          wl.choice(["add", "add", "remove"]), kind, title, guids, int(dry),
+                          "planned" if dry else "ok"))
     conn.execute("COMMIT")
     usage_s = time.monotonic() - t0
     t1 = time.monotonic()

@@ -257,6 +257,10 @@ class JobScheduler:
         self.scheduler.add_job(self._fire, schedule.trigger(), args=[name], id=name, name=name, coalesce=True,
                                max_instances=1, misfire_grace_time=max(60, int(schedule.timeout)), **extra)
 
+    def unknown_jobs(self) -> list[str]:
+        names = sorted(set(self.rules.jobs) - set(self.jobs)) if self.rules else []
+        return [f"jobs.{name}: no such job (the jobs are {', '.join(sorted(self.jobs))})" for name in names]
+
     def reload(self, rules: RulesFile | None) -> list[str]:
         """Apply edited rules to the running scheduler; the names of the jobs whose schedule changed.
         A run under way keeps its timeout; the next one gets the new one."""
@@ -279,6 +283,8 @@ class JobScheduler:
                 self.scheduler.modify_job(name, misfire_grace_time=max(60, int(new.timeout)))
             else:
                 self.scheduler.modify_job(name, misfire_grace_time=max(60, int(new.timeout)))
+        for warning in self.unknown_jobs():
+            log.warning("rules.yaml: %s", warning)
         if changed:
             log.info("job schedules reloaded from rules.yaml", extra={"fields": {
                 "changed": {name: self.schedule(name).describe() if self.schedule(name).enabled else "disabled"
@@ -457,6 +463,7 @@ class JobList(BaseModel):
     rules_problem: str | None = Field(default=None, description=(
         "Why the last edit of rules.yaml was not applied (line-numbered); the schedules shown are the ones "
         "still running"))
+    rules_warnings: list[str] = Field(default=[], description="`jobs:` entries that name no job (a typo?)")
     jobs: list[JobInfo]
 
 
@@ -491,7 +498,8 @@ async def list_jobs(request: web.Request, call: Call) -> JobList:
                             timeout_seconds=schedule.timeout, enabled=schedule.enabled,
                             running=scheduler.running(name), next_run_at=scheduler.next_run(name),
                             last_run=mine[0] if mine else None, recent_runs=mine))
-    return JobList(leases=scheduler.leases.kind, rules_problem=problem, jobs=jobs)
+    return JobList(leases=scheduler.leases.kind, rules_problem=problem, rules_warnings=scheduler.unknown_jobs(),
+                   jobs=jobs)
 
 
 @api.post("/api/jobs/{name}/run", summary="Run a job now", access=ADMIN, path_params=JobName, response=JobRun,

@@ -31,7 +31,7 @@ def test_job_schedules_reload_from_rules_yaml(stack, clean_fakes):
     try:
         rules = yaml.safe_load(original)
         rules["jobs"] = {"library-sync": {"every": "45m", "timeout": "10m"}, "weekly-report": {"enabled": False},
-                         "retention": {"cron": "15 2 * * *"}}
+                         "retention": {"cron": "15 2 * * *"}, "libary-sync": {"every": "1h"}}
         write(stack.rules_path, yaml.safe_dump(rules, sort_keys=False))
         edited = wait_for(lambda: (j := admin.jobs())["library-sync"]["schedule"] == "every 2700s" and j, 10,
                           what="the edited schedule in GET /api/jobs")
@@ -43,6 +43,8 @@ def test_job_schedules_reload_from_rules_yaml(stack, clean_fakes):
         assert edited["retention"]["schedule"] == "cron 15 2 * * *"
         assert datetime.fromisoformat(edited["retention"]["next_run_at"]).astimezone().strftime("%H:%M") == "02:15"
         assert edited["trakt-refresh"]["next_run_at"] == before["trakt-refresh"]["next_run_at"]  # untouched
+        warnings = admin.get("/api/jobs").json()["rules_warnings"]  # a typo is said, not silently ignored
+        assert len(warnings) == 1 and warnings[0].startswith("jobs.libary-sync: no such job"), warnings
 
         # a bad edit: line-numbered errors, the running schedules stay
         bad = yaml.safe_dump(rules, sort_keys=False).replace("every: 45m", "every: 45m\n    cron: 61 * * * *")
@@ -59,6 +61,7 @@ def test_job_schedules_reload_from_rules_yaml(stack, clean_fakes):
         back = wait_for(lambda: (j := admin.jobs())["library-sync"]["schedule"] == "every 21600s" and j, 10,
                         what="the default schedule again")
         assert back["weekly-report"]["enabled"] and back["weekly-report"]["next_run_at"] is not None
-        assert admin.get("/api/jobs").json()["rules_problem"] is None
+        listing = admin.get("/api/jobs").json()
+        assert listing["rules_problem"] is None and listing["rules_warnings"] == []
     finally:
         write(stack.rules_path, original)

@@ -90,8 +90,10 @@ async function loadJobs() {
   if (!result.ok) { $("jobs-message").textContent = errorText(result); return; }
   section.hidden = false;
   const problem = result.data.rules_problem;  // a bad rules.yaml edit: the schedules shown still run
-  $("jobs-problem").hidden = !problem;
-  $("jobs-problem").textContent = problem ? `rules.yaml was not applied:\n${problem}` : "";
+  const warnings = result.data.rules_warnings || [];
+  $("jobs-problem").hidden = !problem && !warnings.length;
+  $("jobs-problem").textContent = [problem ? `rules.yaml was not applied:\n${problem}` : "", ...warnings]
+    .filter(Boolean).join("\n");
   const body = $("jobs-table");
   body.replaceChildren();
   for (const job of result.data.jobs) {
