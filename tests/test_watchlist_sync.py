@@ -128,5 +128,23 @@ def test_watchlist_sync_both_ways(tmp_path, watchlists):
         assert conflict["items"] == 1, conflict
         assert plex_tmdb(fakes, OWNER) == trakt_tmdb(fakes) == {DUNE, RELOADED}
         assert admin.run("watchlist-sync")["items"] == 0
+
+        # and the other way round: Reloaded removed on Trakt, but added on Plex again since
+        reloaded = MOVIES_BY_TMDB[RELOADED].plex_guid_id
+        fakes.trakt.watchlist[:] = [w for w in fakes.trakt.watchlist if w[1] != RELOADED]
+        fakes.plextv.watchlisted_at[(OWNER, reloaded)] = int(time.time()) + 5
+        assert admin.run("watchlist-sync")["items"] == 1
+        assert plex_tmdb(fakes, OWNER) == trakt_tmdb(fakes) == {DUNE, RELOADED}
+        assert conn.execute("SELECT direction, action, title FROM watchlist_sync_events ORDER BY id DESC LIMIT 1"
+                            ).fetchone() == ("plex->trakt", "add", "The Matrix Reloaded")
+
+        # a watchlist that cannot be read is not an empty one: nothing is removed on the other side
+        fakes.set_down("trakt")
+        try:
+            assert admin.run("watchlist-sync")["status"] == "ok"
+        finally:
+            fakes.set_down("trakt", False)
+        assert plex_tmdb(fakes, OWNER) == {DUNE, RELOADED}
+        assert admin.run("watchlist-sync")["items"] == 0
         assert plex_tmdb(fakes, OTHER) == {RELOADED}
         conn.close()
