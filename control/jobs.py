@@ -11,7 +11,8 @@ Registering a job (any module of the control plane, at import time; control/app.
         return rows   # the number of items handled (job_runs.items), or None
 
 `cron="30 3 * * *"` instead of `every=SECONDS` (server time zone, TZ); `every` may also be a function
-of the app (to read a setting); `run_at_start=True` also runs the job once at start-up. A job is an
+of the app (to read a setting); `run_at_start=True` also runs the job once at start-up; `dry_run=True`
+lets an admin start it with `?dry_run=true` (ctx.dry_run: say what it would do, change nothing). A job is an
 async function; blocking work goes to a thread (`ctx.db`, `asyncio.to_thread`).
 
 Operators override a job's schedule in rules.yaml (`jobs: {cache-warm: {every: 2h}}`, `cron`,
@@ -44,7 +45,7 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from projectionist.redact import RedactSecrets
 from projectionist.rules import RulesError, RulesFile, load_rules
@@ -73,6 +74,7 @@ class Job:
     timeout: float = 300.0
     summary: str = ""
     run_at_start: bool = False
+    dry_run: bool = False  # the job honours JobContext.dry_run
 
 
 REGISTRY: dict[str, Job] = {}
@@ -86,11 +88,12 @@ def register(definition: Job) -> Job:
 
 
 def job(name: str, *, every: float | Callable[[web.Application], float] | None = None, cron: str | None = None,
-        timeout: float = 300.0, summary: str = "", run_at_start: bool = False) -> Callable[[JobFunction], JobFunction]:
+        timeout: float = 300.0, summary: str = "", run_at_start: bool = False,
+        dry_run: bool = False) -> Callable[[JobFunction], JobFunction]:
     """Decorator: register an async function as the job `name` (see the module docstring)."""
     def decorate(fn: JobFunction) -> JobFunction:
         register(Job(name, fn, every, cron, timeout, summary or (fn.__doc__ or "").strip().split("\n")[0],
-                     run_at_start))
+                     run_at_start, dry_run))
         return fn
     return decorate
 
@@ -100,7 +103,8 @@ class JobContext:
     app: web.Application
     job: Job
     run_id: int
-    rules: RulesFile | None  # rules.yaml as read at start-up (None without a valid file)
+    rules: RulesFile | None  # rules.yaml as it was when the run started (None without a valid file)
+    dry_run: bool = False  # POST /api/jobs/{name}/run?dry_run=true: a job that can, only says what it would do
 
     async def db(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(conn, *args) on a store connection of its own, in a thread (never the request path's)."""
@@ -325,7 +329,7 @@ class JobScheduler:
             return None
         return await self._tasks[name]
 
-    async def start_run(self, name: str, trigger: str) -> int | None:
+    async def start_run(self, name: str, trigger: str, dry_run: bool = False) -> int | None:
         """Take the lease, record the run and start it; its id, or None when already running."""
         schedule = self.schedule(name)
         if not await self.leases.acquire(name, schedule.timeout + LEASE_MARGIN):
@@ -337,7 +341,7 @@ class JobScheduler:
         except BaseException:
             await self.leases.release(name)
             raise
-        context = JobContext(self.app, self.jobs[name], run_id, self.rules)
+        context = JobContext(self.app, self.jobs[name], run_id, self.rules, dry_run)
         self._tasks[name] = asyncio.create_task(self._execute(context, schedule.timeout), name=f"job-{name}")
         return run_id
 
@@ -471,6 +475,14 @@ class JobName(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)
 
 
+class RunOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dry_run: bool = Field(default=False, description=(
+        "Only say what the run would change, for the jobs that can (`watchlist-sync`: its events are logged with "
+        "dry_run = 1); others refuse it with 400"))
+
+
 def _run_model(row: tuple) -> JobRun:
     stamp = lambda v: datetime.fromtimestamp(v, UTC) if v is not None else None  # noqa: E731
     return JobRun(id=row[0], job=row[1], trigger=row[2], started_at=stamp(row[3]), ended_at=stamp(row[4]),
@@ -502,15 +514,18 @@ async def list_jobs(request: web.Request, call: Call) -> JobList:
                    jobs=jobs)
 
 
-@api.post("/api/jobs/{name}/run", summary="Run a job now", access=ADMIN, path_params=JobName, response=JobRun,
-          status=202, responses={404: "No such job", 409: "The job is running already"})
+@api.post("/api/jobs/{name}/run", summary="Run a job now", access=ADMIN, path_params=JobName, query=RunOptions,
+          response=JobRun, status=202, responses={404: "No such job", 409: "The job is running already"})
 async def run_job(request: web.Request, call: Call) -> JobRun:
     """Starts the job at once (even a disabled one) and answers with its run; follow it at GET /api/jobs."""
     scheduler = request.app[JOBS]
     name = call.path.name
     if name not in scheduler.jobs:
         raise ApiError(404, "job_not_found", f"no job named {name!r}")
-    run_id = await scheduler.start_run(name, "manual")
+    dry_run = call.query.dry_run
+    if dry_run and not scheduler.jobs[name].dry_run:
+        raise ApiError(400, "dry_run_unsupported", f"job {name!r} has no dry run")
+    run_id = await scheduler.start_run(name, "manual", dry_run)
     if run_id is None:
         raise ApiError(409, "job_running", f"job {name!r} is running already")
     return JobRun(id=run_id, job=name, trigger="manual", started_at=datetime.now(UTC), status="running")

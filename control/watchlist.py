@@ -13,7 +13,8 @@ item now missing on one side was removed there (and is removed on the other), wh
 synced is an addition (and is added on the other). Conflict, an item removed on one side but added
 again on the other since the last run (its date there is newer than the one remembered): the latest
 change wins, the item stays and comes back. Every change is a `watchlist_sync_events` row
-(`dry_run` 1 when the user chose `dry-run`: nothing is changed, nothing remembered). A user whose
+(`dry_run` 1 when the user chose `dry-run`, or an admin started the run with
+`POST /api/jobs/watchlist-sync/run?dry_run=true`: nothing is changed, nothing remembered). A user whose
 watchlist could not be read in full is skipped: a partial list must not read as removals.
 """
 
@@ -333,7 +334,7 @@ async def sync_user(ctx: JobContext, user_id: int, plex: Plex, trakt: Trakt, dry
     return sum(1 for e in events if e[-1] == "ok")
 
 
-@job("watchlist-sync", every=1800, timeout=900,
+@job("watchlist-sync", every=1800, timeout=900, dry_run=True,
      summary="Mirror opted-in users' Plex and Trakt watchlists both ways (additions and removals)")
 async def watchlist_sync(ctx: JobContext) -> int:
     users = await ctx.db(opted_in)
@@ -349,7 +350,8 @@ async def watchlist_sync(ctx: JobContext) -> int:
             log.info("watchlist sync skipped: Plex or Trakt not connected", extra={"fields": {"user_id": user_id}})
             continue
         try:
-            changed += await sync_user(ctx, user_id, Plex(ctx, plex_token), Trakt(ctx, link), mode == "dry-run")
+            changed += await sync_user(ctx, user_id, Plex(ctx, plex_token), Trakt(ctx, link),
+                                       mode == "dry-run" or ctx.dry_run)
         except (Unreadable, aiohttp.ClientError, ValueError) as exc:
             log.warning("watchlist sync of a user failed: %s", exc if isinstance(exc, Unreadable)
                         else type(exc).__name__, extra={"fields": {"user_id": user_id}})

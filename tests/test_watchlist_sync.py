@@ -10,7 +10,7 @@ import sqlite3
 import time
 
 import pytest
-from support import free_port, write_test_rules
+from support import free_port, wait_for, write_test_rules
 from test_jobs import Admin, control_plane
 
 from control.keys import VAULT
@@ -93,8 +93,20 @@ def test_watchlist_sync_both_ways(tmp_path, watchlists):
         assert conn.execute("SELECT count(*) FROM watchlist_sync_items").fetchone()[0] == 0
         assert all(r.method == "GET" for r in fakes.requests["trakt"] + fakes.requests["plextv"])
 
-        set_sync(admin, "on")  # additions both ways
-        fakes.clear()
+        set_sync(admin, "on")
+        # an admin's dry run (a job argument) changes nothing either, whatever the users chose
+        r = admin.session.post(admin.url + "/api/jobs/watchlist-sync/run?dry_run=true",
+                               headers={"X-CSRF-Token": admin.csrf}, timeout=10)
+        assert r.status_code == 202, r.text
+        wait_for(lambda: (j := admin.jobs()["watchlist-sync"]["last_run"]) and j["id"] == r.json()["id"]
+                 and j["status"] == "ok", 30, what="the dry run")
+        assert plex_tmdb(fakes, OWNER) == {DUNE, SEVERANCE, ARRIVAL} and trakt_tmdb(fakes) == {DUNE, SEVERANCE, RELOADED}
+        assert conn.execute("SELECT count(*), sum(dry_run) FROM watchlist_sync_events").fetchone() == (4, 4)
+        refused = admin.session.post(admin.url + "/api/jobs/backup/run?dry_run=true",
+                                     headers={"X-CSRF-Token": admin.csrf}, timeout=10)
+        assert refused.status_code == 400 and refused.json()["error"] == "dry_run_unsupported"
+
+        fakes.clear()  # additions both ways
         first = admin.run("watchlist-sync")
         assert first["status"] == "ok" and first["items"] == 2, first
         assert plex_tmdb(fakes, OWNER) == trakt_tmdb(fakes) == {DUNE, SEVERANCE, ARRIVAL, RELOADED}
