@@ -512,3 +512,14 @@ def initial_trakt_history() -> list[tuple[str, int, int | None, int | None, str]
         ("movie", 603, None, None, "2024-10-27T21:40:00.000Z"),
         ("movie", 335984, None, None, "2024-09-14T19:02:00.000Z"),
     ]
+
+
+# --- a second Plex server of the owner (tests of several servers; plex.tv lists it on request) ------
+SECOND_PMS_MACHINE_ID = "5f1d8c3b9a7e4d2c86b0a4e1f3c7d9b2e6a8c0f4"
+SECOND_PMS_FRIENDLY_NAME = "zion-archive"
+SECOND_PMS_HASH = "9b8e7d6c5b4a49388271605f4e3d2c1b"  # its plex.direct certificate's hash
+SECOND_PMS_TOKEN = "Zn2ArchvSrvTkn8qWe3R"  # the owner's access token for it (plex.tv resources)
+# Its own library: nothing in common with the first server's.
+SECOND_PMS_SECTIONS = (("7", "movie", "Documentaries"), ("8", "artist", "Soundtracks"))
+SECOND_PMS_ITEMS = {"7": (("7101", "Koyaanisqatsi", 1982), ("7102", "Baraka", 1992)),
+                    "8": (("8101", "Music of the Spheres", 1999),)}

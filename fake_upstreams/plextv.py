@@ -5,7 +5,8 @@ tokens come from the `X-Plex-Token` header or query; a bad token is 401
 `{"errors":[{"code":1001,"message":"User could not be authenticated","status":401}]}`; creating a PIN
 without `X-Plex-Client-Identifier` is 400 code 1000. PIN login: `POST /api/v2/pins` (201), poll
 `GET /api/v2/pins/{id}` until `authToken` is set. `GET /api/v2/resources` lists the fake PMS with this
-user's `accessToken` and a connection whose `uri` is the fake PMS base URL. Discover:
+user's `accessToken` and a connection whose `uri` is the fake PMS base URL (and, for the owner while
+`list_second_server` is on, the second fake PMS with its own token and `*.plex.direct` connections). Discover:
 `/library/sections/watchlist/{filter}` (MediaContainer, paged; `Guid` ids with `includeGuids=1`, and each
 item's `watchlistedAt`), `PUT|DELETE /library/metadata/{id}/watchlist` (the web player's calls),
 `PUT /actions/addToWatchlist|removeFromWatchlist?ratingKey=` (plexapi's), and `/library/search` (titles).
@@ -50,6 +51,10 @@ class PlexTvState(FakeState):
     def __init__(self, pms_url: str = "http://127.0.0.1:32400") -> None:
         super().__init__()
         self.pms_url = pms_url  # where the resources' connection URIs point (set by FakeUpstreams)
+        # The owner's second server (fake_upstreams/plex_second.py), listed only while
+        # `list_second_server` is on: tests of several servers turn it on, the rest see one server.
+        self.second_pms_url = ""
+        self.list_second_server = False
         self.pins: dict[int, dict[str, Any]] = {}
         self._pin_ids = itertools.count(2071245123)
         self.watchlists: dict[int, list[str]] = data.initial_watchlists()
@@ -347,7 +352,31 @@ def _stranger_resources() -> list[dict[str, Any]]:
     }]
 
 
-def resources_for(account: data.Account, pms_url: str) -> list[dict[str, Any]]:
+def second_server_resource(pms_url: str) -> dict[str, Any]:
+    """The owner's second server as plex.tv lists it: a local plex.direct connection (the name embeds
+    the fake's 127.0.0.1, so a proxy connects there without DNS), a remote one and a relay."""
+    parts = urlsplit(pms_url)
+    local = f"http://{parts.hostname.replace('.', '-')}.{data.SECOND_PMS_HASH}.plex.direct:{parts.port}"
+    return {
+        "name": data.SECOND_PMS_FRIENDLY_NAME, "product": "Plex Media Server", "productVersion": data.PMS_VERSION,
+        "platform": data.PMS_PLATFORM, "platformVersion": data.PMS_PLATFORM_VERSION, "device": "PC",
+        "clientIdentifier": data.SECOND_PMS_MACHINE_ID, "createdAt": "2024-03-02T09:00:00Z",
+        "lastSeenAt": _iso(int(time.time())), "provides": "server", "ownerId": None, "sourceTitle": None,
+        "publicAddress": "203.0.113.90", "accessToken": data.SECOND_PMS_TOKEN, "owned": True,
+        "home": False, "synced": False, "relay": True, "presence": True, "httpsRequired": False,
+        "publicAddressMatches": True, "dnsRebindingProtection": False, "natLoopbackSupported": False,
+        "connections": [
+            {"protocol": "http", "address": parts.hostname, "port": parts.port, "uri": local,
+             "local": True, "relay": False, "IPv6": False},
+            {"protocol": "https", "address": "203.0.113.90", "port": 32400, "local": False, "relay": False,
+             "uri": f"https://203-0-113-90.{data.SECOND_PMS_HASH}.plex.direct:32400", "IPv6": False},
+            {"protocol": "https", "address": "198.51.100.2", "port": 8443, "local": False, "relay": True,
+             "uri": f"https://198-51-100-2.{data.SECOND_PMS_HASH}.plex.direct:8443", "IPv6": False},
+        ],
+    }
+
+
+def resources_for(account: data.Account, pms_url: str, second_pms_url: str = "") -> list[dict[str, Any]]:
     if account is data.STRANGER:
         return _stranger_resources()
     parts = urlsplit(pms_url)
@@ -367,6 +396,8 @@ def resources_for(account: data.Account, pms_url: str) -> list[dict[str, Any]]:
                          "uri": pms_url.rstrip("/"), "local": account.owner, "relay": False, "IPv6": False}],
     }
     resources = [server]
+    if account.owner and second_pms_url:
+        resources.append(second_server_resource(second_pms_url))
     if account.owner:
         resources.append({
             "name": "Living Room SHIELD", "product": "Plex for Android (TV)", "productVersion": "10.20.0.1234",
@@ -386,7 +417,9 @@ async def get_resources(request: web.Request) -> web.Response:
     account = _account(request)
     if account is None:
         return unauthorized(request)
-    return render(request, "resources", resources_for(account, get_state(request).pms_url))
+    state = get_state(request)
+    second = state.second_pms_url if state.list_second_server else ""
+    return render(request, "resources", resources_for(account, state.pms_url, second))
 
 
 # --- discover.provider.plex.tv watchlist ---------------------------------------------------------------

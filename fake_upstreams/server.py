@@ -6,7 +6,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from . import images, plex, plextv, tmdb, trakt
+from . import images, plex, plex_second, plextv, tmdb, trakt
 from .common import FakeState, RecordedRequest
 
 NAMES = ("plex", "plextv", "tmdb", "tmdb_images", "trakt")
@@ -33,6 +33,10 @@ class FakeUpstreams:
         self.tmdb = tmdb.TmdbState()
         self.tmdb_images = images.ImagesState()
         self.trakt = trakt.TraktState()
+        # The owner's second Plex server: outside `urls`/`requests` (which name the upstreams a
+        # stack routes), at `second_plex_url`; plex.tv lists it while `plextv.list_second_server`.
+        self.second_plex = plex_second.SecondPlexState()
+        self.second_plex_url = ""
         self.urls: dict[str, str] = {}
         self._runners: list[web.AppRunner] = []
         for name, seconds in (latency or {}).items():  # e.g. {"plex": 0.08, "tmdb": 0.15}
@@ -48,7 +52,7 @@ class FakeUpstreams:
 
     def clear(self) -> None:
         """Forget every recorded request (state such as pins, watchlists and sessions is kept)."""
-        for state in self.states.values():
+        for state in (*self.states.values(), self.second_plex):
             state.clear()
 
     def set_down(self, name: str, down: bool = True) -> None:
@@ -72,6 +76,9 @@ class FakeUpstreams:
             await self._serve("tmdb", tmdb.create_app(self.tmdb))
             await self._serve("tmdb_images", images.create_app(self.tmdb_images))
             await self._serve("trakt", trakt.create_app(self.trakt))
+            self.second_plex_url = await self._serve("plex_second", plex_second.create_app(self.second_plex))
+            del self.urls["plex_second"]
+            self.plextv.second_pms_url = self.second_plex_url
         except BaseException:
             await self.stop()
             raise

@@ -115,6 +115,9 @@ class PlexConnections:
 
     def __init__(self) -> None:
         self._by_server: dict[str, set[Address]] = {}
+        # Upstream name -> machine id of the server at its base_url (plex_tokens identifies it): the
+        # one its reverse listener serves. Every other server is reached at its own connections.
+        self.configured: dict[str, str] = {}
 
     def learn(self, server_id: str, connections: Iterable[Mapping]) -> None:
         addresses: set[Address] = set()
@@ -127,6 +130,20 @@ class PlexConnections:
                 addresses |= _address_forms(host, int(port))
         if addresses:
             self._by_server[server_id] = addresses
+
+    def addresses(self, server_id: str) -> set[Address]:
+        return self._by_server.get(server_id, set())
+
+    def known(self, server_id: str | None) -> bool:
+        return server_id in self._by_server
+
+    def other_server_at(self, upstream: str, host: str, port: int) -> str:
+        """The machine id of the server at `host:port` if that is a known connection of a server
+        other than the upstream's configured one (else ""): such a request goes to that server."""
+        servers = self.servers_at(host, port)
+        if not servers or self.configured.get(upstream) in servers:
+            return ""
+        return min(servers)
 
     def servers_at(self, host: str, port: int) -> set[str]:
         """The machine ids of the servers one of whose connections is `host:port`."""

@@ -29,6 +29,10 @@ class FlowInfo:
     bytes_streamed: int = 0
     refused: str | None = None  # why the proxy refused it before routing (e.g. "misdirected")
     user_specific: bool = False  # the answer belongs to one account (rules.Rules.user_specific)
+    # The machine id of the Plex server this request goes to when it is not the upstream's
+    # configured one (another server of the account, through the explicit proxy): caches and
+    # limits keep it apart. "" for the configured server and every other upstream.
+    server: str = ""
 
     def scope(self, declared: str) -> str:
         """A cache or image rule's scope as applied: never `shared` for an answer that belongs to one account."""
@@ -37,6 +41,11 @@ class FlowInfo:
     @property
     def upstream(self) -> str:
         return self.match.upstream_name
+
+    @property
+    def cache_upstream(self) -> str:
+        """The upstream as cache keys name it: one Plex server's answers never answer another's."""
+        return f"{self.upstream}@{self.server}" if self.server else self.upstream
 
     @property
     def route(self) -> str:

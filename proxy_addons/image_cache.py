@@ -331,7 +331,7 @@ class ImageCache:
             param = rule.source_param.lower()
             query = [(k, _without_credentials(v) if k.lower() == param else v) for k, v in query]
         variant = f"{target or 'source'}/{rule.max_width or 0}"
-        return cache_key(info.upstream, "GET", request.path.split("?", 1)[0], query, {"image-variant": variant},
+        return cache_key(info.cache_upstream, "GET", request.path.split("?", 1)[0], query, {"image-variant": variant},
                          partition)
 
     def _refused_source(self, flow: http.HTTPFlow, info) -> str | None:

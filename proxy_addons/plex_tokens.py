@@ -6,8 +6,11 @@ answered 401 in the upstream's own format without calling it. Transcode segments
 in the real player; they get the token of the decision/start request of the same `session`.
 
 Responses from plex.tv: every `authToken` / `accessToken` (PIN poll, user, resources; JSON or XML)
-is vaulted and replaced by a surrogate, and the servers' connection URIs point at the proxy's
-reverse listener, so the frontend keeps using the proxy and never holds a real token.
+is vaulted and replaced by a surrogate (a server's bound to its machine identifier). The
+connection URIs of the server a reverse listener serves (its upstream's base_url) point at that
+listener; every other server of the account keeps its own `*.plex.direct` URIs, which the player
+reaches through the explicit proxy (never another server's listener). Either way the frontend keeps
+using the proxy and never holds a real token.
 
 A real token sent by a client from before Projectionist passes through once and is vaulted, so
 that the responses it receives from then on carry surrogates. plex.tv is asked once whose it is:
@@ -43,7 +46,9 @@ TOKEN = "X-Plex-Token"
 _SEGMENT = re.compile(r"^/video/:/transcode/universal/session/(?P<sid>[^/]+)/")
 _SESSION_START = re.compile(r"^/video/:/transcode/universal/(decision|start\.mpd|start\.m3u8)$")
 _XML_TOKEN_ATTR = re.compile(rb'\b(authToken|accessToken)="([^"]+)"')
-_XML_CONNECTION_URI = re.compile(rb'(<connection\b[^>]*?\buri=")([^"]+)(")')
+_XML_CONNECTION_URI = re.compile(rb'(<[Cc]onnection\b[^>]*?\buri=")([^"]+)(")')
+_XML_RESOURCE = re.compile(rb'<\w+\b[^>]*?\bclientIdentifier="([^"]*)"[^>]*>')
+_XML_PROVIDES = re.compile(rb'\bprovides="([^"]*)"')
 _TOKEN_FIELDS = ("authToken", "accessToken")
 _EMBEDDED_SURROGATE = re.compile(re.escape(SURROGATE_PREFIX) + r"[A-Za-z0-9_-]{20,}")
 
@@ -65,10 +70,12 @@ class PlexTokens:
         self.max_sessions = 10_000
         # Real token -> its vaulting in progress, shared by the requests that present it meanwhile.
         self._adopting: dict[str, asyncio.Future[VaultEntry | None]] = {}
+        # A configured server's address -> (its machine id or "", when to ask again after a failure).
+        self._identities: dict[str, tuple[str, float]] = {}
 
     def load(self, loader) -> None:
         loader.add_option("projectionist_rewrite_plex_connections", bool, True,
-                          "Point plex.tv resources' connection URIs at the proxy's reverse listener.")
+                          "Point the connection URIs of the server a reverse listener serves (plex.tv resources) at it.")
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -125,16 +132,26 @@ class PlexTokens:
         self._remember_session(flow, info)
 
     def _bound_here(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo, entry: VaultEntry) -> bool:
-        """A server's token goes only to that server's own connections: through the explicit proxy a
-        `*.plex.direct` destination must be one of the connections plex.tv listed for the server the
-        token belongs to (or the configured base_url). The router has already refused unknown ones."""
+        """A server's token goes only to that server: through the explicit proxy a `*.plex.direct`
+        destination must be one of the connections plex.tv listed for the server the token belongs
+        to (or the configured base_url); a reverse listener (and the configured address) serves its
+        upstream's configured server, so once that server is identified no other server's token goes
+        there. The router has already refused unknown destinations."""
         request = flow.request
-        if (info.listener != "regular" or info.match.upstream.kind != "plex-server" or info.upstream in self.router.overrides
-                or not binding.normal_host(request.host).endswith(binding.PLEX_DIRECT)):
+        if info.match.upstream.kind != "plex-server":
             return True
-        if binding.is_configured_address(self.watcher.rules, info.upstream, request.host, request.port):
-            return True
-        if entry.server_id in self.router.plex_connections.servers_at(request.host, request.port):
+        connections = self.router.plex_connections
+        configured = connections.configured.get(info.upstream)
+        if info.server:  # another server of the account, at one of its own connections
+            if entry.server_id == info.server:
+                return True
+        elif (info.listener != "regular" or info.upstream in self.router.overrides
+              or not binding.normal_host(request.host).endswith(binding.PLEX_DIRECT)
+              or binding.is_configured_address(self.watcher.rules, info.upstream, request.host, request.port)):
+            # Where the configured server is (its listener, its override or its base_url).
+            if configured is None or entry.server_id == configured:
+                return True
+        elif entry.server_id in connections.servers_at(request.host, request.port):
             return True
         log.warning("refused a Plex token of another server (or an account token) for %s:%s", request.host, request.port)
         info.refused = "misdirected"
@@ -200,27 +217,30 @@ class PlexTokens:
             body = json.loads(flow.response.content)
         except ValueError:
             return
+        servers: dict[str, list[dict]] = {}
         for node in _walk(body):  # the servers' real connections, before they are pointed at us
             if _is_server(node.get("provides"), node.get("clientIdentifier")) and isinstance(node.get("connections"), list):
-                self.router.plex_connections.learn(node["clientIdentifier"],
-                                                   [c for c in node["connections"] if isinstance(c, dict)])
+                servers[node["clientIdentifier"]] = [c for c in node["connections"] if isinstance(c, dict)]
+                self.router.plex_connections.learn(node["clientIdentifier"], servers[node["clientIdentifier"]])
         if not _has_token_field(body):
             return
         owner = await self._owner(body, info)
+        listeners = await self._listener_urls(servers) if servers else {}
         for node in _walk(body):
             for field in _TOKEN_FIELDS:
                 if isinstance(node.get(field), str) and node[field] and not is_surrogate(node[field]):
                     node[field] = await self._surrogate(node[field], owner, field, node)
-            if self._rewrites_connections(node):
+            # Only the server a reverse listener serves is pointed at it; every other server keeps
+            # its own connections (reached through the explicit proxy: `*.plex.direct`).
+            if (public := listeners.get(node.get("clientIdentifier"))) and "server" in str(node.get("provides", "")):
                 for connection in node.get("connections") or []:
                     if isinstance(connection, dict) and "uri" in connection:
-                        connection["uri"] = self._public_url()
+                        connection["uri"] = public
         flow.response.content = json.dumps(body, separators=(",", ":")).encode()
 
     async def _rewrite_xml(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> None:
         raw = flow.response.content
-        if b"<connection" in raw:
-            self._learn_xml_connections(raw)
+        servers = self._learn_xml_connections(raw) if b"<connection" in raw.lower() else {}
         tokens = {m.group(2).decode() for m in _XML_TOKEN_ATTR.finditer(raw)}
         tokens = {t for t in tokens if not is_surrogate(t)}
         if not tokens:
@@ -228,22 +248,36 @@ class PlexTokens:
         owner = info.user_id
         if owner is None:  # /api/v2/user in XML: the account is the one whose token it is
             owner = await self._user_for_account_token(next(iter(tokens)))
-        surrogates = {t: await self._surrogate(t, owner, "accessToken", {}) for t in tokens}
-        raw = _XML_TOKEN_ATTR.sub(lambda m: m.group(1) + b'="' + surrogates.get(
-            m.group(2).decode(), m.group(2).decode()).encode() + b'"', raw)
-        if ctx.options.projectionist_rewrite_plex_connections and (public := self._public_url()):
-            raw = _XML_CONNECTION_URI.sub(lambda m: m.group(1) + public.encode() + m.group(3), raw)
-        flow.response.content = raw
+        listeners = await self._listener_urls(servers) if servers else {}
+        parts = []
+        # Each resource element with what follows it up to the next one: its token is vaulted for
+        # that server, and its connections point at a listener only if that listener serves it.
+        for segment, server_id in _xml_segments(raw):
+            node = {"clientIdentifier": server_id} if server_id else {}
+            surrogates = {}
+            for m in _XML_TOKEN_ATTR.finditer(segment):
+                field, real = m.group(1).decode(), m.group(2).decode()
+                if real in tokens and (field, real) not in surrogates:
+                    surrogates[field, real] = await self._surrogate(real, owner, field, node)
+            segment = _XML_TOKEN_ATTR.sub(lambda m: m.group(1) + b'="' + surrogates.get(
+                (m.group(1).decode(), m.group(2).decode()), m.group(2).decode()).encode() + b'"', segment)
+            if public := listeners.get(server_id):
+                segment = _XML_CONNECTION_URI.sub(lambda m: m.group(1) + public.encode() + m.group(3), segment)
+            parts.append(segment)
+        flow.response.content = b"".join(parts)
 
-    def _learn_xml_connections(self, raw: bytes) -> None:
+    def _learn_xml_connections(self, raw: bytes) -> dict[str, list[dict]]:
         try:
             root = ElementTree.fromstring(raw)
         except ElementTree.ParseError:
-            return
+            return {}
+        servers = {}
         for node in root.iter():
             if _is_server(node.get("provides"), node.get("clientIdentifier")):
-                self.router.plex_connections.learn(node.get("clientIdentifier"),
-                                                   [dict(c.attrib) for c in node.iter("connection")])
+                servers[node.get("clientIdentifier")] = [dict(c.attrib) for c in node.iter()
+                                                         if c.tag.lower() == "connection"]
+                self.router.plex_connections.learn(node.get("clientIdentifier"), servers[node.get("clientIdentifier")])
+        return servers
 
     async def _owner(self, body, info: flowinfo.FlowInfo) -> int | None:
         """Whose tokens these are: the account described by the body (user, PIN), else the requester."""
@@ -287,20 +321,74 @@ class PlexTokens:
         rules = self.watcher.rules
         return next((n for n, u in rules.upstreams.items() if u.kind == "plex-tv"), None) if rules else None
 
-    def _public_url(self) -> str | None:
-        """The address of the first Plex reverse listener, as the player should reach it."""
-        rules = self.watcher.rules
-        for name, upstream in (rules.upstreams.items() if rules else ()):
-            if upstream.kind == "plex-server" and upstream.listen:
-                if upstream.public_url:
-                    return upstream.public_url.rstrip("/")
-                host = ctx.options.listen_host or "127.0.0.1"
-                return f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{upstream.listen}"
-        return None
+    def _public_url(self, name: str) -> str:
+        """The address of an upstream's reverse listener, as the player should reach it."""
+        upstream = self.watcher.rules.upstreams[name]
+        if upstream.public_url:
+            return upstream.public_url.rstrip("/")
+        host = ctx.options.listen_host or "127.0.0.1"
+        return f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{upstream.listen}"
 
-    def _rewrites_connections(self, node: dict) -> bool:
-        return (ctx.options.projectionist_rewrite_plex_connections and "connections" in node
-                and "server" in str(node.get("provides", "")) and self._public_url() is not None)
+    async def _listener_urls(self, servers: dict[str, list[dict]]) -> dict[str, str]:
+        """Machine id -> the public URL of the reverse listener that serves it, for the servers of
+        this resources answer. A listener serves its upstream's base_url, and only the server
+        found there: the one listing that address among its connections, else the one its
+        `/identity` names (asked once, no token); an answer listing one server only (so nothing
+        else can be mixed up) gives it the first listener, as before several servers were known."""
+        rules = self.watcher.rules
+        if rules is None or not ctx.options.projectionist_rewrite_plex_connections:
+            return {}
+        connections = self.router.plex_connections
+        out: dict[str, str] = {}
+        for name, upstream in rules.upstreams.items():
+            if upstream.kind != "plex-server" or not upstream.listen:
+                continue
+            target = self.router.overrides.get(name) or upstream.base_url
+            address = binding.url_address(target) if target else None
+            here = connections.servers_at(*address) & set(servers) if address else set()
+            if len(here) == 1:
+                connections.configured[name] = next(iter(here))
+            elif connections.configured.get(name) not in servers and len(servers) > 1 and target:
+                if machine_id := await self._identity(target):
+                    connections.configured[name] = machine_id
+            server = connections.configured.get(name)
+            if server not in servers and len(servers) == 1 and not out:
+                server = next(iter(servers))  # for this answer only: not remembered as the configured one
+            if server in servers:
+                out.setdefault(server, self._public_url(name))
+        return out
+
+    async def _identity(self, target: str) -> str | None:
+        """The machine identifier a Plex server's `/identity` (which needs no token) names; None when
+        it does not answer (asked again a minute later at the earliest)."""
+        known = self._identities.get(target)
+        if known is not None and (known[0] or known[1] > asyncio.get_running_loop().time()):
+            return known[0] or None
+        machine_id = ""
+        try:
+            connector = aiohttp.TCPConnector(resolver=binding.PlexDirectResolver())
+            async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=5)) as session:
+                async with session.get(target.rstrip("/") + "/identity", headers={"Accept": "application/json"},
+                                       allow_redirects=False) as r:
+                    if r.status == 200:
+                        body = await r.json(content_type=None)
+                        machine_id = str((body.get("MediaContainer") or {}).get("machineIdentifier") or "")
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+            log.warning("Plex /identity of a configured server failed: %s", type(exc).__name__)
+        self._identities[target] = (machine_id, asyncio.get_running_loop().time() + 60)
+        return machine_id or None
+
+
+def _xml_segments(raw: bytes):
+    """(bytes, machine id or None): the document cut before each element naming a clientIdentifier;
+    the id is given for servers only (a PIN or a player names its own client, no server)."""
+    starts = [m.start() for m in _XML_RESOURCE.finditer(raw)]
+    bounds = [0, *starts, len(raw)]
+    for begin, end in zip(bounds, bounds[1:]):
+        segment = raw[begin:end]
+        m = _XML_RESOURCE.match(segment)
+        provides = _XML_PROVIDES.search(m.group(0)) if m else None
+        yield segment, (m.group(1).decode() if provides and b"server" in provides.group(1) else None)
 
 
 def _is_server(provides, client_identifier) -> bool:

@@ -389,7 +389,8 @@ def credential_key(flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> str:
 
 
 def server_key(flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> str:
-    return f"{info.upstream}|{flow.request.host}:{flow.request.port}"
+    # Another server of the account by its machine id (all its connections are one server).
+    return f"{info.upstream}@{info.server}" if info.server else f"{info.upstream}|{flow.request.host}:{flow.request.port}"
 
 
 def client_key(flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> str:

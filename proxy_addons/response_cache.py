@@ -635,13 +635,13 @@ class ResponseCache:
     def _key(flow: http.HTTPFlow, info, rule: CacheRule, partition: str) -> str:
         request = flow.request
         vary = {name: request.headers.get(name, "") for name in rule.vary}
-        return cache_key(info.upstream, request.method if request.method != "HEAD" else "GET",
+        return cache_key(info.cache_upstream, request.method if request.method != "HEAD" else "GET",
                          request.path.split("?", 1)[0], request.query.items(multi=True), vary, partition)
 
     @staticmethod
     def _uri(flow: http.HTTPFlow, info) -> str:
         request = flow.request
-        return uri_key(info.upstream, request.method if request.method != "HEAD" else "GET",
+        return uri_key(info.cache_upstream, request.method if request.method != "HEAD" else "GET",
                        request.path.split("?", 1)[0], request.query.items(multi=True))
 
     def _finish(self, key: str, outcome: Fetched | Exception | None) -> None:

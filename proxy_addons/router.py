@@ -121,7 +121,13 @@ class Router:
         # req.query parses lazily: only routes with query conditions pay for it.
         match = rules.match(name, req.method, req.path.split("?", 1)[0], req.query)
         private = rules.user_specific(match.upstream.kind, req.path, req.headers)
-        flowinfo.attach(flow, flowinfo.FlowInfo(match=match, listener=listener, user_specific=private))
+        info = flowinfo.FlowInfo(match=match, listener=listener, user_specific=private)
+        if (listener == "regular" and match.upstream.kind == "plex-server"
+                and binding.normal_host(req.host).endswith(binding.PLEX_DIRECT)):
+            # Another server of the account (plex.tv resources listed this connection for it): it
+            # is reached where the name points, with its own token, cache entries and limits.
+            info.server = self.plex_connections.other_server_at(name, req.host, req.port)
+        flowinfo.attach(flow, info)
         binding.remember_presented(flow)
 
     def _misdirected(self, flow: http.HTTPFlow, rules: Rules, name: str | None) -> tuple[str, str] | None:
@@ -152,7 +158,8 @@ class Router:
         info = flowinfo.get(flow)
         if info is None or flow.response is not None:
             return
-        target = self.overrides.get(info.upstream) or (
+        # An override moves the configured server (base_url), never another server of the account.
+        target = None if info.server else self.overrides.get(info.upstream) or (
             info.match.upstream.base_url if info.listener == "reverse" else None)
         if target:
             scheme, host, port = _address(target)

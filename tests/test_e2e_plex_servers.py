@@ -1,0 +1,147 @@
+"""Every Plex server the account reaches, each routed to itself (issue 17), end to end.
+
+The owner's plex.tv `resources` list two fake servers (fake_upstreams/plex_second.py: another
+machine identifier, token and library). The configured server (`upstreams.plex.base_url`) is
+pointed at the reverse listener; the other keeps its own `*.plex.direct` connections, which the
+player reaches through the explicit proxy. What each fake recorded shows that no request or token
+of one server reached the other, and each server's answers are cached apart.
+"""
+
+from __future__ import annotations
+
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from fake_upstreams.data import (
+    PLEX_ACCOUNT_TOKEN,
+    PLEX_SERVER_TOKEN,
+    PMS_MACHINE_ID,
+    SECOND_PMS_MACHINE_ID,
+    SECOND_PMS_TOKEN,
+)
+from projectionist.vault import SURROGATE_PREFIX
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def two_servers(fakes):
+    fakes.plextv.list_second_server = True
+    try:
+        yield fakes
+    finally:
+        fakes.plextv.list_second_server = False
+
+
+class Player:
+    """A player: plex.tv and `*.plex.direct` through the explicit proxy, the listener directly."""
+
+    def __init__(self, stack) -> None:
+        self.stack = stack
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.session.proxies = {"https": stack.proxy_url}
+        self.session.verify = str(stack.ca_path)
+        self.client_id = str(uuid.uuid4())
+
+    def through_proxy(self, uri: str) -> None:
+        parts = urlsplit(uri)
+        self.session.proxies[f"{parts.scheme}://{parts.hostname}"] = self.stack.proxy_url
+
+    def get(self, url: str, token: str | None = None, accept: str = "application/json") -> requests.Response:
+        headers = {"X-Plex-Client-Identifier": self.client_id, "X-Plex-Product": "Player", "Accept": accept}
+        if token:
+            headers["X-Plex-Token"] = token
+        return self.session.get(url, headers=headers, timeout=30)
+
+    def login(self, account_token: str) -> str:
+        pin = self.session.post("https://plex.tv/api/v2/pins?strong=true", timeout=30,
+                                headers={"X-Plex-Client-Identifier": self.client_id, "Accept": "application/json"}).json()
+        self.stack.fakes.plextv.link_pin(pin["id"], account_token=account_token)
+        return self.get(f"https://plex.tv/api/v2/pins/{pin['id']}").json()["authToken"]
+
+    def servers(self, account: str) -> dict[str, dict]:
+        resources = self.get("https://plex.tv/api/v2/resources?includeHttps=1&includeRelay=1", account).json()
+        return {r["clientIdentifier"]: r for r in resources if "server" in r["provides"]}
+
+
+def titles(response: requests.Response) -> list[str]:
+    assert response.status_code == 200, response.text[:300]
+    container = response.json()["MediaContainer"]
+    return [d["title"] for d in container.get("Directory", []) + container.get("Metadata", []) + container.get("Video", [])]
+
+
+def tokens_seen(state) -> set[str | None]:
+    return {r.param("X-Plex-Token") or r.headers.get("X-Plex-Token") for r in state.requests}
+
+
+def test_a_client_switching_between_two_servers_gets_each_ones_library_token_and_cache(stack, two_servers, clean_fakes):
+    fakes = clean_fakes
+    player = Player(stack)
+    account = player.login(PLEX_ACCOUNT_TOKEN)
+    servers = player.servers(account)
+    first, second = servers[PMS_MACHINE_ID], servers[SECOND_PMS_MACHINE_ID]
+    token_a, token_b = first["accessToken"], second["accessToken"]
+    assert token_a.startswith(SURROGATE_PREFIX) and token_b.startswith(SURROGATE_PREFIX) and token_a != token_b
+
+    # The configured server is at the reverse listener; the other keeps its own connections.
+    assert {c["uri"] for c in first["connections"]} == {stack.plex_url}
+    uris_b = [c["uri"] for c in second["connections"]]
+    assert stack.plex_url not in uris_b and all(".plex.direct:" in uri for uri in uris_b)
+    local_b = next(c["uri"] for c in second["connections"] if c["local"])
+    assert urlsplit(local_b).port == urlsplit(fakes.second_plex_url).port
+    player.through_proxy(local_b)
+
+    # Switching back and forth: each server answers with its own library, twice (a miss, then a hit).
+    for _ in range(2):
+        assert "Films" in titles(player.get(f"{stack.plex_url}/library/sections", token_a))
+        assert titles(player.get(f"{local_b}/library/sections", token_b)) == ["Documentaries", "Soundtracks"]
+        assert "The Matrix" in titles(player.get(f"{stack.plex_url}/library/sections/1/all", token_a))
+        assert titles(player.get(f"{local_b}/library/sections/7/all", token_b)) == ["Koyaanisqatsi", "Baraka"]
+    hit_a = player.get(f"{stack.plex_url}/library/sections", token_a)
+    hit_b = player.get(f"{local_b}/library/sections", token_b)
+    assert "hit" in hit_a.headers["Cache-Status"] and "hit" in hit_b.headers["Cache-Status"]
+    # Each URL was fetched from its own server once: the same path's entry of one server never
+    # answered the other (A's /library/sections was stored before B's was asked).
+    paths_a = [r.path for r in fakes.plex.requests]
+    paths_b = [r.path for r in fakes.second_plex.requests]
+    assert paths_a.count("/library/sections") == 1 and paths_b.count("/library/sections") == 1
+    assert paths_b == ["/library/sections", "/library/sections/7/all"]
+
+    # A server's surrogate sent to the other server is refused before reaching either.
+    before_a, before_b = len(fakes.plex.requests), len(fakes.second_plex.requests)
+    wrong_b = player.get(f"{local_b}/library/sections/8/all", token_a)
+    wrong_a = player.get(f"{stack.plex_url}/library/sections/2/all", token_b)
+    assert wrong_b.status_code == 421 and wrong_a.status_code == 421
+    assert (len(fakes.plex.requests), len(fakes.second_plex.requests)) == (before_a, before_b)
+
+    # What each fake received: only its own token, never the other's.
+    assert tokens_seen(fakes.plex) == {PLEX_SERVER_TOKEN}
+    assert tokens_seen(fakes.second_plex) == {SECOND_PMS_TOKEN}
+
+
+def test_xml_resources_keep_the_second_servers_connections_and_bind_its_token(stack, two_servers, clean_fakes):
+    """plexapi reads resources as XML: the second server's URIs are its own, its surrogate works there."""
+    import xml.etree.ElementTree as ElementTree
+
+    fakes = clean_fakes
+    player = Player(stack)
+    account = player.login(PLEX_ACCOUNT_TOKEN)
+    xml = player.get("https://plex.tv/api/v2/resources?includeHttps=1", account, accept="application/xml")
+    assert xml.status_code == 200 and PLEX_SERVER_TOKEN.encode() not in xml.content
+    assert SECOND_PMS_TOKEN.encode() not in xml.content
+    nodes = {n.get("clientIdentifier"): n for n in ElementTree.fromstring(xml.content).iter()
+             if "server" in (n.get("provides") or "")}
+    first, second = nodes[PMS_MACHINE_ID], nodes[SECOND_PMS_MACHINE_ID]
+    assert {c.get("uri") for c in first.iter("connection")} == {stack.plex_url}
+    uris_b = [c.get("uri") for c in second.iter("connection")]
+    assert stack.plex_url not in uris_b and all(".plex.direct:" in uri for uri in uris_b)
+    local_b = uris_b[0]
+    player.through_proxy(local_b)
+    assert titles(player.get(f"{local_b}/library/sections", second.get("accessToken"))) == ["Documentaries", "Soundtracks"]
+    assert "Films" in titles(player.get(f"{stack.plex_url}/library/sections", first.get("accessToken")))
+    assert tokens_seen(fakes.plex) == {PLEX_SERVER_TOKEN}
+    assert tokens_seen(fakes.second_plex) == {SECOND_PMS_TOKEN}
