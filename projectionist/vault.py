@@ -180,13 +180,16 @@ class Vault:
                       expires_at: str | None = None) -> str:
         """The surrogate standing for `real`: the existing one for this user, or a new one. A token
         first seen without a server (a Plex account token) that a server lists as its own access
-        token (an owner's, on plex.tv `resources`) is bound to that server from then on."""
+        token (an owner's, on plex.tv `resources`) is bound to that server from then on; a second
+        server listing the same token (an owner's servers all take the account token) gets a
+        surrogate of its own, so that each surrogate names the one server it may go to."""
         hashes = self.box.lookup_hashes(real)
         row = self.conn.execute(
             f"SELECT surrogate_enc, id, server_id FROM vault_tokens WHERE real_hmac IN ({_marks(hashes)}) AND kind = ? "
             "AND user_id IS ? AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?) "
-            "ORDER BY id DESC LIMIT 1",
-            (*hashes, kind, user_id, utcnow_iso()),
+            "AND (? IS NULL OR server_id IS NULL OR server_id = ?) "
+            "ORDER BY (? IS NOT NULL AND server_id IS NULL), id DESC LIMIT 1",  # this server's own row first
+            (*hashes, kind, user_id, utcnow_iso(), server_id, server_id, server_id),
         ).fetchone()
         if row:
             if server_id is not None and row[2] is None:

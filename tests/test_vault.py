@@ -282,6 +282,21 @@ def test_resolve_returns_real_user_kind_and_server(vault):
     assert vault.find_real("plex", real_token("unknown")) is None
 
 
+def test_a_token_two_servers_share_gets_one_surrogate_per_server(vault):
+    """An owner's servers all take the account token: each server's surrogate resolves to that
+    server only, and the account's sign-in surrogate is the first server's (bound at resources)."""
+    alice, _ = make_users(vault)
+    account = real_token("account")
+    signed_in = vault.surrogate_for("plex", account, alice)
+    first = vault.surrogate_for("plex", account, alice, server_id="srv-1")
+    second = vault.surrogate_for("plex", account, alice, server_id="srv-2")
+    assert first == signed_in and second != first
+    assert vault.resolve(first).server_id == "srv-1" and vault.resolve(second).server_id == "srv-2"
+    assert vault.resolve(second).real == account
+    assert vault.surrogate_for("plex", account, alice, server_id="srv-2") == second
+    assert vault.surrogate_for("plex", account, alice, server_id="srv-1") == first
+
+
 def _flip(s: str, i: int) -> str:
     c = s[i]
     return s[:i] + ("A" if c != "A" else "B") + s[i + 1:]
