@@ -229,6 +229,17 @@ class Throttle(_Strict):
 CredentialKind = Literal["none", "tmdb", "plex", "trakt"]
 
 
+class PlexServers(_Strict):
+    """Which of the account's Plex servers (plex.tv `resources`, by machine identifier) a
+    `plex-server` upstream reaches besides the one at its base_url, which it always serves."""
+
+    include: list[str] = []  # only these (empty: every server the account reaches)
+    exclude: list[str] = []  # never these: their connections are refused (421), their tokens never sent
+
+    def allows(self, machine_id: str) -> bool:
+        return machine_id not in self.exclude and (not self.include or machine_id in self.include)
+
+
 class Upstream(_Strict):
     kind: Literal["plex-server", "plex-tv", "tmdb", "tmdb-images", "trakt", "other"]
     # Host names (fnmatch wildcards allowed) this upstream answers to through the explicit proxy.
@@ -245,6 +256,15 @@ class Upstream(_Strict):
     # (PROJECTIONIST_UPSTREAMS) sends them elsewhere: the offline demo serves app.plex.tv's sign-in page.
     intercept: Literal["always", "when_overridden"] = "always"
     timeouts: Timeouts = Timeouts()
+    # plex-server: the other servers of the account it reaches (README: every server the account reaches).
+    servers: PlexServers = PlexServers()
+
+    @field_validator("servers")
+    @classmethod
+    def _check_servers(cls, v: PlexServers, info) -> PlexServers:
+        if (v.include or v.exclude) and info.data.get("kind") != "plex-server":
+            raise ValueError("only a plex-server upstream reaches Plex servers")
+        return v
 
     @field_validator("base_url", "public_url")
     @classmethod

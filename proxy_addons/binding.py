@@ -131,6 +131,9 @@ class PlexConnections:
         if addresses:
             self._by_server[server_id] = addresses
 
+    def forget(self, server_id: str) -> None:
+        self._by_server.pop(server_id, None)
+
     def addresses(self, server_id: str) -> set[Address]:
         return self._by_server.get(server_id, set())
 

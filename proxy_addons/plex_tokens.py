@@ -222,10 +222,10 @@ class PlexTokens:
             if _is_server(node.get("provides"), node.get("clientIdentifier")) and isinstance(node.get("connections"), list):
                 servers[node["clientIdentifier"]] = [c for c in node["connections"] if isinstance(c, dict)]
                 self.router.plex_connections.learn(node["clientIdentifier"], servers[node["clientIdentifier"]])
+        listeners = await self._listener_urls(servers) if servers else {}
         if not _has_token_field(body):
             return
         owner = await self._owner(body, info)
-        listeners = await self._listener_urls(servers) if servers else {}
         for node in _walk(body):
             for field in _TOKEN_FIELDS:
                 if isinstance(node.get(field), str) and node[field] and not is_surrogate(node[field]):
@@ -241,6 +241,7 @@ class PlexTokens:
     async def _rewrite_xml(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> None:
         raw = flow.response.content
         servers = self._learn_xml_connections(raw) if b"<connection" in raw.lower() else {}
+        listeners = await self._listener_urls(servers) if servers else {}
         tokens = {m.group(2).decode() for m in _XML_TOKEN_ATTR.finditer(raw)}
         tokens = {t for t in tokens if not is_surrogate(t)}
         if not tokens:
@@ -248,7 +249,6 @@ class PlexTokens:
         owner = info.user_id
         if owner is None:  # /api/v2/user in XML: the account is the one whose token it is
             owner = await self._user_for_account_token(next(iter(tokens)))
-        listeners = await self._listener_urls(servers) if servers else {}
         parts = []
         # Each resource element with what follows it up to the next one: its token is vaulted for
         # that server, and its connections point at a listener only if that listener serves it.
@@ -336,7 +336,7 @@ class PlexTokens:
         `/identity` names (asked once, no token); an answer listing one server only (so nothing
         else can be mixed up) gives it the first listener, as before several servers were known."""
         rules = self.watcher.rules
-        if rules is None or not ctx.options.projectionist_rewrite_plex_connections:
+        if rules is None:
             return {}
         connections = self.router.plex_connections
         out: dict[str, str] = {}
@@ -356,7 +356,17 @@ class PlexTokens:
                 server = next(iter(servers))  # for this answer only: not remembered as the configured one
             if server in servers:
                 out.setdefault(server, self._public_url(name))
-        return out
+        self._forget_unserved(rules, servers)
+        return out if ctx.options.projectionist_rewrite_plex_connections else {}
+
+    def _forget_unserved(self, rules, servers) -> None:
+        """Servers no plex-server upstream reaches (`servers: {include, exclude}`) are no known
+        connections: the router refuses their `*.plex.direct` names, so their tokens go nowhere."""
+        connections = self.router.plex_connections
+        plex = [(n, u) for n, u in rules.upstreams.items() if u.kind == "plex-server"]
+        for server in servers:
+            if not any(connections.configured.get(n) == server or u.servers.allows(server) for n, u in plex):
+                connections.forget(server)
 
     async def _identity(self, target: str) -> str | None:
         """The machine identifier a Plex server's `/identity` (which needs no token) names; None when

@@ -145,3 +145,45 @@ def test_xml_resources_keep_the_second_servers_connections_and_bind_its_token(st
     assert "Films" in titles(player.get(f"{stack.plex_url}/library/sections", first.get("accessToken")))
     assert tokens_seen(fakes.plex) == {PLEX_SERVER_TOKEN}
     assert tokens_seen(fakes.second_plex) == {SECOND_PMS_TOKEN}
+
+
+async def test_a_server_excluded_in_rules_is_refused_and_never_gets_its_token(tmp_path, fakes):
+    """`upstreams.plex.servers.exclude`: the excluded server's plex.direct names get 421, its
+    surrogate is never swapped for its token, and the configured server is still served."""
+    import httpx
+
+    from projectionist.vault import SecretBox, Vault, upsert_plex_user
+    from support import start_embedded_proxy
+
+    def exclude_second(rules: dict) -> None:
+        rules["upstreams"]["plex"]["base_url"] = fakes.urls["plex"]  # as deployed: no override for Plex
+        rules["upstreams"]["plex"]["servers"] = {"exclude": [SECOND_PMS_MACHINE_ID]}
+
+    fakes.plextv.list_second_server = True
+    proxy = await start_embedded_proxy(tmp_path, [f"plextv={fakes.urls['plextv']}"], exclude_second)
+    try:
+        vault = Vault(tmp_path / "projectionist.db", SecretBox.load(tmp_path, create=False))
+        account = vault.surrogate_for("plex", PLEX_ACCOUNT_TOKEN, upsert_plex_user(vault.conn, "18573262", "mrandersson"))
+        vault.close()
+        accept = {"Accept": "application/json"}
+        fakes.clear()
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{proxy.ports['regular']}", trust_env=False,
+                                     timeout=20) as c:
+            resources = (await c.get("http://plex.tv/api/v2/resources", headers={"X-Plex-Token": account, **accept})).json()
+            servers = {r["clientIdentifier"]: r for r in resources if "server" in r["provides"]}
+            second = servers[SECOND_PMS_MACHINE_ID]
+            local_b = next(conn["uri"] for conn in second["connections"] if conn["local"])
+            refused = await c.get(f"{local_b}/library/sections", params={"X-Plex-Token": second["accessToken"]},
+                                  headers=accept)
+            listener = next(port for mode, port in proxy.ports.items() if mode.startswith("reverse:"))
+            first = servers[PMS_MACHINE_ID]
+            assert {conn["uri"] for conn in first["connections"]} == {f"http://127.0.0.1:{listener}"}
+        async with httpx.AsyncClient(trust_env=False, timeout=20) as c:
+            served = await c.get(f"http://127.0.0.1:{listener}/library/sections",
+                                 params={"X-Plex-Token": first["accessToken"]}, headers=accept)
+    finally:
+        fakes.plextv.list_second_server = False
+        await proxy.stop()
+    assert refused.status_code == 421 and b"Misdirected" in refused.content
+    assert fakes.second_plex.requests == []
+    assert served.status_code == 200 and tokens_seen(fakes.plex) == {PLEX_SERVER_TOKEN}

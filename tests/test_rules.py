@@ -197,3 +197,27 @@ def test_check_rules_command(tmp_path):
                           capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
     assert "OK" in good.stdout
+
+
+def test_plex_servers_include_exclude_and_their_errors():
+    from projectionist.rules import PlexServers
+
+    assert PlexServers(exclude=["b"]).allows("a") and not PlexServers(exclude=["b"]).allows("b")
+    assert PlexServers(include=["a"]).allows("a") and not PlexServers(include=["a"]).allows("c")
+    assert PlexServers().allows("anything")
+    found = problems("""\
+        version: 1
+        upstreams:
+          tmdb:
+            kind: tmdb
+            servers: {exclude: [abc]}
+          plex:
+            kind: plex-server
+            servers: {exclude: abc, only: [x]}
+        routes: []
+        """)
+    assert found == [
+        "r.yaml:5:5: upstreams.tmdb.servers: only a plex-server upstream reaches Plex servers (got {'exclude': ['abc']})",
+        "r.yaml:8:15: upstreams.plex.servers.exclude: Input should be a valid list (got 'abc')",
+        "r.yaml:8:29: upstreams.plex.servers.only: unknown key (check its spelling and indentation)",
+    ]
