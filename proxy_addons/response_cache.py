@@ -125,6 +125,9 @@ class ResponseCache:
         self._variants: OrderedDict[str, dict[str, str]] = OrderedDict()
         self._gone: OrderedDict[str, str] = OrderedDict()  # key -> why it was dropped
         self._refreshing: set[str] = set()
+        # The router's known Plex connections (set by the runner): a URL of another server of the
+        # account names its own entries (`plex@<machine id>`) when flushed by URL.
+        self.plex_connections = None
         self._tasks: set[asyncio.Task] = set()
         # The rate limiter (proxy_addons/rate_limit.py) sets itself here; every upstream fetch of
         # the cache then goes through its fetch(): a slot first, retries of 429/503 inside it.
@@ -517,6 +520,10 @@ class ResponseCache:
             upstream = rules.reverse_listener(parts.port)
         if upstream is None:
             return []
+        if self.plex_connections is not None and rules.upstreams[upstream].kind == "plex-server" and (
+                server := self.plex_connections.other_server_at(upstream, parts.hostname, parts.port
+                                                                or (443 if parts.scheme == "https" else 80))):
+            upstream = f"{upstream}@{server}"
         uri = uri_key(upstream, "GET", parts.path or "/", parse_qsl(parts.query, keep_blank_values=True))
         return list(set(self._memory_keys(lambda e: e.uri == uri)) | set(await self._disk_keys(uri=uri)))
 

@@ -58,6 +58,7 @@ def projectionist_addons() -> list:
     router = Router(watcher)
     store = CredentialStore()
     cache = ResponseCache(watcher)
+    cache.plex_connections = router.plex_connections
     warmer = CacheWarmer(watcher, cache)  # the cache calls it (flush target "warm"); it sees sign-ins
     images = ImageCache(watcher, router)
     limiter = RateLimit(watcher, cache, images)

@@ -110,6 +110,11 @@ def test_a_client_switching_between_two_servers_gets_each_ones_library_token_and
     paths_b = [r.path for r in fakes.second_plex.requests]
     assert paths_a.count("/library/sections") == 1 and paths_b.count("/library/sections") == 1
     assert paths_b == ["/library/sections", "/library/sections/7/all"]
+    # Flushing the second server's URL (as the player sends it) drops its entry, not the first's.
+    assert stack.flush_cache("url", f"{local_b}/library/sections") >= 1
+    assert "miss" in player.get(f"{local_b}/library/sections", token_b).headers["Cache-Status"]
+    assert "hit" in player.get(f"{stack.plex_url}/library/sections", token_a).headers["Cache-Status"]
+    assert [r.path for r in fakes.second_plex.requests].count("/library/sections") == 2
 
     # A server's surrogate sent to the other server is refused before reaching either.
     before_a, before_b = len(fakes.plex.requests), len(fakes.second_plex.requests)
