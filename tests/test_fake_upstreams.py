@@ -577,3 +577,39 @@ def test_latency_option_names_fakes_and_seconds():
     assert parse_latency("plex=0.08,tmdb=0.15") == {"plex": 0.08, "tmdb": 0.15}
     with pytest.raises(argparse.ArgumentTypeError):
         parse_latency("nosuch=1")
+
+
+async def test_plextv_lists_the_owners_second_server_only_when_asked_and_it_is_a_server_of_its_own(fakes, http):
+    from fake_upstreams import data
+
+    async def servers(accept: str = "application/json") -> bytes:
+        async with http.get(fakes.urls["plextv"] + "/api/v2/resources",
+                            headers={"X-Plex-Token": data.PLEX_ACCOUNT_TOKEN, "Accept": accept}) as r:
+            assert r.status == 200
+            return await r.read()
+
+    def ids(body: bytes) -> list[str]:
+        return [r["clientIdentifier"] for r in json.loads(body) if "server" in r["provides"]]
+
+    assert ids(await servers()) == [data.PMS_MACHINE_ID]
+    fakes.plextv.list_second_server = True
+    both = json.loads(await servers())
+    assert ids(json.dumps(both).encode()) == [data.PMS_MACHINE_ID, data.SECOND_PMS_MACHINE_ID]
+    second = both[1]
+    assert second["accessToken"] == data.SECOND_PMS_TOKEN
+    local = second["connections"][0]
+    assert local["local"] and local["uri"].endswith(f".{data.SECOND_PMS_HASH}.plex.direct:{local['port']}")
+    assert fakes.second_plex_url.endswith(f":{local['port']}")
+    xml = ET.fromstring(await servers("application/xml"))
+    assert data.SECOND_PMS_MACHINE_ID in [n.get("clientIdentifier") for n in xml.iter("resource")]
+
+    base = fakes.second_plex_url
+    async with http.get(base + "/identity", headers=JSON) as r:
+        assert (await r.json())["MediaContainer"]["machineIdentifier"] == data.SECOND_PMS_MACHINE_ID
+    async with http.get(base + "/library/sections", headers={"X-Plex-Token": PLEX_SERVER_TOKEN, **JSON}) as r:
+        assert r.status == 401  # the first server's token is no token here
+    async with http.get(base + "/library/sections/7/all", headers={"X-Plex-Token": data.SECOND_PMS_TOKEN}) as r:
+        assert r.status == 200 and b'title="Koyaanisqatsi"' in await r.read()
+    assert "second_plex" not in fakes.urls and len(fakes.second_plex.requests) == 3
+    fakes.clear()
+    assert fakes.second_plex.requests == []
