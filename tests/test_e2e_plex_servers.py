@@ -74,8 +74,12 @@ def titles(response: requests.Response) -> list[str]:
     return [d["title"] for d in container.get("Directory", []) + container.get("Metadata", []) + container.get("Video", [])]
 
 
+def token_of(request) -> str | None:
+    return request.param("X-Plex-Token") or request.headers.get("X-Plex-Token")
+
+
 def tokens_seen(state) -> set[str | None]:
-    return {r.param("X-Plex-Token") or r.headers.get("X-Plex-Token") for r in state.requests}
+    return {token_of(r) for r in state.requests}
 
 
 def test_a_client_switching_between_two_servers_gets_each_ones_library_token_and_cache(stack, two_servers, clean_fakes):
@@ -192,3 +196,36 @@ async def test_a_server_excluded_in_rules_is_refused_and_never_gets_its_token(tm
     assert refused.status_code == 421 and b"Misdirected" in refused.content
     assert fakes.second_plex.requests == []
     assert served.status_code == 200 and tokens_seen(fakes.plex) == {PLEX_SERVER_TOKEN}
+
+
+async def test_the_configured_server_is_identified_by_its_identity_when_no_connection_names_base_url(tmp_path, fakes):
+    """base_url names the first server by another name than plex.tv lists (`localhost`): its
+    `/identity` (asked without a token) says which server the listener serves."""
+    import httpx
+
+    from projectionist.vault import SecretBox, Vault, upsert_plex_user
+    from support import start_embedded_proxy
+
+    def by_another_name(rules: dict) -> None:
+        rules["upstreams"]["plex"]["base_url"] = fakes.urls["plex"].replace("127.0.0.1", "localhost")
+
+    fakes.plextv.list_second_server = True
+    proxy = await start_embedded_proxy(tmp_path, [f"plextv={fakes.urls['plextv']}"], by_another_name)
+    try:
+        vault = Vault(tmp_path / "projectionist.db", SecretBox.load(tmp_path, create=False))
+        account = vault.surrogate_for("plex", PLEX_ACCOUNT_TOKEN, upsert_plex_user(vault.conn, "18573262", "mrandersson"))
+        vault.close()
+        fakes.clear()
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{proxy.ports['regular']}", trust_env=False,
+                                     timeout=20) as c:
+            resources = (await c.get("http://plex.tv/api/v2/resources",
+                                     headers={"X-Plex-Token": account, "Accept": "application/json"})).json()
+        listener = next(port for mode, port in proxy.ports.items() if mode.startswith("reverse:"))
+    finally:
+        fakes.plextv.list_second_server = False
+        await proxy.stop()
+    servers = {r["clientIdentifier"]: r for r in resources if "server" in r["provides"]}
+    assert {c["uri"] for c in servers[PMS_MACHINE_ID]["connections"]} == {f"http://127.0.0.1:{listener}"}
+    assert all(".plex.direct:" in c["uri"] for c in servers[SECOND_PMS_MACHINE_ID]["connections"])
+    assert [(r.path, token_of(r)) for r in fakes.plex.requests] == [("/identity", None)]
+    assert fakes.second_plex.requests == []
