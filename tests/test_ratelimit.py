@@ -404,3 +404,25 @@ async def test_a_users_custom_key_has_its_own_higher_budget(tmp_path, upstream, 
     assert keys.count("0123456789abcdef0123456789abcdef") == 8
     refused = db(tmp_path).execute("SELECT DISTINCT rule, user_id FROM rate_limit_events WHERE outcome = 'refused'")
     assert [tuple(r) for r in refused] == [("tmdb-default", None)]
+
+
+def test_another_plex_server_takes_its_own_per_server_budget_whichever_connection():
+    """`per: server`: the configured server by its address; another server of the account by its
+    machine identifier, so its local and remote connections share one budget, apart from A's."""
+    from mitmproxy.test import tflow, tutils
+
+    from projectionist.rules import Match, load_rules
+    from proxy_addons import flowinfo
+    from proxy_addons.rate_limit import server_key
+    from support import REPO
+
+    rules = load_rules(REPO / "rules.yaml")
+
+    def key(host: str, port: int, server: str = "") -> str:
+        flow = tflow.tflow(req=tutils.treq(host=host, port=port))
+        info = flowinfo.FlowInfo(match=Match("plex", rules.upstreams["plex"], None), listener="regular", server=server)
+        return server_key(flow, info)
+
+    local, remote = key("127-0-0-1.h.plex.direct", 32400, "B"), key("203-0-113-9.h.plex.direct", 443, "B")
+    assert local == remote == "plex@B"
+    assert key("127.0.0.1", 32400) == "plex|127.0.0.1:32400" != local
