@@ -134,12 +134,6 @@ class PlexConnections:
     def forget(self, server_id: str) -> None:
         self._by_server.pop(server_id, None)
 
-    def addresses(self, server_id: str) -> set[Address]:
-        return self._by_server.get(server_id, set())
-
-    def known(self, server_id: str | None) -> bool:
-        return server_id in self._by_server
-
     def other_server_at(self, upstream: str, host: str, port: int) -> str:
         """The machine id of the server at `host:port` if that is a known connection of a server
         other than the upstream's configured one (else ""): such a request goes to that server."""
