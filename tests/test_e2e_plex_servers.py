@@ -229,3 +229,59 @@ async def test_the_configured_server_is_identified_by_its_identity_when_no_conne
     assert all(".plex.direct:" in c["uri"] for c in servers[SECOND_PMS_MACHINE_ID]["connections"])
     assert [(r.path, token_of(r)) for r in fakes.plex.requests] == [("/identity", None)]
     assert fakes.second_plex.requests == []
+
+
+SWITCH_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>switch</title></head><body><script>
+const cfg = %(config)s;
+async function titles(base, token, path) {
+  const r = await fetch(`${base}${path}?X-Plex-Token=${encodeURIComponent(token)}`, {headers: {Accept: "application/json"}});
+  if (!r.ok) return {status: r.status};
+  const c = (await r.json()).MediaContainer;
+  return {status: r.status, titles: [...(c.Directory || []), ...(c.Metadata || [])].map(d => d.title),
+          cache: r.headers.get("Cache-Status")};
+}
+(async () => {
+  const report = {visits: []};
+  try {
+    const r = await fetch("https://plex.tv/api/v2/resources?includeHttps=1&includeRelay=1",
+                          {headers: {"X-Plex-Token": cfg.account, Accept: "application/json"}});
+    const servers = (await r.json()).filter(s => (s.provides || "").includes("server"));
+    report.servers = servers.map(s => s.name);
+    // The player's server switch: each server's first connection and token, back and forth.
+    for (const round of [1, 2]) {
+      for (const s of servers) {
+        const base = s.connections[0].uri;
+        report.visits.push({round, server: s.clientIdentifier, base,
+                            sections: await titles(base, s.accessToken, "/library/sections")});
+      }
+    }
+  } catch (e) { report.error = String(e); }
+  await fetch("/report", {method: "POST", body: JSON.stringify(report)});
+})();
+</script></body></html>
+"""
+
+
+@pytest.mark.browser
+def test_the_players_server_switch_in_chromium_reaches_each_server_with_its_own_token(stack, two_servers, clean_fakes,
+                                                                                    tmp_path):
+    """Chromium as the user's browser (explicit proxy, the proxy's CA): the page reads the account's
+    servers from plex.tv and switches between them twice; each answers its own library (the second
+    through its own *.plex.direct name), and each fake saw only its own token."""
+    import json
+
+    from test_e2e_browser import run_page
+
+    account = Player(stack).login(PLEX_ACCOUNT_TOKEN)
+    report = run_page(stack, tmp_path, SWITCH_PAGE % {"config": json.dumps({"account": account})})
+    assert "error" not in report, report
+    visits = {(v["round"], v["server"]): v for v in report["visits"]}
+    assert {server for _, server in visits} == {PMS_MACHINE_ID, SECOND_PMS_MACHINE_ID}, report
+    for round_ in (1, 2):
+        first, second = visits[(round_, PMS_MACHINE_ID)], visits[(round_, SECOND_PMS_MACHINE_ID)]
+        assert first["base"] == stack.plex_url and ".plex.direct:" in second["base"]
+        assert first["sections"]["status"] == 200 and "Films" in first["sections"]["titles"], first
+        assert second["sections"] == {**second["sections"], "status": 200, "titles": ["Documentaries", "Soundtracks"]}
+    assert "hit" in visits[(2, SECOND_PMS_MACHINE_ID)]["sections"]["cache"]  # the second visit: from the cache
+    assert tokens_seen(clean_fakes.plex) == {PLEX_SERVER_TOKEN}
+    assert tokens_seen(clean_fakes.second_plex) == {SECOND_PMS_TOKEN}
