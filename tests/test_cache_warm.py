@@ -71,20 +71,26 @@ async def test_a_warm_run_makes_the_first_home_a_hit(tmp_path):
 WARM = "X-Projectionist-Warm"
 
 
-async def test_a_sign_in_warms_that_accounts_plex_home_and_library(tmp_path):
+async def signed_in(session: aiohttp.ClientSession, proxy) -> tuple[str, str]:
+    """The player's plex.tv resources call after its sign-in (which starts the Plex warm): the
+    server's URI and the surrogate token the player is handed."""
     from fake_upstreams.data import PLEX_ACCOUNT_TOKEN
 
+    async with session.get("http://plex.tv/api/v2/resources?includeHttps=1&includeRelay=1",
+                           proxy=f"http://127.0.0.1:{proxy.ports['regular']}",
+                           headers={"X-Plex-Token": PLEX_ACCOUNT_TOKEN, "Accept": "application/json",
+                                    "X-Plex-Client-Identifier": "warm-test"}) as r:
+        server = next(s for s in await r.json() if "server" in s["provides"])
+    return server["connections"][0]["uri"], server["accessToken"]
+
+
+async def test_a_sign_in_warms_that_accounts_plex_home_and_library(tmp_path):
     async with FakeUpstreams() as fakes, aiohttp.ClientSession() as session:
         plex_port = free_port()
         proxy = await start_embedded_proxy(tmp_path, [f"{FAKE_TO_RULES[n]}={u}" for n, u in fakes.urls.items()],
                                            plex_warm, plex_listen=plex_port)
         try:
-            proxy_url = f"http://127.0.0.1:{proxy.ports['regular']}"
-            async with session.get("http://plex.tv/api/v2/resources?includeHttps=1&includeRelay=1", proxy=proxy_url,
-                                   headers={"X-Plex-Token": PLEX_ACCOUNT_TOKEN, "Accept": "application/json",
-                                            "X-Plex-Client-Identifier": "warm-test"}) as r:
-                server = next(s for s in await r.json() if "server" in s["provides"])
-            base, token = server["connections"][0]["uri"], server["accessToken"]
+            base, token = await signed_in(session, proxy)
             assert token.startswith("pj_")
             browsed = ("/library/onDeck", "/library/sections/1/all")
 
@@ -115,19 +121,14 @@ async def test_a_library_change_refreshes_the_signed_in_accounts_cached_lists(tm
     the account that signed in afresh, so the player's next page is a hit with the new title, where
     it would have shown the old one for the route's TTL."""
     from control.warming import request_warm
-    from fake_upstreams.data import PLEX_ACCOUNT_TOKEN, PLEX_SERVER_TOKEN
+    from fake_upstreams.data import PLEX_SERVER_TOKEN
     from projectionist.store import WARM_AFTER_LIBRARY_CHANGE
 
     async with FakeUpstreams() as fakes, aiohttp.ClientSession() as session:
         proxy = await start_embedded_proxy(tmp_path, [f"{FAKE_TO_RULES[n]}={u}" for n, u in fakes.urls.items()],
                                            plex_warm, plex_listen=free_port())
         try:
-            proxy_url = f"http://127.0.0.1:{proxy.ports['regular']}"
-            async with session.get("http://plex.tv/api/v2/resources?includeHttps=1&includeRelay=1", proxy=proxy_url,
-                                   headers={"X-Plex-Token": PLEX_ACCOUNT_TOKEN, "Accept": "application/json",
-                                            "X-Plex-Client-Identifier": "warm-test"}) as r:
-                server = next(s for s in await r.json() if "server" in s["provides"])
-            base, token = server["connections"][0]["uri"], server["accessToken"]
+            base, token = await signed_in(session, proxy)
             page = f"{base}/library/sections/1/all?sort=titleSort&X-Plex-Container-Start=0&X-Plex-Token={token}"
 
             async def titles() -> tuple[str, list[str]]:
