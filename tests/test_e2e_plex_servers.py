@@ -9,11 +9,11 @@ of one server reached the other, and each server's answers are cached apart.
 
 from __future__ import annotations
 
-import uuid
 from urllib.parse import urlsplit
 
 import pytest
 import requests
+from test_e2e_credentials import RecordingClient
 
 from fake_upstreams.data import (
     PLEX_ACCOUNT_TOKEN,
@@ -36,32 +36,15 @@ def two_servers(fakes):
         fakes.plextv.list_second_server = False
 
 
-class Player:
+class Player(RecordingClient):
     """A player: plex.tv and `*.plex.direct` through the explicit proxy, the listener directly."""
-
-    def __init__(self, stack) -> None:
-        self.stack = stack
-        self.session = requests.Session()
-        self.session.trust_env = False
-        self.session.proxies = {"https": stack.proxy_url}
-        self.session.verify = str(stack.ca_path)
-        self.client_id = str(uuid.uuid4())
 
     def through_proxy(self, uri: str) -> None:
         parts = urlsplit(uri)
         self.session.proxies[f"{parts.scheme}://{parts.hostname}"] = self.stack.proxy_url
 
     def get(self, url: str, token: str | None = None, accept: str = "application/json") -> requests.Response:
-        headers = {"X-Plex-Client-Identifier": self.client_id, "X-Plex-Product": "Player", "Accept": accept}
-        if token:
-            headers["X-Plex-Token"] = token
-        return self.session.get(url, headers=headers, timeout=30)
-
-    def login(self, account_token: str) -> str:
-        pin = self.session.post("https://plex.tv/api/v2/pins?strong=true", timeout=30,
-                                headers={"X-Plex-Client-Identifier": self.client_id, "Accept": "application/json"}).json()
-        self.stack.fakes.plextv.link_pin(pin["id"], account_token=account_token)
-        return self.get(f"https://plex.tv/api/v2/pins/{pin['id']}").json()["authToken"]
+        return self.request("GET", url, headers={"Accept": accept, **({"X-Plex-Token": token} if token else {})})
 
     def servers(self, account: str) -> dict[str, dict]:
         resources = self.get("https://plex.tv/api/v2/resources?includeHttps=1&includeRelay=1", account).json()
