@@ -37,6 +37,7 @@ PASSWORD_FILE = "dashboard-password"
 PASSWORD_ENV = "PROJECTIONIST_DASHBOARD_PASSWORD"
 PASSWORD_HASH_ENV = "PROJECTIONIST_DASHBOARD_PASSWORD_HASH"  # read by datasette_metadata.yml ($env)
 AUTH_PLUGIN = "datasette-auth-passwords"
+DASHBOARDS_PLUGIN = "datasette-dashboards"  # the dashboard home, /-/dashboards/home
 # Basic auth checks the password on every request: the hash is cheap to check on purpose. The
 # generated password is random (144 bits), so the hash's work factor is not what protects it.
 PBKDF2_ITERATIONS = 10_000
@@ -83,6 +84,7 @@ def metadata_problems(metadata: dict) -> list[str]:
         for table in SECRET_TABLES:
             if _mentions_table(query.get("sql") or "", table):
                 problems.append(f"databases.{DATABASE}.queries.{name} reads {table}, which holds secrets")
+    problems += _dashboards_problems(metadata, set(database.get("queries") or {}))
     # Admins only: authentication on every request, and the instance allowed to the admin alone.
     auth = (metadata.get("plugins") or {}).get(AUTH_PLUGIN) or {}
     if auth.get("http_basic_auth") is not False:  # dashboard_session's gate asks for a session or the password
@@ -95,6 +97,30 @@ def metadata_problems(metadata: dict) -> list[str]:
         problems.append(f"plugins.{AUTH_PLUGIN}: only the {ADMIN_USER} account is allowed, not {extra}")
     if metadata.get("allow") != {"id": ADMIN_USER}:
         problems.append(f"allow must be {{id: {ADMIN_USER}}} (the instance is for the admin only)")
+    return problems
+
+
+def _dashboards_problems(metadata: dict, canned: set[str]) -> list[str]:
+    """datasette-dashboards' charts run as canned queries (projectionist/dashboard_charts.py): each
+    chart names one; its filters' option lists run as they are, so they must not read a secret."""
+    problems = []
+    dashboards = (metadata.get("plugins") or {}).get(DASHBOARDS_PLUGIN) or {}
+    for slug, dashboard in dashboards.items():
+        where = f"plugins.{DASHBOARDS_PLUGIN}.{slug}"
+        for name, chart in ((dashboard or {}).get("charts") or {}).items():
+            chart = chart or {}
+            if chart.get("library") == "markdown":
+                continue
+            if chart.get("db") != DATABASE or chart.get("query") not in canned:
+                problems.append(f"{where}.charts.{name} must have db: {DATABASE} and a query that names one of "
+                                f"databases.{DATABASE}.queries (SQL is off)")
+        for name, flt in ((dashboard or {}).get("filters") or {}).items():
+            sql = (flt or {}).get("query") or ""
+            if sql and (flt or {}).get("db") != DATABASE:
+                problems.append(f"{where}.filters.{name} must have db: {DATABASE}")
+            for table in SECRET_TABLES:
+                if _mentions_table(sql, table):
+                    problems.append(f"{where}.filters.{name} reads {table}, which holds secrets")
     return problems
 
 

@@ -154,7 +154,13 @@ def test_every_canned_query_runs_and_agrees_with_the_raw_rows(tmp_path):
     for name in QUERIES:
         assert run_query(conn, name), f"{name}: no rows"
         assert run_query(conn, name, user="nobody-such", since="2000-01-01", until="2000-01-02") in ([], [
-            {k: None for k in run_query(conn, name)[0]}]) or name in ("cache_overview", "overview")
+            {k: None for k in run_query(conn, name)[0]}]) or name in ("cache_overview", "overview", "dashboard_tiles")
+    # The home's tiles say what the overview says (zeros, not blanks, on an empty range).
+    tiles, overview = run_query(conn, "dashboard_tiles")[0], run_query(conn, "overview")[0]
+    assert (tiles["active_users"], tiles["errors"], tiles["cache_hit_pct"], tiles["mb_from_cache"]) == (
+        overview["active_users"], overview["errors"], overview["cache_hit_pct"], overview["mb_from_cache"])
+    assert run_query(conn, "dashboard_tiles", since="2000-01-01", until="2000-01-02") == [
+        {"plays_today": 0, "active_users": 0, "cache_hit_pct": "-", "mb_from_cache": 0.0, "errors": 0}]
     raw = dict(((h, u), n) for h, u, n in conn.execute(
         "SELECT strftime('%Y-%m-%dT%H:00', ts, 'unixepoch'), upstream, count(*) FROM usage_events GROUP BY 1, 2"))
     per_hour = {(r["hour"], r["upstream"]): r["requests"] for r in run_query(conn, "requests_per_hour")}

@@ -270,7 +270,16 @@ DENIED_PATHS += [
     f"/{DB}.db",
     # canned queries are SELECTs of their own: ?sql= does not replace them, SQL stays off
     f"/{DB}.json?sql={q('select surrogate_hash from vault_tokens')}",
+    f"/_memory.json?sql=overview",
 ]
+# The dashboard home's ?sql=NAME runs the canned query NAME: only that, only as JSON, only once.
+# Anything else is SQL that Datasette refuses, as "not a SELECT" (400) before the permission check.
+NOT_SELECT_PATHS = [
+    f"/{DB}.json?sql=overview&sql={q('select email from users')}", f"/{DB}.csv?sql=overview", f"/{DB}?sql=overview",
+    f"/{DB}.json?sql=users", f"/{DB}.json?sql=vault_tokens", f"/{DB}.json?sql=user_directory",
+    f"/{DB}.json?sql={q(' overview')}",
+]
+DENIED_PATHS += NOT_SELECT_PATHS
 
 # Allowed (or harmlessly rejected) requests that still must not leak anything.
 PROBE_PATHS = [
@@ -306,6 +315,11 @@ PROBE_PATHS = [
     f"/{DB}/usage_hourly.json?_col=email", f"/{DB}/play_history.json?_where={q('1')}",
     # static files and plugin pages
     "/-/static/app.css", "/-/password-tool", "/-/login", "/favicon.ico",
+    # the dashboard home (datasette-dashboards), with crafted filters
+    "/-/dashboards", "/-/dashboards/home", "/-/dashboards/home/embed", "/-/dashboards/home/top-titles",
+    f"/-/dashboards/home?user={q(chr(39) + ' OR 1=1 --')}&since=x&until=&upstream=",
+    f"/-/dashboards/home?sql={q('select email from users')}", "/-/dashboards/users", "/-/dashboards/home/users",
+    f"/-/dashboards/home/top-users?user={q('(select email from users)')}",
 ]
 
 
@@ -314,7 +328,7 @@ def test_denied_resources_are_refused_and_leak_nothing(dashboard):
     for path in DENIED_PATHS:
         response = dashboard.get(path)
         problems += _leaks(response)
-        refused = (400, 403, 404) if "_stream=on" in path else (403, 404)
+        refused = (400, 403, 404) if "_stream=on" in path or path in NOT_SELECT_PATHS else (403, 404)
         if response.status_code not in refused:
             problems.append(f"GET {path} -> {response.status_code}, expected {refused}: "
                             f"{response.text[:200]!r}")
@@ -337,7 +351,9 @@ def test_no_route_leaks_a_secret(dashboard):
         # (Some of these are rejected, a few with Datasette's own 500 "Cannot sort table by email":
         # what matters here is that no answer carries a secret.)
         response = dashboard.get(path)
-        problems += _leaks(response, username_allowed=path.startswith(tuple(f"/{DB}/{v}" for v in SHOWS_USERNAMES)))
+        # (The dashboard home's user filter lists the usernames of user_directory.)
+        problems += _leaks(response, username_allowed=path.startswith(
+            (*(f"/{DB}/{v}" for v in SHOWS_USERNAMES), "/-/dashboards/")))
     assert not problems, "\n".join(problems)
 
 
@@ -463,6 +479,25 @@ def test_canned_queries_answer_with_their_rows(dashboard):
     assert plays and plays[0]["title"] == "The Matrix", plays
 
 
+def test_dashboard_home_charts_run_as_their_canned_queries_and_sql_stays_off(dashboard):
+    """datasette-dashboards fetches `/<db>.json?sql=<chart query>`: each chart names a canned
+    query and gets exactly that query's rows; its page renders only while SQL stays off for
+    everything else, right after it too."""
+    home = yaml.safe_load((REPO / "datasette_metadata.yml").read_text())["plugins"]["datasette-dashboards"]["home"]
+    page = dashboard.get("/-/dashboards/home")
+    assert page.status_code == 200 and not _leaks(page, username_allowed=True)
+    for slug, chart in home["charts"].items():
+        response = dashboard.get(f"/{DB}.json?sql={chart['query']}&_shape=objects&user={USER_ID}&since=&until=")
+        assert response.status_code == 200, (slug, response.text[:300])
+        assert response.json()["query_name"] == chart["query"]
+        own = dashboard.get(f"/{DB}/{chart['query']}.json?_shape=objects&user={USER_ID}&since=&until=")
+        assert response.json()["rows"] == own.json()["rows"]
+        assert not _leaks(response, username_allowed=True)
+    for path in (f"/{DB}.json?sql={q('select 1')}", f"/{DB}?sql={q('select 1')}",
+                 f"/{DB}/usage_events.json?_where={q('1')}"):
+        assert dashboard.get(path).status_code == 403, path
+
+
 def test_unauthenticated_clients_get_nothing(dashboard):
     """No credentials, wrong ones or another user's name: 401 and a body that says only that."""
     paths = ["/", "/.json", f"/{DB}", f"/{DB}.json", f"/{DB}.db", f"/{DB}/usage_events.json",
@@ -517,6 +552,10 @@ def test_the_admin_gets_in_with_the_password_from_the_config_dir(dashboard):
      "queries.leak reads vault_tokens"),
     (lambda m: m["databases"][DB]["queries"].update(w={"sql": "delete from plays", "write": True}),
      "queries.w must not write"),
+    (lambda m: m["plugins"]["datasette-dashboards"]["home"]["charts"]["top-users"].update(
+        query="select email from users"), "home.charts.top-users must have db: projectionist and a query that names"),
+    (lambda m: m["plugins"]["datasette-dashboards"]["home"]["filters"]["user"].update(
+        query="select email from users"), "home.filters.user reads users"),
 ])
 def test_dashboard_refuses_metadata_that_would_expose_secrets(tmp_path, edit, problem):
     """Datasette consults metadata `allow_sql` before `default_allow_sql`, so an edit could turn
