@@ -45,8 +45,10 @@ def charts(app, datasette):
         if scope["type"] != "http":
             return await app(scope, receive, send)
         path = scope.get("path", "")
-        canned = set(datasette.metadata("queries", database=DATABASE) or {})
-        target = canned_query_for(path, scope.get("query_string", b""), canned)
+        target = None
+        if path == f"/{DATABASE}.json":
+            canned = set(datasette.metadata("queries", database=DATABASE) or {})
+            target = canned_query_for(path, scope.get("query_string", b""), canned)
         if target is not None:
             new_path, new_query = target
             scope = dict(scope, path=new_path, raw_path=new_path.encode(), query_string=new_query)

@@ -552,6 +552,157 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX watchlist_sync_events_ts ON watchlist_sync_events(ts);
         """,
     ),
+    (
+        16,
+        "dashboard home: usage_daily (a daily rollup of usage_hourly), misses by reason index-only",
+        """
+        -- The dashboard home's charts (per day, or totals over a range of days) read a day in one
+        -- row per upstream, route and user instead of 24: at 1M requests over 14 days, ~4k rows
+        -- instead of ~68k. Kept by triggers on usage_hourly, in the same transaction as the hourly
+        -- row, whoever writes it. latency_ms_max is the day's maximum (never lowered).
+        CREATE TABLE usage_daily (
+            day TEXT NOT NULL,
+            upstream TEXT NOT NULL,
+            route TEXT NOT NULL,
+            user_id INTEGER NOT NULL DEFAULT 0,
+            requests INTEGER NOT NULL DEFAULT 0,
+            errors INTEGER NOT NULL DEFAULT 0,
+            bytes_out INTEGER NOT NULL DEFAULT 0,
+            cache_hits INTEGER NOT NULL DEFAULT 0,
+            cache_misses INTEGER NOT NULL DEFAULT 0,
+            cache_stale INTEGER NOT NULL DEFAULT 0,
+            latency_ms_sum REAL NOT NULL DEFAULT 0,
+            latency_ms_max REAL NOT NULL DEFAULT 0,
+            client_errors INTEGER NOT NULL DEFAULT 0,
+            rate_limited INTEGER NOT NULL DEFAULT 0,
+            bytes_in INTEGER NOT NULL DEFAULT 0,
+            cache_bytes INTEGER NOT NULL DEFAULT 0,
+            latency_count INTEGER NOT NULL DEFAULT 0,
+            lat_le_1 INTEGER NOT NULL DEFAULT 0,
+            lat_le_2 INTEGER NOT NULL DEFAULT 0,
+            lat_le_5 INTEGER NOT NULL DEFAULT 0,
+            lat_le_10 INTEGER NOT NULL DEFAULT 0,
+            lat_le_25 INTEGER NOT NULL DEFAULT 0,
+            lat_le_50 INTEGER NOT NULL DEFAULT 0,
+            lat_le_100 INTEGER NOT NULL DEFAULT 0,
+            lat_le_250 INTEGER NOT NULL DEFAULT 0,
+            lat_le_500 INTEGER NOT NULL DEFAULT 0,
+            lat_le_1000 INTEGER NOT NULL DEFAULT 0,
+            lat_le_2500 INTEGER NOT NULL DEFAULT 0,
+            lat_le_5000 INTEGER NOT NULL DEFAULT 0,
+            lat_le_10000 INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, upstream, route, user_id)
+        ) WITHOUT ROWID;
+        INSERT INTO usage_daily (day, upstream, route, user_id,
+                 requests, errors, bytes_out, cache_hits, cache_misses, cache_stale, latency_ms_sum,
+                 latency_ms_max, client_errors, rate_limited, bytes_in, cache_bytes, latency_count,
+                 lat_le_1, lat_le_2, lat_le_5, lat_le_10, lat_le_25, lat_le_50, lat_le_100,
+                 lat_le_250, lat_le_500, lat_le_1000, lat_le_2500, lat_le_5000, lat_le_10000)
+            SELECT substr(hour, 1, 10), upstream, route, user_id,
+                   sum(requests), sum(errors), sum(bytes_out), sum(cache_hits), sum(cache_misses),
+                   sum(cache_stale), sum(latency_ms_sum), max(latency_ms_max), sum(client_errors),
+                   sum(rate_limited), sum(bytes_in), sum(cache_bytes), sum(latency_count),
+                   sum(lat_le_1), sum(lat_le_2), sum(lat_le_5), sum(lat_le_10), sum(lat_le_25),
+                   sum(lat_le_50), sum(lat_le_100), sum(lat_le_250), sum(lat_le_500),
+                   sum(lat_le_1000), sum(lat_le_2500), sum(lat_le_5000), sum(lat_le_10000)
+            FROM usage_hourly GROUP BY substr(hour, 1, 10), upstream, route, user_id;
+        CREATE TRIGGER usage_hourly_daily_insert AFTER INSERT ON usage_hourly BEGIN
+            INSERT INTO usage_daily (day, upstream, route, user_id,
+                 requests, errors, bytes_out, cache_hits, cache_misses, cache_stale, latency_ms_sum,
+                 latency_ms_max, client_errors, rate_limited, bytes_in, cache_bytes, latency_count,
+                 lat_le_1, lat_le_2, lat_le_5, lat_le_10, lat_le_25, lat_le_50, lat_le_100,
+                 lat_le_250, lat_le_500, lat_le_1000, lat_le_2500, lat_le_5000, lat_le_10000)
+            VALUES (substr(NEW.hour, 1, 10), NEW.upstream, NEW.route, NEW.user_id,
+                    NEW.requests, NEW.errors, NEW.bytes_out, NEW.cache_hits, NEW.cache_misses,
+                    NEW.cache_stale, NEW.latency_ms_sum, NEW.latency_ms_max, NEW.client_errors,
+                    NEW.rate_limited, NEW.bytes_in, NEW.cache_bytes, NEW.latency_count,
+                    NEW.lat_le_1, NEW.lat_le_2, NEW.lat_le_5, NEW.lat_le_10, NEW.lat_le_25,
+                    NEW.lat_le_50, NEW.lat_le_100, NEW.lat_le_250, NEW.lat_le_500, NEW.lat_le_1000,
+                    NEW.lat_le_2500, NEW.lat_le_5000, NEW.lat_le_10000)
+            ON CONFLICT (day, upstream, route, user_id) DO UPDATE SET
+                requests = requests + excluded.requests, errors = errors + excluded.errors,
+                bytes_out = bytes_out + excluded.bytes_out,
+                cache_hits = cache_hits + excluded.cache_hits,
+                cache_misses = cache_misses + excluded.cache_misses,
+                cache_stale = cache_stale + excluded.cache_stale,
+                latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum,
+                latency_ms_max = max(latency_ms_max, excluded.latency_ms_max),
+                client_errors = client_errors + excluded.client_errors,
+                rate_limited = rate_limited + excluded.rate_limited,
+                bytes_in = bytes_in + excluded.bytes_in,
+                cache_bytes = cache_bytes + excluded.cache_bytes,
+                latency_count = latency_count + excluded.latency_count,
+                lat_le_1 = lat_le_1 + excluded.lat_le_1, lat_le_2 = lat_le_2 + excluded.lat_le_2,
+                lat_le_5 = lat_le_5 + excluded.lat_le_5, lat_le_10 = lat_le_10 + excluded.lat_le_10,
+                lat_le_25 = lat_le_25 + excluded.lat_le_25,
+                lat_le_50 = lat_le_50 + excluded.lat_le_50,
+                lat_le_100 = lat_le_100 + excluded.lat_le_100,
+                lat_le_250 = lat_le_250 + excluded.lat_le_250,
+                lat_le_500 = lat_le_500 + excluded.lat_le_500,
+                lat_le_1000 = lat_le_1000 + excluded.lat_le_1000,
+                lat_le_2500 = lat_le_2500 + excluded.lat_le_2500,
+                lat_le_5000 = lat_le_5000 + excluded.lat_le_5000,
+                lat_le_10000 = lat_le_10000 + excluded.lat_le_10000;
+        END;
+        CREATE TRIGGER usage_hourly_daily_update AFTER UPDATE ON usage_hourly BEGIN
+            UPDATE usage_daily SET
+                requests = requests + NEW.requests - OLD.requests,
+                errors = errors + NEW.errors - OLD.errors,
+                bytes_out = bytes_out + NEW.bytes_out - OLD.bytes_out,
+                cache_hits = cache_hits + NEW.cache_hits - OLD.cache_hits,
+                cache_misses = cache_misses + NEW.cache_misses - OLD.cache_misses,
+                cache_stale = cache_stale + NEW.cache_stale - OLD.cache_stale,
+                latency_ms_sum = latency_ms_sum + NEW.latency_ms_sum - OLD.latency_ms_sum,
+                latency_ms_max = max(latency_ms_max, NEW.latency_ms_max),
+                client_errors = client_errors + NEW.client_errors - OLD.client_errors,
+                rate_limited = rate_limited + NEW.rate_limited - OLD.rate_limited,
+                bytes_in = bytes_in + NEW.bytes_in - OLD.bytes_in,
+                cache_bytes = cache_bytes + NEW.cache_bytes - OLD.cache_bytes,
+                latency_count = latency_count + NEW.latency_count - OLD.latency_count,
+                lat_le_1 = lat_le_1 + NEW.lat_le_1 - OLD.lat_le_1,
+                lat_le_2 = lat_le_2 + NEW.lat_le_2 - OLD.lat_le_2,
+                lat_le_5 = lat_le_5 + NEW.lat_le_5 - OLD.lat_le_5,
+                lat_le_10 = lat_le_10 + NEW.lat_le_10 - OLD.lat_le_10,
+                lat_le_25 = lat_le_25 + NEW.lat_le_25 - OLD.lat_le_25,
+                lat_le_50 = lat_le_50 + NEW.lat_le_50 - OLD.lat_le_50,
+                lat_le_100 = lat_le_100 + NEW.lat_le_100 - OLD.lat_le_100,
+                lat_le_250 = lat_le_250 + NEW.lat_le_250 - OLD.lat_le_250,
+                lat_le_500 = lat_le_500 + NEW.lat_le_500 - OLD.lat_le_500,
+                lat_le_1000 = lat_le_1000 + NEW.lat_le_1000 - OLD.lat_le_1000,
+                lat_le_2500 = lat_le_2500 + NEW.lat_le_2500 - OLD.lat_le_2500,
+                lat_le_5000 = lat_le_5000 + NEW.lat_le_5000 - OLD.lat_le_5000,
+                lat_le_10000 = lat_le_10000 + NEW.lat_le_10000 - OLD.lat_le_10000
+            WHERE day = substr(NEW.hour, 1, 10) AND upstream = NEW.upstream AND route = NEW.route
+              AND user_id = NEW.user_id;
+        END;
+        CREATE TRIGGER usage_hourly_daily_delete AFTER DELETE ON usage_hourly BEGIN
+            UPDATE usage_daily SET
+                requests = requests - OLD.requests, errors = errors - OLD.errors,
+                bytes_out = bytes_out - OLD.bytes_out, cache_hits = cache_hits - OLD.cache_hits,
+                cache_misses = cache_misses - OLD.cache_misses,
+                cache_stale = cache_stale - OLD.cache_stale,
+                latency_ms_sum = latency_ms_sum - OLD.latency_ms_sum,
+                client_errors = client_errors - OLD.client_errors,
+                rate_limited = rate_limited - OLD.rate_limited, bytes_in = bytes_in - OLD.bytes_in,
+                cache_bytes = cache_bytes - OLD.cache_bytes,
+                latency_count = latency_count - OLD.latency_count,
+                lat_le_1 = lat_le_1 - OLD.lat_le_1, lat_le_2 = lat_le_2 - OLD.lat_le_2,
+                lat_le_5 = lat_le_5 - OLD.lat_le_5, lat_le_10 = lat_le_10 - OLD.lat_le_10,
+                lat_le_25 = lat_le_25 - OLD.lat_le_25, lat_le_50 = lat_le_50 - OLD.lat_le_50,
+                lat_le_100 = lat_le_100 - OLD.lat_le_100, lat_le_250 = lat_le_250 - OLD.lat_le_250,
+                lat_le_500 = lat_le_500 - OLD.lat_le_500,
+                lat_le_1000 = lat_le_1000 - OLD.lat_le_1000,
+                lat_le_2500 = lat_le_2500 - OLD.lat_le_2500,
+                lat_le_5000 = lat_le_5000 - OLD.lat_le_5000,
+                lat_le_10000 = lat_le_10000 - OLD.lat_le_10000
+            WHERE day = substr(OLD.hour, 1, 10) AND upstream = OLD.upstream AND route = OLD.route
+              AND user_id = OLD.user_id;
+        END;
+        -- "Misses by reason" sums requests over a range of hours: from the index alone (no row
+        -- lookups), about 2x faster at 1M requests.
+        CREATE INDEX cache_reason_hourly_covering ON cache_reason_hourly(hour, upstream, route, reason, requests);
+        """,
+    ),
 )
 
 SCHEMA_VERSION = max(version for version, _, _ in MIGRATIONS)

@@ -395,3 +395,48 @@ def test_playback_through_the_proxy_shows_in_the_viewing_history(stack):
     titles = requests.get(f"{stack.dashboard_url}/projectionist/top_titles.json?_shape=array", auth=admin,
                           timeout=10).json()
     assert any(t["title"] == "The Matrix" for t in titles), titles
+
+
+DAILY_SUMS = ("requests", "errors", "bytes_out", "cache_hits", "cache_misses", "cache_stale", "client_errors",
+              "rate_limited", "bytes_in", "cache_bytes", "latency_count", *(f"lat_le_{b}" for b in LATENCY_BOUNDS_MS))
+
+
+def _daily_from_hourly(conn) -> list[tuple]:
+    return conn.execute(
+        f"SELECT substr(hour, 1, 10), upstream, route, user_id, {', '.join(f'sum({c})' for c in DAILY_SUMS)}, "
+        "round(sum(latency_ms_sum), 3), max(latency_ms_max) FROM usage_hourly GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4"
+    ).fetchall()
+
+
+def _daily(conn) -> list[tuple]:
+    return conn.execute(f"SELECT day, upstream, route, user_id, {', '.join(DAILY_SUMS)}, round(latency_ms_sum, 3), "
+                        "latency_ms_max FROM usage_daily ORDER BY 1, 2, 3, 4").fetchall()
+
+
+def test_usage_daily_is_the_sum_of_usage_hourly_from_the_migration_on(tmp_path):
+    """The dashboard home reads usage_daily: its triggers keep it equal to the hourly rows summed
+    per day as UsageWriter inserts and upserts them, and the migration fills it from the hourly
+    rows an existing store already has."""
+    path = tmp_path / "projectionist.db"
+    load_bench("dashboard").generate(path, 8000, days=3, plays=5)
+    conn = connect(path)
+    expected = _daily_from_hourly(conn)
+    assert len(expected) > 100 and _daily(conn) == expected
+    # More traffic into hours that have rows already (upserts), and into a new one.
+    ts = time.time() - 3600
+    assert UsageWriter._write(conn, [event(ts, upstream="plex", route="plex.metadata", user_id=None,
+                                           latency_ms=99_999.0) for _ in range(5)] + [event(ts + 1)])
+    assert _daily(conn) == _daily_from_hourly(conn) != expected
+    conn.execute("DELETE FROM usage_hourly WHERE rowid IN (SELECT rowid FROM usage_hourly LIMIT 3)")
+    hourly = _daily_from_hourly(conn)
+    assert [r[:-1] for r in _daily(conn)] == [r[:-1] for r in hourly]  # (the day's max is never lowered)
+    # A store from before the migration: the table is filled from its hourly rows.
+    for trigger in ("usage_hourly_daily_insert", "usage_hourly_daily_update", "usage_hourly_daily_delete"):
+        conn.execute(f"DROP TRIGGER {trigger}")
+    conn.execute("DROP TABLE usage_daily")
+    conn.execute("DROP INDEX cache_reason_hourly_covering")
+    conn.execute("DELETE FROM schema_migrations WHERE version = 16")
+    conn.close()
+    conn = open_db(path).conn
+    assert [r[:-1] for r in _daily(conn)] == [r[:-1] for r in hourly]
+    conn.close()
