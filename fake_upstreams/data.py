@@ -92,6 +92,8 @@ def plextv_account_by_token(token: str | None) -> Account | None:
     """Every account plex.tv knows (the fake PMS only knows ACCOUNTS)."""
     if token and token in (STRANGER.account_token, STRANGER.server_token):
         return STRANGER
+    if token and token == SECOND_PMS_TOKEN:  # the owner's token for the second server, as for the first
+        return ACCOUNTS[0]
     return account_by_token(token)
 
 
