@@ -98,6 +98,7 @@ class PlexTokens:
                     # An account surrogate is no server token: a shared server never sees an account token.
                     flow.response = unauthorized(request, kind)
                     return
+                await self._identify_configured(info)
                 if not self._bound_here(flow, info, entry):
                     flow.response = misdirected(request, kind)
                     return
@@ -130,6 +131,17 @@ class PlexTokens:
             return
         info.user_id = users.pop()
         self._remember_session(flow, info)
+
+    async def _identify_configured(self, info: flowinfo.FlowInfo) -> None:
+        """Which server the configured address is, before a server token goes there: a resources
+        answer tells, but after a restart the player may come before one (its surrogates are in
+        the vault), and until then another server's token would have been let through."""
+        connections = self.router.plex_connections
+        if info.match.upstream.kind != "plex-server" or info.server or info.upstream in connections.configured:
+            return
+        target = self.router.overrides.get(info.upstream) or self.watcher.rules.upstreams[info.upstream].base_url
+        if target and (machine_id := await self._identity(target)):
+            connections.configured.setdefault(info.upstream, machine_id)
 
     def _bound_here(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo, entry: VaultEntry) -> bool:
         """A server's token goes only to that server: through the explicit proxy a `*.plex.direct`

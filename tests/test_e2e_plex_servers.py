@@ -268,3 +268,51 @@ def test_the_players_server_switch_in_chromium_reaches_each_server_with_its_own_
     assert "hit" in visits[(2, SECOND_PMS_MACHINE_ID)]["sections"]["cache"]  # the second visit: from the cache
     assert tokens_seen(clean_fakes.plex) == {PLEX_SERVER_TOKEN}
     assert tokens_seen(clean_fakes.second_plex) == {SECOND_PMS_TOKEN}
+
+
+async def test_after_a_restart_another_servers_token_is_refused_before_any_resources_answer(tmp_path, fakes):
+    """The player keeps its surrogates across a proxy restart and may ask the listener before it
+    asks plex.tv again: the configured server is identified by its /identity first, so server B's
+    surrogate sent to server A's listener is still a 421, and A never sees B's token."""
+    import httpx
+
+    from projectionist.vault import SecretBox, Vault, upsert_plex_user
+    from support import start_embedded_proxy
+
+    def as_deployed(rules: dict) -> None:
+        rules["upstreams"]["plex"]["base_url"] = fakes.urls["plex"]
+
+    accept = {"Accept": "application/json"}
+    fakes.plextv.list_second_server = True
+    try:
+        proxy = await start_embedded_proxy(tmp_path, [f"plextv={fakes.urls['plextv']}"], as_deployed)
+        try:
+            vault = Vault(tmp_path / "projectionist.db", SecretBox.load(tmp_path, create=False))
+            account = vault.surrogate_for("plex", PLEX_ACCOUNT_TOKEN, upsert_plex_user(vault.conn, "18573262", "mrandersson"))
+            vault.close()
+            async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{proxy.ports['regular']}", trust_env=False,
+                                         timeout=20) as c:
+                resources = (await c.get("http://plex.tv/api/v2/resources",
+                                         headers={"X-Plex-Token": account, **accept})).json()
+            servers = {r["clientIdentifier"]: r for r in resources if "server" in r["provides"]}
+            token_a, token_b = servers[PMS_MACHINE_ID]["accessToken"], servers[SECOND_PMS_MACHINE_ID]["accessToken"]
+        finally:
+            await proxy.stop()
+
+        fakes.clear()
+        proxy = await start_embedded_proxy(tmp_path, [f"plextv={fakes.urls['plextv']}"], as_deployed)  # the restart
+        try:
+            listener = next(port for mode, port in proxy.ports.items() if mode.startswith("reverse:"))
+            async with httpx.AsyncClient(trust_env=False, timeout=20) as c:
+                wrong = await c.get(f"http://127.0.0.1:{listener}/library/sections", params={"X-Plex-Token": token_b},
+                                    headers=accept)
+                right = await c.get(f"http://127.0.0.1:{listener}/library/sections", params={"X-Plex-Token": token_a},
+                                    headers=accept)
+        finally:
+            await proxy.stop()
+    finally:
+        fakes.plextv.list_second_server = False
+    assert wrong.status_code == 421 and b"Misdirected" in wrong.content
+    assert right.status_code == 200 and "Films" in titles(right)
+    assert [r.path for r in fakes.plex.requests] == ["/identity", "/library/sections"]
+    assert tokens_seen(fakes.plex) == {None, PLEX_SERVER_TOKEN} and fakes.requests["plextv"] == []

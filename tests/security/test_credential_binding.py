@@ -173,8 +173,14 @@ async def test_plex_direct_name_with_a_foreign_embedded_ip_is_refused(proxy, tmp
     assert refused.status_code == 421 and b"Misdirected" in refused.content
     assert catcher.connections == []
     assert served.status_code == 200 and "MediaContainer" in served.json()
-    assert [req.param("X-Plex-Token") for req in fakes.plex.requests] == [PLEX_SERVER_TOKEN]
+    assert [req.param("X-Plex-Token") for req in asked_by_the_player(fakes.plex.requests)] == [PLEX_SERVER_TOKEN]
     assert await usage_rows(tmp_path, "route = 'plex:misdirected' AND status = 421")
+
+
+def asked_by_the_player(requests) -> list:
+    """What a fake Plex received, less the proxy's own tokenless `/identity` (asked once, before a
+    server token first goes to the configured address, to know which server is there)."""
+    return [r for r in requests if r.path != "/identity"]
 
 
 class Redirector(LocalUpstream):
@@ -239,7 +245,7 @@ async def test_plex_redirects_carry_the_surrogate_or_nothing(tmp_path, fakes, ca
     assert away.status_code == 302 and same.status_code == 302
     assert away.headers["location"] == f"http://127.0.0.1:{catcher.port}/steal?page=1"
     assert same.headers["location"] == f"/library/sections?X-Plex-Token={token}&page=1"
-    assert all(PLEX_SERVER_TOKEN in seen for seen in redirector.received)
+    assert all(PLEX_SERVER_TOKEN in seen for seen in redirector.received if not seen.startswith("/identity"))
     assert catcher.connections == []
 
 
@@ -251,7 +257,7 @@ async def test_absolute_form_url_on_the_reverse_listener_stays_on_base_url(proxy
         port=proxy.reverse_port)
     assert status_of(answer) == 200, answer[:300]
     assert b"MediaContainer" in answer
-    assert [req.path for req in fakes.plex.requests] == ["/library/sections"]
+    assert [req.path for req in asked_by_the_player(fakes.plex.requests)] == ["/library/sections"]
     assert catcher.connections == []
 
 
@@ -275,7 +281,7 @@ async def test_an_account_surrogate_is_not_accepted_as_a_server_token(proxy, tmp
         served = await c.get(f"http://127.0.0.1:{proxy.reverse_port}/library/sections",
                              params={"X-Plex-Token": owned}, headers={"Accept": "application/json"})
     assert refused.status_code == 401 and served.status_code == 200
-    assert [r.param("X-Plex-Token") for r in fakes.plex.requests] == [PLEX_ACCOUNT_TOKEN]
+    assert [r.param("X-Plex-Token") for r in asked_by_the_player(fakes.plex.requests)] == [PLEX_ACCOUNT_TOKEN]
 
 
 def test_a_public_listener_that_passes_unknown_hosts_is_called_an_open_proxy():
