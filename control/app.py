@@ -4,7 +4,7 @@
 `/setup` with `/proxy.pac` and the CA downloads (setup.py), the settings page (`/`), and the JSON
 API under `/api/`: sign-in and sessions
 (auth.py), Trakt (trakt.py), per-user settings and the localStorage import (settings.py), usage
-(usage.py), administration (admin.py), the response cache (cache_api.py), and the OpenAPI
+(usage.py), administration (admin.py; its pages under `/admin`: admin_ui.py), the response cache (cache_api.py), and the OpenAPI
 document of all of it (openapi.py). Each module brings its route table; this factory wires them
 with the security middlewares (security.py) and the resources they share, opened and closed by
 cleanup contexts: the read connection to the store, the vault's worker thread, the HTTP client, and
@@ -28,7 +28,7 @@ from projectionist.config import Config
 from projectionist.redact import RedactSecrets
 from projectionist.store import connect, migrate, schema_version
 
-from . import admin, auth, cache_api, jobs, metrics, openapi, page, security, settings, setup, trakt, upstream_health, usage
+from . import admin, admin_ui, auth, cache_api, jobs, metrics, openapi, page, security, settings, setup, trakt, upstream_health, usage
 from . import history, library, maintenance, recommendations, reports, token_health, warming, watchlist  # noqa: F401  (they register jobs)
 from .errors import ApiError
 from .keys import (AUTH_RATE_LIMITER, CONFIG, DB, DB_LOCK, HTTP, LIVE_RULES, OPERATIONS, OPTIONS, PLEX_CLIENT_ID,
@@ -121,10 +121,12 @@ def create_app(config: Config, options: ControlOptions | None = None) -> web.App
     app[trakt.REFRESH_LOCKS] = {}
     app.add_routes(routes)
     app.add_routes(page.routes)
+    app.add_routes(admin_ui.pages)
     setup.install(app)
     app.add_routes(openapi.routes)
     app.add_routes(metrics.routes)
-    openapi.register(app, auth.api, settings.api, usage.api, admin.api, trakt.api, jobs.api, recommendations.api)
+    openapi.register(app, auth.api, settings.api, usage.api, admin.api, trakt.api, jobs.api, recommendations.api,
+                     admin_ui.api)
     if isinstance(getattr(cache_api, "api", None), openapi.Api):  # documented from its models too
         openapi.register(app, cache_api.api)
     else:

@@ -39,6 +39,7 @@ async function loadSession() {
   $("username").textContent = result.data.user.username;
   state.admin = result.data.user.is_admin;
   $("admin-badge").hidden = !state.admin;
+  $("admin-link").hidden = !state.admin;
   $("session-expires").textContent = new Date(result.data.session.expires_at).toLocaleString();
   $("signed-out").hidden = true;
   $("signed-in").hidden = false;

@@ -1,0 +1,159 @@
+"""The admin pages in headless Chromium, through the real stack (proxy, control plane, fakes).
+
+A friend's player plays through the proxy; the admin sees it on the overview's live activity, with
+the health of each upstream and the day's numbers, then disables the friend on the users page and
+the friend's next player request gets Plex's 401. A browser with no session gets a page linking to
+the sign-in, a user who is not an admin a 403 page. A screenshot of each page goes to
+test-artifacts/admin-ui/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+import requests
+from support import REPO, make_stack
+from test_control_browser import AppPlexTv, DevTools, start_chromium
+from test_e2e_credentials import RecordingClient
+from test_jobs import Admin
+from test_jobs_browser import _signed_in_page
+
+from fake_upstreams.data import PLEX_ACCOUNT_TOKEN, PLEX_ACCOUNT_TOKEN_2
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+ARTIFACTS = REPO / "test-artifacts" / "admin-ui"
+
+
+@pytest.fixture
+def own_stack(fakes, tmp_path):
+    """A stack of its own: this test disables a user and decides who signs in first (the admin)."""
+    stack = make_stack(tmp_path / "home", fakes).start()
+    try:
+        yield stack
+    finally:
+        assert stack.stop() == 0, stack.logs()
+
+
+async def screenshot(page: DevTools, name: str) -> Path:
+    shot = await page.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    path.write_bytes(base64.b64decode(shot["data"]))
+    return path
+
+
+async def open_tab(page: DevTools, url: str) -> None:
+    await page.send("Page.navigate", url=url)
+    await page.wait_for("document.body && document.body.dataset.ready === 'true'", what=f"the page {url}")
+
+
+def rows(table: str) -> str:
+    """JS: the text of each row of a table body, cells joined by |."""
+    return (f"[...document.querySelectorAll('#{table} tr')]"
+            ".map(r => [...r.cells].map(c => c.textContent.trim()).join('|'))")
+
+
+class FriendsPlayer:
+    """The friend's player: signed in through the proxy (plex.tv's PIN flow), playing from the listener."""
+
+    def __init__(self, stack) -> None:
+        self.client = RecordingClient(stack)
+        server = self.client.server(self.client.login(PLEX_ACCOUNT_TOKEN_2))
+        self.base, self.token = server["connections"][0]["uri"], server["accessToken"]
+        self.headers = {"X-Plex-Token": self.token, "X-Plex-Product": "Admin UI Player", "X-Plex-Device-Name": "Chromium"}
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return self.client.request("GET", self.base + path, headers={**self.headers, **kw.pop("headers", {})}, **kw)
+
+    def play(self, rating_key: str = "1001", reports: int = 4) -> None:
+        item = self.get(f"/library/metadata/{rating_key}").json()["MediaContainer"]["Metadata"][0]
+        part = item["Media"][0]["Part"][0]["key"]
+        assert self.get(part, headers={"Range": "bytes=0-1023"}).status_code == 206  # direct play
+        for i in range(reports):
+            r = self.get("/:/timeline", params={"ratingKey": rating_key, "key": f"/library/metadata/{rating_key}",
+                                                "state": "playing", "time": str(60000 + i * 1000),
+                                                "duration": str(item["duration"])})
+            assert r.status_code == 200, r.text
+
+
+async def test_admin_pages_overview_and_users(own_stack, tmp_path):
+    stack = own_stack
+    async with AppPlexTv(stack.fakes, PLEX_ACCOUNT_TOKEN) as app_plex_tv:
+        browser, ws_url = await start_chromium(tmp_path / "profile", app_plex_tv.port, tmp_path / "chromium.log")
+        try:
+            async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+                page = DevTools(ws)
+                await page.send("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1,
+                                mobile=False)
+                # Signed out: a page that links to the sign-in, not the admin shell.
+                await page.send("Page.navigate", url=stack.control_url + "/admin/users")
+                await page.wait_for("!!document.getElementById('sign-in-link')", what="the sign-in link")
+                assert await page.evaluate("document.getElementById('sign-in-link').getAttribute('href')") == "/"
+
+                await _signed_in_page(page, stack.control_url)  # the first user: the admin
+                friend = Admin(SimpleNamespace(url=stack.control_url), stack.fakes, PLEX_ACCOUNT_TOKEN_2)
+                refused = friend.get("/admin")
+                assert refused.status_code == 403 and "Admins only" in refused.text
+                assert "text/html" in refused.headers["Content-Type"]
+                assert friend.get("/api/admin/activity").status_code == 403
+                player = await asyncio.to_thread(FriendsPlayer, stack)
+                await asyncio.to_thread(player.play)
+
+                # Overview: the friend's play, live; the health of each upstream; the day's numbers.
+                await open_tab(page, stack.control_url + "/admin")
+                assert await page.evaluate("document.querySelector('nav a[aria-current=page]').textContent") == "Overview"
+                playing = await page.wait_for(
+                    f"{rows('activity-table')}.find(r => r.startsWith('trinity_k|The Matrix (1999)|'))",
+                    what="the friend's play on the overview")
+                user, title, state, progress, delivery, client = playing.split("|")
+                assert state == "playing" and delivery == "direct" and client == "Admin UI Player / Chromium"
+                assert progress.startswith("1:03 / 2:16:00"), progress  # the last report: 63 s of 8160 s
+                await page.wait_for("document.querySelector('#health-plex-plex td.health-status').textContent === 'ok'",
+                                    what="the Plex server's check")
+                health = dict(r.split("|", 1) for r in await page.evaluate(rows("health-table")))
+                assert health["TMDB"].startswith("ok") and health["Database (SQLite)"].startswith("ok"), health
+                await page.wait_for("document.getElementById('today-requests').dataset.loaded")
+                assert int(await page.text("today-requests")) > 0
+                # Live: another report moves the progress without a reload.
+                await asyncio.to_thread(player.get, "/:/timeline", params={
+                    "ratingKey": "1001", "key": "/library/metadata/1001", "state": "paused", "time": "600000",
+                    "duration": "8160000"})
+                await page.wait_for(f"{rows('activity-table')}.some(r => r.includes('|paused|10:00 / 2:16:00'))",
+                                    timeout=15, what="the live activity to refresh")
+                await screenshot(page, "overview")
+
+                # Users: the friend's sessions and devices; disable them, and their player gets Plex's 401.
+                await open_tab(page, stack.control_url + "/admin/users")
+                await page.wait_for("document.getElementById('users-table').dataset.loaded", what="users")
+                names = await page.evaluate(
+                    "Object.fromEntries([...document.querySelectorAll('#users-table tr')]"
+                    ".map(r => [r.querySelector('.user-name').textContent, r.id.split('-')[1]]))")
+                assert set(names) == {"mrandersson", "trinity_k"}
+                friend_id = names["trinity_k"]
+                assert await page.evaluate(f"document.getElementById('toggle-{names['mrandersson']}').disabled")
+                await page.click(f"sessions-{friend_id}")
+                await page.wait_for("document.getElementById('sessions-table').dataset.loaded", what="sessions")
+                assert "1 live session(s)" in await page.text("sessions-summary")
+                assert await page.evaluate("document.activeElement.id") == "sessions-title"
+                await screenshot(page, "users")
+                assert player.get("/library/sections").status_code == 200
+                await page.click(f"toggle-{friend_id}")
+                await page.wait_for(f"document.querySelector('#user-{friend_id} .user-status').textContent === 'disabled'",
+                                    what="the friend disabled")
+                assert "1 session(s)" in await page.text("users-message")
+                denied = await asyncio.to_thread(player.get, "/library/sections")
+                assert denied.status_code == 401
+                assert denied.text == "<html><head><title>Unauthorized</title></head><body><h1>401 Unauthorized</h1></body></html>"
+                assert friend.get("/api/auth/session").status_code == 401
+                html = await page.evaluate("document.documentElement.outerHTML")
+                assert player.token not in html and json.dumps(PLEX_ACCOUNT_TOKEN_2)[1:-1] not in html
+        finally:
+            browser.terminate()
+            browser.wait(10)
