@@ -168,17 +168,19 @@ def limit_use(conn: sqlite3.Connection, model, hours: int, now: float) -> tuple[
             "SELECT rule, outcome, sum(events), max(waited_ms_max) FROM rate_limit_hourly WHERE hour >= ? "
             "GROUP BY rule, outcome", (since_hour,))}
     last = dict(conn.execute("SELECT rule, max(ts) FROM rate_limit_events WHERE ts >= ? GROUP BY rule", (since,)))
-    recent = conn.execute("SELECT upstream, route, count(*) FROM usage_events WHERE ts >= ? AND cache != 'hit' "
-                          "AND status IS NOT NULL GROUP BY upstream, route", (now - 60,)).fetchall()
-    window = conn.execute("SELECT upstream, route, sum(requests - cache_hits) FROM usage_hourly WHERE hour >= ? "
-                          "GROUP BY upstream, route", (since_hour,)).fetchall()
+    # Forwarded requests per upstream, route and credential kind (a limit may take only one kind).
+    forwarded = ("SELECT upstream, route, credential, count(*) FROM usage_events WHERE ts >= ? AND cache != 'hit' "
+                 "AND status IS NOT NULL AND status != 429 GROUP BY upstream, route, credential")
+    recent = conn.execute(forwarded, (now - 60,)).fetchall()
+    window = conn.execute(forwarded, (since,)).fetchall()
     out = []
     for name, limit in (model.limits if model is not None else {}).items():
         ups = sorted(u for u, up in model.upstreams.items() if name in up.limits)
         rts = sorted(r.name for r in model.routes if name in r.limits and r.upstream not in ups)
 
-        def count(rows) -> int:
-            return sum(n or 0 for upstream, route, n in rows if upstream in ups or route in rts)
+        def count(rows, kind=limit.when_credential) -> int:
+            return sum(n for upstream, route, credential, n in rows
+                       if (upstream in ups or route in rts) and kind in ("any", credential))
         waits = [events[(name, o)][1] for o in ("queued", "refused", "stale") if (name, o) in events]
         out.append(LimitUse(
             name=name, rate_per_second=limit.rate, burst=limit.burst, per=limit.per,

@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from types import SimpleNamespace
 
 import aiohttp
 import pytest
 import requests
-from support import REPO, make_stack
+from support import REPO, make_stack, wait_for, write_test_rules
 from test_control_browser import AppPlexTv, DevTools, start_chromium
 from test_e2e_credentials import RecordingClient
 from test_jobs import Admin
@@ -35,6 +38,21 @@ ARTIFACTS = REPO / "test-artifacts" / "admin-ui"
 def own_stack(fakes, tmp_path):
     """A stack of its own: this test disables a user and decides who signs in first (the admin)."""
     stack = make_stack(tmp_path / "home", fakes).start()
+    try:
+        yield stack
+    finally:
+        assert stack.stop() == 0, stack.logs()
+
+
+@pytest.fixture
+def limited_stack(fakes, tmp_path):
+    """A stack whose default TMDB key has a tight budget: a burst of requests queues, then is refused."""
+    stack = make_stack(tmp_path / "home", fakes)
+
+    def tight(rules: dict) -> None:
+        rules["limits"]["tmdb-default"].update({"rate": "2/s", "burst": 1, "max_wait": 2})
+    write_test_rules(stack.rules_path, stack.plex_port, tight)
+    stack.start()
     try:
         yield stack
     finally:
@@ -154,6 +172,89 @@ async def test_admin_pages_overview_and_users(own_stack, tmp_path):
                 assert friend.get("/api/auth/session").status_code == 401
                 html = await page.evaluate("document.documentElement.outerHTML")
                 assert player.token not in html and json.dumps(PLEX_ACCOUNT_TOKEN_2)[1:-1] not in html
+        finally:
+            browser.terminate()
+            browser.wait(10)
+
+
+TMDB_URL = "https://api.themoviedb.org/3/movie/603"
+
+
+async def test_admin_pages_cache_limits_and_jobs(limited_stack, tmp_path):
+    stack = limited_stack
+    async with AppPlexTv(stack.fakes, PLEX_ACCOUNT_TOKEN) as app_plex_tv:
+        browser, ws_url = await start_chromium(tmp_path / "profile", app_plex_tv.port, tmp_path / "chromium.log")
+        try:
+            async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+                page = DevTools(ws)
+                await page.send("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1,
+                                mobile=False)
+                await _signed_in_page(page, stack.control_url)
+                player = RecordingClient(stack)  # an anonymous TMDB client: the server's key is lent
+
+                # Cache: a URL cached and hit; flushed from the page; the next request for it is a miss.
+                first = await asyncio.to_thread(player.request, "GET", TMDB_URL)
+                second = await asyncio.to_thread(player.request, "GET", TMDB_URL)
+                assert first.status_code == 200 and "fwd=uri-miss" in first.headers["Cache-Status"]
+                assert "; hit" in second.headers["Cache-Status"], second.headers["Cache-Status"]
+                await open_tab(page, stack.control_url + "/admin/cache")
+                await page.wait_for("document.getElementById('cache-table').dataset.loaded", what="cache stats")
+                route = await page.evaluate("document.getElementById('cache-api-tmdb.details').cells[2].textContent")
+                assert int(route) >= 1  # the hit, per route
+                await page.fill("flush-url", TMDB_URL)
+                await page.click("flush-url-button")
+                flush_id = int(await page.wait_for("document.getElementById('cache-message').dataset.flushId",
+                                                   what="the flush queued"))
+                assert "queued" in await page.text("cache-message")
+
+                def applied():
+                    with closing(sqlite3.connect(stack.db_path, timeout=10)) as conn:
+                        return conn.execute("SELECT flushed FROM cache_flush_requests WHERE id = ? AND applied_at "
+                                            "IS NOT NULL", (flush_id,)).fetchone()
+                assert (await asyncio.to_thread(wait_for, applied, 10, what="the proxy to apply the flush"))[0] >= 1
+                third = await asyncio.to_thread(player.request, "GET", TMDB_URL)
+                assert "fwd=uri-miss" in third.headers["Cache-Status"] and "detail=flushed" in third.headers["Cache-Status"]
+                await page.click("cache-refresh")
+                await page.wait_for("document.getElementById('cache-table').rows.length > 0")
+                await screenshot(page, "cache")
+
+                # Jobs: "Run now" adds a run to the job's recent runs.
+                await open_tab(page, stack.control_url + "/admin/jobs")
+                await page.wait_for("document.getElementById('jobs-table').dataset.loaded", what="jobs")
+                before = await page.evaluate("[...document.querySelectorAll('#runs-retention li')].map(l => l.dataset.runId)")
+                await page.click("run-retention")
+                await page.wait_for(f"document.querySelectorAll('#runs-retention li').length > {len(before)} && "
+                                    "document.querySelector('#job-retention .job-status').textContent.startsWith('ok')",
+                                    timeout=60, what="the new run to end")
+                after = await page.evaluate("[...document.querySelectorAll('#runs-retention li')].map(l => l.dataset.runId)")
+                assert len(after) == len(before) + 1 and after[0] not in before
+                assert "manual: ok" in await page.evaluate("document.querySelector('#runs-retention li').textContent")
+                assert "Started retention" in await page.text("jobs-message")
+                await screenshot(page, "jobs")
+
+                # Limits: a burst over the default TMDB key's budget: some wait (queued), the last are refused.
+                def one(i: int) -> int:
+                    return player.request("GET", f"{TMDB_URL}?language=x{i}").status_code
+                with ThreadPoolExecutor(8) as pool:
+                    statuses = await asyncio.to_thread(lambda: list(pool.map(one, range(8))))
+                assert 429 in statuses and 200 in statuses, statuses
+                await open_tab(page, stack.control_url + "/admin/limits")
+                await page.wait_for("document.getElementById('limits-table').dataset.loaded", what="limits")
+                for _ in range(50):
+                    cells = await page.evaluate("[...document.getElementById('limit-tmdb-default').cells]"
+                                                ".map(c => c.textContent.trim())")
+                    if int(cells[8]) and int(cells[9]):
+                        break
+                    await page.click("limits-refresh")
+                    await asyncio.sleep(0.2)
+                name, rate, burst, per, max_wait, taken_by = cells[:6]
+                assert (rate, burst, per, max_wait) == ("2/s", "1", "credential (default key)", "2 s"), cells
+                assert "tmdb" in taken_by.split(", ")
+                assert int(cells[8]) >= 1 and int(cells[9]) == statuses.count(429), cells  # queued, refused
+                assert int(cells[7]) >= 3  # forwarded: the misses that took a slot
+                custom = await page.evaluate("document.getElementById('limit-tmdb-custom').cells[7].textContent")
+                assert custom == "0"  # a user's own key's budget: none of these (the server's key) took it
+                await screenshot(page, "limits")
         finally:
             browser.terminate()
             browser.wait(10)

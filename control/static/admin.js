@@ -56,9 +56,12 @@ function button(id, label, action, extra = {}) {
 }
 
 // Replace a table body's rows, or say it is empty; marks when it was loaded (tests wait on it).
+// Focus stays on the control it was on (a redrawn row gets its button back by id).
 function fill(body, rows, columns, emptyText) {
+  const focused = body.contains(document.activeElement) ? document.activeElement.id : null;
   body.replaceChildren(...(rows.length ? rows
     : [el("tr", {}, el("td", { colspan: String(columns), class: "empty" }, emptyText))]));
+  if (focused && $(focused)) $(focused).focus();
   body.dataset.loaded = String(Date.now());
 }
 
@@ -219,9 +222,155 @@ async function showUsers() {
   await loadUsers();
 }
 
+// --- cache -----------------------------------------------------------------------------------------
+
+function bytes(n) {
+  if (!n) return "0 B";
+  const units = ["B", "KB", "MB", "GB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+async function loadCache() {
+  const result = await api("GET", `/api/cache/stats?hours=${encodeURIComponent($("cache-hours").value)}`);
+  if (!result.ok) { say("cache-message", errorText(result), true); return; }
+  $("cache-buckets").textContent = result.data.buckets.map((b) =>
+    `${b.bucket}: ${b.hits} hits, ${b.misses} misses, ${b.keys} keys, ${bytes(b.bytes)}`).join(" · ");
+  const rows = result.data.routes.map((r) => el("tr", { id: `cache-${r.bucket}-${r.route}` },
+    el("th", { scope: "row" }, r.route),
+    el("td", {}, r.bucket),
+    el("td", { class: "num" }, String(r.hits)),
+    el("td", { class: "num" }, String(r.misses)),
+    el("td", { class: "num" }, String(r.stale)),
+    el("td", { class: "num" }, pct(r.hit_ratio)),
+    el("td", { class: "num" }, String(r.keys)),
+    el("td", { class: "num" }, bytes(r.bytes)),
+    el("td", { class: "num" }, bytes(r.bytes_saved)),
+    el("td", { class: "num" }, String(r.evictions)),
+    el("td", {}, button(`flush-route-${r.route}`, "Flush route", () => flush("route", r.route),
+                        { "aria-label": `Flush every entry of route ${r.route}`, disabled: r.bucket !== "api" }))));
+  fill($("cache-table"), rows, 11, "Nothing cached or served from the cache in this window.");
+}
+
+async function flush(target, value) {
+  const result = await api("POST", "/api/cache/flush", { target, value });
+  say("cache-message", result.ok ? `Flush #${result.data.id} of ${target === "url" ? "the URL" : `${target} ${value}`} queued: `
+    + "the proxy applies it within a second." : errorText(result), !result.ok);
+  if (result.ok && target === "url") $("flush-url").value = "";
+  $("cache-message").dataset.flushId = result.ok ? String(result.data.id) : "";
+  setTimeout(loadCache, 1500);
+}
+
+async function showCache() {
+  $("flush-url-button").addEventListener("click", () => {
+    const url = $("flush-url").value.trim();
+    if (!url) { say("cache-message", "Type the URL first.", true); $("flush-url").focus(); return; }
+    flush("url", url);
+  });
+  $("cache-refresh").addEventListener("click", loadCache);
+  $("cache-hours").addEventListener("change", loadCache);
+  await loadCache();
+}
+
+// --- limits ----------------------------------------------------------------------------------------
+
+function rate(perSecond) {
+  if (perSecond >= 1) return `${Number(perSecond.toFixed(2))}/s`;
+  if (perSecond * 60 >= 1) return `${Number((perSecond * 60).toFixed(2))}/min`;
+  return `${Number((perSecond * 3600).toFixed(2))}/h`;
+}
+
+async function loadLimits() {
+  const result = await api("GET", `/api/admin/limits?hours=${encodeURIComponent($("limits-hours").value)}`);
+  if (!result.ok) { say("page-message", errorText(result), true); return; }
+  $("limits-problem").hidden = !result.data.rules_problem;
+  $("limits-problem").textContent = result.data.rules_problem ? `rules.yaml was not applied:\n${result.data.rules_problem}` : "";
+  const rows = result.data.limits.map((l) => {
+    const perMinute = l.rate_per_second * 60;
+    const busy = l.forwarded_last_minute >= perMinute;
+    return el("tr", { id: `limit-${l.name}` },
+      el("th", { scope: "row" }, l.name),
+      el("td", {}, rate(l.rate_per_second)),
+      el("td", { class: "num" }, String(l.burst)),
+      el("td", {}, l.per + (l.when_credential !== "any" ? ` (${l.when_credential} key)` : "")),
+      el("td", { class: "num" }, `${l.max_wait_seconds} s`),
+      el("td", {}, [...l.upstreams, ...l.routes].join(", ")),
+      el("td", { class: "num", title: `at most ${Math.round(perMinute)} a minute sustained per ${l.per}` },
+         String(l.forwarded_last_minute), busy ? " " : null, busy ? badge("at rate", "warn") : null),
+      el("td", { class: "num" }, String(l.forwarded)),
+      el("td", { class: "num limit-queued" }, String(l.queued)),
+      el("td", { class: "num limit-refused" }, l.refused ? badge(String(l.refused), "bad") : "0"),
+      el("td", { class: "num" }, String(l.stale)),
+      el("td", { class: "num" }, l.waited_ms_max === null ? "" : `${Math.round(l.waited_ms_max)} ms`));
+  });
+  fill($("limits-table"), rows, 12, "rules.yaml declares no limits.");
+  const other = result.data.other.map((o) => el("tr", {},
+    el("th", { scope: "row" }, o.rule), el("td", {}, o.outcome), el("td", { class: "num" }, String(o.events))));
+  fill($("throttles-table"), other, 3, "None in this window.");
+}
+
+async function showLimits() {
+  $("limits-refresh").addEventListener("click", loadLimits);
+  $("limits-hours").addEventListener("change", loadLimits);
+  await loadLimits();
+  every(10000, loadLimits);
+}
+
+// --- jobs ------------------------------------------------------------------------------------------
+
+function runText(run) {
+  return `${run.status} ${when(run.ended_at || run.started_at)}`;
+}
+
+async function loadJobs() {
+  const result = await api("GET", "/api/jobs");
+  if (!result.ok) { say("jobs-message", errorText(result), true); return; }
+  const problem = result.data.rules_problem;
+  const warnings = result.data.rules_warnings || [];
+  $("jobs-problem").hidden = !problem && !warnings.length;
+  $("jobs-problem").textContent = [problem ? `rules.yaml was not applied:\n${problem}` : "", ...warnings]
+    .filter(Boolean).join("\n");
+  const rows = result.data.jobs.map((job) => {
+    const last = job.last_run;
+    const status = job.running ? "running" : last ? runText(last) : "never";
+    const kind = job.running ? "info" : !last ? "warn" : last.status === "ok" ? "ok" : "bad";
+    const recent = el("details", { class: "runs" }, el("summary", {}, `${job.recent_runs.length} run(s)`),
+      el("ul", { id: `runs-${job.name}` }, ...job.recent_runs.map((run) => el("li", { dataset: { runId: String(run.id) } },
+        `#${run.id} ${run.trigger}: ${runText(run)}${run.items !== null ? `, ${run.items} item(s)` : ""}`
+        + (run.error ? ` (${run.error})` : "")))));
+    return el("tr", { id: `job-${job.name}` },
+      el("th", { scope: "row", title: job.summary }, job.name),
+      el("td", {}, job.enabled ? job.schedule : "disabled"),
+      el("td", {}, when(job.next_run_at)),
+      el("td", {}, el("span", { class: `job-status badge ${kind}`, title: last && last.error ? last.error : null }, status)),
+      el("td", { class: "num" }, last && last.items !== null ? String(last.items) : ""),
+      el("td", {}, recent),
+      el("td", {}, button(`run-${job.name}`, "Run now", () => runJob(job.name),
+                          { disabled: job.running, "aria-label": `Run ${job.name} now` })));
+  });
+  fill($("jobs-table"), rows, 7, "No jobs.");
+}
+
+async function runJob(name) {
+  const result = await api("POST", `/api/jobs/${encodeURIComponent(name)}/run`);
+  say("jobs-message", result.ok ? `Started ${name} (run #${result.data.id}).` : errorText(result), !result.ok);
+  for (let i = 0; i < 60; i++) {  // follow the run until it ends (two minutes at most)
+    await loadJobs();
+    const status = document.querySelector(`#job-${CSS.escape(name)} .job-status`);
+    if (status && status.textContent !== "running") break;
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+  }
+}
+
+async function showJobs() {
+  $("jobs-refresh").addEventListener("click", loadJobs);
+  await loadJobs();
+}
+
 // --- the shell -------------------------------------------------------------------------------------
 
-const TABS = { overview: showOverview, users: showUsers };
+const TABS = { overview: showOverview, users: showUsers, cache: showCache, limits: showLimits, jobs: showJobs };
 
 function currentTab() {
   const name = window.location.pathname.replace(/\/+$/, "").split("/")[2] || "overview";
