@@ -1,5 +1,6 @@
 """The admin pages (`/admin`, `/admin/users`, `/admin/cache`, `/admin/limits`, `/admin/jobs`) and the
-two JSON views only they need: what is playing now, and each rate limit with its recent use.
+JSON views only they need: what is playing now, each rate limit with its recent use, and whether
+each service's listener answers.
 
 The pages are one static shell (control/static/admin.html and its script and style, no build step,
 no inline script: the strict CSP holds); the script picks the tab from the URL and talks to the JSON
@@ -10,6 +11,7 @@ that links to the sign-in, a signed-in user who is not an admin a 403 page.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import sqlite3
 import time
@@ -18,7 +20,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from .keys import LIVE_RULES
+from .keys import CONFIG, LIVE_RULES
 from .openapi import ADMIN, Api, Call
 from .page import STATIC_DIR
 from .sessions import apply_renewal, authenticate
@@ -206,3 +208,49 @@ async def admin_limits(request: web.Request, call: Call) -> Limits:
     limits, other = await query(request.app, limit_use, rules.model if rules is not None else None,
                                 call.query.hours, time.time())
     return Limits(since_hours=call.query.hours, rules_problem=live.problem, limits=limits, other=other)
+
+
+# --- the services' listeners ---------------------------------------------------------------------
+
+class ServiceCheck(BaseModel):
+    name: str
+    address: str
+    ok: bool
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+class Services(BaseModel):
+    services: list[ServiceCheck]
+
+
+SERVICE_TIMEOUT = 2.0
+
+
+async def _tcp_check(name: str, host: str, port: int) -> ServiceCheck:
+    """Whether something accepts connections there: the proxy and the dashboard run in other processes
+    (or threads) this one cannot ask, and a listening socket is what a player or a browser needs."""
+    address = f"{host}:{port}"
+    started = time.perf_counter()
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), SERVICE_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        return ServiceCheck(name=name, address=address, ok=False,
+                            error="timeout" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__))
+    writer.close()
+    return ServiceCheck(name=name, address=address, ok=True, latency_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+@api.get("/api/admin/services", summary="Whether each service's listener accepts connections (proxy, Plex "
+         "listeners, dashboard)", access=ADMIN, response=Services)
+async def admin_services(request: web.Request, call: Call) -> Services:
+    config = request.app[CONFIG]
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host  # noqa: S104  (a wildcard bind)
+    targets = [("explicit proxy", config.proxy_port)]
+    rules = await request.app[LIVE_RULES].get()
+    for name, up in (rules.model.upstreams.items() if rules is not None else ()):
+        if up.kind == "plex-server" and up.listen:
+            targets.append((f"Plex listener ({name})", up.listen))
+    if config.dashboard_port:
+        targets.append(("dashboard", config.dashboard_port))
+    return Services(services=list(await asyncio.gather(*(_tcp_check(n, host, p) for n, p in targets))))

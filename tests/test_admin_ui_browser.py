@@ -137,6 +137,8 @@ async def test_admin_pages_overview_and_users(own_stack, tmp_path):
                                     what="the Plex server's check")
                 health = dict(r.split("|", 1) for r in await page.evaluate(rows("health-table")))
                 assert health["TMDB"].startswith("ok") and health["Database (SQLite)"].startswith("ok"), health
+                assert health["Explicit proxy"].startswith(f"ok|127.0.0.1:{stack.proxy_port} accepts"), health
+                assert health["Dashboard"].startswith("ok") and health["Plex listener (plex)"].startswith("ok"), health
                 await page.wait_for("document.getElementById('today-requests').dataset.loaded")
                 assert int(await page.text("today-requests")) > 0
                 # Live: another report moves the progress without a reload.

@@ -121,7 +121,8 @@ function healthRow(id, what, ok, detail, neutral = false) {
 }
 
 async function loadHealth() {
-  const [health, setup] = await Promise.all([api("GET", "/health"), api("GET", "/api/setup")]);
+  const [health, setup, services] = await Promise.all([api("GET", "/health"), api("GET", "/api/setup"),
+                                                       api("GET", "/api/admin/services")]);
   const rows = [];
   if (health.data) {
     const db = health.data.db;
@@ -138,12 +139,18 @@ async function loadHealth() {
     rows.push(healthRow("trakt", "Trakt", setup.data.trakt.ok, setup.data.trakt.detail));
     rows.push(healthRow("ca", "Proxy CA certificate", setup.data.ca.ready,
       setup.data.ca.ready ? `SHA-256 ${setup.data.ca.sha256}` : "not created yet: start the proxy once"));
-    rows.push(healthRow("proxy", "Explicit proxy", true, `${setup.data.proxy} (PAC: ${setup.data.pac_url})`, true));
     for (const player of setup.data.player_urls || []) {
-      rows.push(healthRow(`listener-${player.upstream}`, `Player URL (${player.upstream})`, true, player.url, true));
+      rows.push(healthRow(`player-url-${player.upstream}`, `Player's Plex URL (${player.upstream})`, true, player.url, true));
     }
     $("health-problem").hidden = !setup.data.rules_problem;
     $("health-problem").textContent = setup.data.rules_problem || "";
+  }
+  if (services.ok) {
+    for (const [i, service] of services.data.services.entries()) {
+      rows.push(healthRow(`service-${i}`, service.name[0].toUpperCase() + service.name.slice(1), service.ok,
+        service.ok ? `${service.address} accepts connections (${service.latency_ms} ms)`
+                   : `${service.address}: ${service.error}`));
+    }
   }
   fill($("health-table"), rows, 3, "No checks answered.");
 }
