@@ -116,6 +116,9 @@ async def test_admin_pages_overview_and_users(own_stack, tmp_path):
                 assert await page.evaluate("document.getElementById('sign-in-link').getAttribute('href')") == "/"
 
                 await _signed_in_page(page, stack.control_url)  # the first user: the admin
+                await page.wait_for("document.getElementById('tmdb-status').textContent !== ''", what="settings")
+                assert await page.evaluate("document.getElementById('admin-link').hidden") is False
+                await screenshot(page, "settings")
                 friend = Admin(SimpleNamespace(url=stack.control_url), stack.fakes, PLEX_ACCOUNT_TOKEN_2)
                 refused = friend.get("/admin")
                 assert refused.status_code == 403 and "Admins only" in refused.text

@@ -53,6 +53,9 @@ async function loadSettings() {
   $("tmdb-status").textContent = tmdb.custom_key ? "your own key" : "the server's key";
   $("tmdb-bearer").textContent = tmdb.bearer;
   $("trakt-status").textContent = result.data.trakt_connected ? "connected" : "not connected";
+  // Buttons match the state: nothing to remove or disconnect until there is something.
+  $("tmdb-remove").disabled = !tmdb.custom_key;
+  $("trakt-disconnect").disabled = !result.data.trakt_connected;
   $("watchlist-sync").value = result.data.watchlist_sync || "off";
   const again = result.data.sign_in_again || [];  // stored tokens the token-health job found revoked
   $("sign-in-again").hidden = again.length === 0;
