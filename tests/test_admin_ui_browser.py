@@ -67,6 +67,26 @@ async def screenshot(page: DevTools, name: str) -> Path:
     return path
 
 
+UNNAMED_CONTROLS = """[...document.querySelectorAll('a[href], button, input, select, textarea')]
+  .filter(e => !e.closest('[hidden]'))
+  .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+  .map(e => e.id || e.outerHTML.slice(0, 80))"""
+
+
+async def check_keyboard_basics(page: DevTools) -> None:
+    """Every visible control has a name (label, aria-label or text); Tab reaches the skip link first,
+    and keyboard focus is drawn."""
+    assert await page.evaluate(UNNAMED_CONTROLS) == []
+    await page.evaluate("document.activeElement && document.activeElement.blur()")
+    for kind in ("keyDown", "keyUp"):
+        await page.send("Input.dispatchKeyEvent", type=kind, key="Tab", code="Tab", windowsVirtualKeyCode=9)
+    focused = await page.evaluate("(() => { const e = document.activeElement; const s = getComputedStyle(e);"
+                                  " return [e.tagName, e.textContent.trim(), s.outlineStyle, s.outlineWidth]; })()")
+    assert focused[0] in ("A", "BUTTON") and focused[2:] == ["solid", "3px"], focused
+    assert await page.evaluate("document.querySelector('a[href], button, input, select').className") == "skip"
+    await page.send("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape")
+
+
 async def open_tab(page: DevTools, url: str) -> None:
     await page.send("Page.navigate", url=url)
     await page.wait_for("document.body && document.body.dataset.ready === 'true'", what=f"the page {url}")
@@ -150,6 +170,7 @@ async def test_admin_pages_overview_and_users(own_stack, tmp_path):
                     "duration": "8160000"})
                 await page.wait_for(f"{rows('activity-table')}.some(r => r.includes('|paused|10:00 / 2:16:00'))",
                                     timeout=15, what="the live activity to refresh")
+                await check_keyboard_basics(page)
                 await screenshot(page, "overview")
 
                 # Users: the friend's sessions and devices; disable them, and their player gets Plex's 401.
@@ -165,6 +186,7 @@ async def test_admin_pages_overview_and_users(own_stack, tmp_path):
                 await page.wait_for("document.getElementById('sessions-table').dataset.loaded", what="sessions")
                 assert "1 live session(s)" in await page.text("sessions-summary")
                 assert await page.evaluate("document.activeElement.id") == "sessions-title"
+                await check_keyboard_basics(page)
                 await screenshot(page, "users")
                 assert player.get("/library/sections").status_code == 200
                 await page.click(f"toggle-{friend_id}")
@@ -219,8 +241,17 @@ async def test_admin_pages_cache_limits_and_jobs(limited_stack, tmp_path):
                 assert (await asyncio.to_thread(wait_for, applied, 10, what="the proxy to apply the flush"))[0] >= 1
                 third = await asyncio.to_thread(player.request, "GET", TMDB_URL)
                 assert "fwd=uri-miss" in third.headers["Cache-Status"] and "detail=flushed" in third.headers["Cache-Status"]
+                # A route flushed from its row.
+                await page.click("flush-route-tmdb.details")
+                await page.wait_for("document.getElementById('cache-message').textContent.includes('route tmdb.details')",
+                                    what="the route flush queued")
+                route_flush = int(await page.evaluate("document.getElementById('cache-message').dataset.flushId"))
+                with closing(sqlite3.connect(stack.db_path, timeout=10)) as conn:
+                    assert conn.execute("SELECT target, value FROM cache_flush_requests WHERE id = ?",
+                                        (route_flush,)).fetchone() == ("route", "tmdb.details")
                 await page.click("cache-refresh")
                 await page.wait_for("document.getElementById('cache-table').rows.length > 0")
+                await check_keyboard_basics(page)
                 await screenshot(page, "cache")
 
                 # Jobs: "Run now" adds a run to the job's recent runs.
@@ -235,6 +266,7 @@ async def test_admin_pages_cache_limits_and_jobs(limited_stack, tmp_path):
                 assert len(after) == len(before) + 1 and after[0] not in before
                 assert "manual: ok" in await page.evaluate("document.querySelector('#runs-retention li').textContent")
                 assert "Started retention" in await page.text("jobs-message")
+                await check_keyboard_basics(page)
                 await screenshot(page, "jobs")
 
                 # Limits: a burst over the default TMDB key's budget: some wait (queued), the last are refused.
@@ -259,6 +291,7 @@ async def test_admin_pages_cache_limits_and_jobs(limited_stack, tmp_path):
                 assert int(cells[7]) >= 3  # forwarded: the misses that took a slot
                 custom = await page.evaluate("document.getElementById('limit-tmdb-custom').cells[7].textContent")
                 assert custom == "0"  # a user's own key's budget: none of these (the server's key) took it
+                await check_keyboard_basics(page)
                 await screenshot(page, "limits")
         finally:
             browser.terminate()

@@ -256,7 +256,7 @@ async function loadCache() {
     el("td", { class: "num" }, bytes(r.bytes_saved)),
     el("td", { class: "num" }, String(r.evictions)),
     el("td", {}, button(`flush-route-${r.route}`, "Flush route", () => flush("route", r.route),
-                        { "aria-label": `Flush every entry of route ${r.route}`, disabled: r.bucket !== "api" }))));
+                        { "aria-label": `Flush every entry of route ${r.route}` }))));
   fill($("cache-table"), rows, 11, "Nothing cached or served from the cache in this window.");
 }
 
