@@ -254,3 +254,30 @@ async def admin_services(request: web.Request, call: Call) -> Services:
     if config.dashboard_port:
         targets.append(("dashboard", config.dashboard_port))
     return Services(services=list(await asyncio.gather(*(_tcp_check(n, host, p) for n, p in targets))))
+
+
+# --- refused sign-ins (who is admitted is Plex's sharing, not a list here) ----------------------
+
+class RefusalReason(BaseModel):
+    reason: str = Field(description="Why the sign-in was refused (admission.py), e.g. `not_shared`, `disabled`.")
+    refusals: int
+    last_hour: str = Field(description="The last hour (UTC, `YYYY-MM-DDTHH:00`) with a refusal for this reason.")
+
+
+class SignInRefusals(BaseModel):
+    since_hours: int
+    reasons: list[RefusalReason]
+
+
+def sign_in_refusals(conn: sqlite3.Connection, hours: int, now: float) -> SignInRefusals:
+    since_hour = time.strftime("%Y-%m-%dT%H:00", time.gmtime(now - hours * 3600))
+    return SignInRefusals(since_hours=hours, reasons=[
+        RefusalReason(reason=r[0], refusals=r[1], last_hour=r[2]) for r in conn.execute(
+            "SELECT reason, sum(refusals), max(hour) FROM sign_in_refusals WHERE hour >= ? GROUP BY reason "
+            "ORDER BY sum(refusals) DESC", (since_hour,))])
+
+
+@api.get("/api/admin/sign-in-refusals", summary="Refused sign-ins per reason (counts only, no accounts)",
+         access=ADMIN, query=LimitWindowQuery, response=SignInRefusals)
+async def admin_sign_in_refusals(request: web.Request, call: Call) -> SignInRefusals:
+    return await query(request.app, sign_in_refusals, call.query.hours, time.time())

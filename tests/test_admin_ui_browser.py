@@ -27,7 +27,7 @@ from test_e2e_credentials import RecordingClient
 from test_jobs import Admin
 from test_jobs_browser import _signed_in_page
 
-from fake_upstreams.data import PLEX_ACCOUNT_TOKEN, PLEX_ACCOUNT_TOKEN_2
+from fake_upstreams.data import PLEX_ACCOUNT_TOKEN, PLEX_ACCOUNT_TOKEN_2, PLEX_ACCOUNT_TOKEN_STRANGER
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -144,6 +144,11 @@ async def test_admin_pages_overview_and_users(own_stack, tmp_path):
                 assert refused.status_code == 403 and "Admins only" in refused.text
                 assert "text/html" in refused.headers["Content-Type"]
                 assert friend.get("/api/admin/activity").status_code == 403
+                stranger = requests.Session()  # an account the server is not shared with: refused, and counted
+                stranger.trust_env = False
+                pin = stranger.post(stack.control_url + "/api/auth/plex", timeout=10).json()["pin_id"]
+                stack.fakes.plextv.link_pin(pin, account_token=PLEX_ACCOUNT_TOKEN_STRANGER)
+                assert stranger.get(f"{stack.control_url}/api/auth/plex/{pin}", timeout=10).status_code == 403
                 player = await asyncio.to_thread(FriendsPlayer, stack)
                 await asyncio.to_thread(player.play)
 
@@ -182,6 +187,9 @@ async def test_admin_pages_overview_and_users(own_stack, tmp_path):
                 assert set(names) == {"mrandersson", "trinity_k"}
                 friend_id = names["trinity_k"]
                 assert await page.evaluate(f"document.getElementById('toggle-{names['mrandersson']}').disabled")
+                await page.wait_for("document.getElementById('refusals-table').dataset.loaded", what="refusals")
+                assert (await page.evaluate(rows("refusals-table")))[0].startswith("not shared: the Plex server is "
+                                                                                   "not shared with the account|1|")
                 await page.click(f"sessions-{friend_id}")
                 await page.wait_for("document.getElementById('sessions-table').dataset.loaded", what="sessions")
                 assert "1 live session(s)" in await page.text("sessions-summary")

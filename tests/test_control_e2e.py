@@ -39,7 +39,7 @@ REAL_SECRETS = (PLEX_ACCOUNT_TOKEN, PLEX_ACCOUNT_TOKEN_2, PLEX_SERVER_TOKEN, PLE
                 TMDB_V4_TOKEN, TRAKT_ACCESS_TOKEN, TRAKT_REFRESH_TOKEN, TRAKT_CLIENT_SECRET)
 ADMIN_ROUTES = ("/api/admin/users", "/api/admin/stats/usage", "/api/admin/stats/performance",
                 "/api/admin/stats/errors", "/api/admin/activity", "/api/admin/limits",
-                "/api/admin/services")
+                "/api/admin/services", "/api/admin/sign-in-refusals")
 _addresses = itertools.count(10)
 _address_lock = threading.Lock()
 

@@ -225,8 +225,24 @@ async function loadSessions(user, focus) {
   if (focus) $("sessions-title").focus();
 }
 
+const REFUSAL_REASONS = {
+  not_shared: "not shared: the Plex server is not shared with the account",
+  not_allowed: "not allowed: not in PROJECTIONIST_ALLOWED_USERS",
+  disabled: "disabled: an admin disabled the user",
+};
+
+async function loadRefusals() {
+  const result = await api("GET", "/api/admin/sign-in-refusals?hours=168");
+  if (!result.ok) return;
+  const rows = result.data.reasons.map((r) => el("tr", { id: `refusal-${r.reason}` },
+    el("th", { scope: "row" }, REFUSAL_REASONS[r.reason] || r.reason),
+    el("td", { class: "num" }, String(r.refusals)),
+    el("td", {}, r.last_hour)));
+  fill($("refusals-table"), rows, 3, "No sign-in was refused.");
+}
+
 async function showUsers() {
-  await loadUsers();
+  await Promise.all([loadUsers(), loadRefusals()]);
 }
 
 // --- cache -----------------------------------------------------------------------------------------
