@@ -265,15 +265,20 @@ async def test_admin_pages_cache_limits_and_jobs(limited_stack, tmp_path):
                 # Jobs: "Run now" adds a run to the job's recent runs.
                 await open_tab(page, stack.control_url + "/admin/jobs")
                 await page.wait_for("document.getElementById('jobs-table').dataset.loaded", what="jobs")
-                before = await page.evaluate("[...document.querySelectorAll('#runs-retention li')].map(l => l.dataset.runId)")
-                await page.click("run-retention")
-                await page.wait_for(f"document.querySelectorAll('#runs-retention li').length > {len(before)} && "
-                                    "document.querySelector('#job-retention .job-status').textContent.startsWith('ok')",
+                for _ in range(100):  # a run at start-up may still be going: "Run now" waits for it to end
+                    if not await page.evaluate("document.getElementById('run-cache-cleanup').disabled"):
+                        break
+                    await page.click("jobs-refresh")
+                    await asyncio.sleep(0.3)
+                before = await page.evaluate("[...document.querySelectorAll('#runs-cache-cleanup li')].map(l => l.dataset.runId)")
+                await page.click("run-cache-cleanup")
+                await page.wait_for(f"document.querySelectorAll('#runs-cache-cleanup li').length > {len(before)} && "
+                                    "document.querySelector('#job-cache-cleanup .job-status').textContent.startsWith('ok')",
                                     timeout=60, what="the new run to end")
-                after = await page.evaluate("[...document.querySelectorAll('#runs-retention li')].map(l => l.dataset.runId)")
+                after = await page.evaluate("[...document.querySelectorAll('#runs-cache-cleanup li')].map(l => l.dataset.runId)")
                 assert len(after) == len(before) + 1 and after[0] not in before
-                assert "manual: ok" in await page.evaluate("document.querySelector('#runs-retention li').textContent")
-                assert "Started retention" in await page.text("jobs-message")
+                assert "manual: ok" in await page.evaluate("document.querySelector('#runs-cache-cleanup li').textContent")
+                assert "Started cache-cleanup" in await page.text("jobs-message")
                 await check_keyboard_basics(page)
                 await screenshot(page, "jobs")
 
