@@ -111,6 +111,9 @@ async function loadActivity() {
       el("td", { class: "play-client" }, play.client || ""));
   });
   fill($("activity-table"), rows, 6, "Nothing is playing.");
+  // Announced only when the count changes (not the table every 3 s).
+  const summary = `${rows.length} playing now.`;
+  if ($("activity-summary").textContent !== summary) $("activity-summary").textContent = summary;
 }
 
 function healthRow(id, what, ok, detail, neutral = false) {
