@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
@@ -62,12 +63,14 @@ const clientId = crypto.randomUUID();  // a fresh profile: a new client identifi
 const plexHeaders = {Accept: "application/json", "X-Plex-Client-Identifier": clientId, "X-Plex-Product": "Player",
                      "X-Plex-Platform": "Chrome", "X-Plex-Device": "Linux"};
 const tmdbHeaders = {Authorization: "Bearer " + cfg.tmdbBearer, Accept: "application/json"};
+report.answers429 = 0;  // 429s this person's page received (any maker)
 let plex = cfg.plexUrl, plexToken = cfg.plexToken;
 const q = () => `X-Plex-Token=${plexToken}&X-Plex-Client-Identifier=${clientId}&X-Plex-Product=Player`;
 async function get(url, options) {
   try {
     const r = await fetch(url, options);
     const text = await r.text();
+    if (r.status === 429) report.answers429++;
     if (!r.ok) report.failures.push(r.status + " " + url.split("?")[0]);
     return text.startsWith("{") || text.startsWith("[") ? JSON.parse(text) : {};
   } catch (e) { report.failures.push("error " + url.split("?")[0] + " " + e); return {}; }
@@ -94,7 +97,8 @@ async function step(name, fn) {
 }
 async function signIn() {
   const pin = await get(`${cfg.plextv}/api/v2/pins?strong=true`, {method: "POST", headers: plexHeaders});
-  await fetch(`${cfg.linkUrl}/test/link/${pin.id}`, {method: "POST"});  // the user approves on app.plex.tv
+  const account = cfg.accountToken ? `?account_token=${cfg.accountToken}` : "";
+  await fetch(`${cfg.linkUrl}/test/link/${pin.id}${account}`, {method: "POST"});  // the user approves on app.plex.tv
   let token = null;
   for (let i = 0; i < 50 && !token; i++) {
     token = (await get(`${cfg.plextv}/api/v2/pins/${pin.id}`, {headers: plexHeaders})).authToken;
@@ -107,6 +111,10 @@ async function signIn() {
   const server = resources.find(r => r.provides.includes("server"));
   plex = server.connections[0].uri; plexToken = server.accessToken;
   cfg.accountToken = token;
+  if (cfg.tmdbBearerFromSignIn) {  // the TMDB value the settings page shows this user: their own surrogate
+    const minted = await (await fetch("/bearer", {method: "POST", body: JSON.stringify({token})})).json();
+    if (minted.bearer) { tmdbHeaders.Authorization = "Bearer " + minted.bearer; report.userId = minted.userId; }
+  }
 }
 async function home() {
   const [sections, onDeck, recent, trending, trendingTv, popular] = await Promise.all([
@@ -119,7 +127,8 @@ async function home() {
                 ...posters(popular.results || [])]);
   report.sectionKeys = items(sections).map(s => s.key);
   report.ratingKeys = items(recent).map(m => m.ratingKey).slice(0, 2);
-  report.tmdbIds = (trending.results || []).map(m => m.id).slice(0, 2);
+  const ids = (trending.results || []).map(m => m.id);  // each person opens titles of their own
+  report.tmdbIds = ids.length ? (cfg.titles || [0, 1]).map(i => ids[i %% ids.length]) : [];
 }
 async function library() {
   const key = (report.sectionKeys || ["1"])[0];
@@ -143,7 +152,7 @@ async function details() {
   }
 }
 async function search() {
-  const word = "matrix";
+  const word = cfg.searchWord || "matrix";
   for (let n = 1; n <= word.length; n++) {
     const typed = encodeURIComponent(word.slice(0, n));
     await Promise.all([px(`/hubs/search?query=${typed}&limit=30`), px(`/search?type=1&query=${typed}`),
@@ -189,8 +198,8 @@ main();
 class Origin:
     """The player's origin: serves the page, receives its report (own thread and loop)."""
 
-    def __init__(self, page: str) -> None:
-        self.page, self.port = page, free_port()
+    def __init__(self, page: str, mint=None) -> None:
+        self.page, self.port, self.mint = page, free_port(), mint
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.report: asyncio.Future | None = None
@@ -213,8 +222,14 @@ class Origin:
                 self.report.set_result(await request.json())
             return web.Response(text="ok")
 
+        async def bearer(request):  # what the settings page shows the signed-in user as TMDB key
+            token = (await request.json()).get("token")
+            minted = self.mint(token) if self.mint and token else None
+            return web.json_response({"bearer": minted[0], "userId": minted[1]} if minted else {})
+
         app = web.Application()
         app.router.add_get("/", index)
+        app.router.add_post("/bearer", bearer)
         app.router.add_post("/report", report)
         self.runner = web.AppRunner(app, access_log=None)
         self.loop.run_until_complete(self.runner.setup())
@@ -238,14 +253,30 @@ def spki_hash(ca_path: Path) -> str:
     return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
-def run_browser(config: dict, profile: Path, proxy: ProxyProcess | None, timeout: float) -> dict:
+def tmdb_minter(proxy: ProxyProcess):
+    """The user's TMDB surrogate for a signed-in player's account surrogate, as control/settings.py
+    hands it out (the proxy alone runs here; the same vault, in the proxy's home)."""
+    from control.settings import tmdb_bearer
+    from projectionist.vault import SecretBox, Vault
+
+    def mint(account_surrogate: str) -> tuple[str, int] | None:
+        vault = Vault(proxy.db_path, SecretBox.load(proxy.home))
+        try:
+            entry = vault.resolve(account_surrogate)
+            return (tmdb_bearer(vault, entry.user_id), entry.user_id) if entry and entry.user_id else None
+        finally:
+            vault.close()
+    return mint
+
+
+def run_browser(config: dict, profile: Path, proxy: ProxyProcess | None, timeout: float, mint=None) -> dict:
     args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             f"--user-data-dir={profile}", "--remote-debugging-port=0"]
     if proxy is not None:
         args += [f"--proxy-server={proxy.proxy_url}",
                  f"--ignore-certificate-errors-spki-list={spki_hash(proxy.home / 'mitmproxy' / 'mitmproxy-ca-cert.pem')}"]
-    with Origin(PAGE % {"config": json.dumps(config)}) as origin:
+    with Origin(PAGE % {"config": json.dumps(config)}, mint) as origin:
         browser = subprocess.Popen([*args, f"http://127.0.0.1:{origin.port}/"], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         try:
@@ -298,16 +329,22 @@ def warm_run(db: Path, timeout: float) -> int:
         conn.close()
 
 
-def session_stats(db: Path, since: float, until: float) -> dict:
+def session_stats(db: Path, since: float, until: float, user_id: int | None = None) -> dict:
+    """The session's figures from usage_events and rate_limit_events; with `user_id`, that account's rows
+    only (the person's: people sharing an account share them; images carry no user)."""
+    who, args = ("", ()) if user_id is None else (" AND user_id = ?", (user_id,))
     conn = sqlite3.connect(db)
     try:
         rows = conn.execute("SELECT cache, cache_reason, status, method, route FROM usage_events WHERE ts >= ? AND ts < ? "
-                            "AND listener != 'warm'",
-                            (since, until)).fetchall()
+                            "AND listener != 'warm'" + who,
+                            (since, until, *args)).fetchall()
+        # The warmer's refusals are not recorded (it yields); its requests carry no user.
         queued = conn.execute("SELECT count(*), max(waited_ms) FROM rate_limit_events WHERE outcome = 'queued' "
-                              "AND ts >= ? AND ts < ?", (since, until)).fetchone()
+                              "AND ts >= ? AND ts < ?" + who, (since, until, *args)).fetchone()
         refused = conn.execute("SELECT count(*) FROM rate_limit_events WHERE outcome IN ('refused', 'stale') "
-                               "AND ts >= ? AND ts < ?", (since, until)).fetchone()[0]
+                               "AND ts >= ? AND ts < ?" + who, (since, until, *args)).fetchone()[0]
+        stale = conn.execute("SELECT count(*) FROM rate_limit_events WHERE outcome = 'stale' "
+                             "AND ts >= ? AND ts < ?" + who, (since, until, *args)).fetchone()[0]
     finally:
         conn.close()
     player = [r for r in rows if r[3] != "OPTIONS"]  # preflights are the browser's, not the player's
@@ -322,15 +359,29 @@ def session_stats(db: Path, since: float, until: float) -> dict:
         "misses_by_route": dict(Counter(r[4] or "none" for r in cacheable if r[0] == "miss").most_common()),
         "not_cacheable_by_reason": dict(Counter(r[1] or "none" for r in player if r[0] not in ("hit", "stale", "miss"))
                                         .most_common()),
-        "projectionist_429": refused,
+        "projectionist_429": refused - stale,  # a refused slot answered with stale data is no 429
+        "stale_for_refused_slot": stale,
         "answers_429": sum(1 for r in player if r[2] == 429),
         "queued": queued[0], "longest_queue_wait_ms": queued[1],
     }
 
 
+SEARCH_WORDS = ("matrix", "dune", "arrival", "inception", "blade")
+PERSON_FIGURES = ("projectionist_429", "queued", "longest_queue_wait_ms", "hit_ratio_cacheable", "cacheable", "requests")
+
+
+def person_config(base: dict, i: int) -> dict:
+    """Person i: the same pages, their own account (the fakes have two; a third person reuses one,
+    in its own profile with its own client identifier), their own titles and search word."""
+    from fake_upstreams.data import ACCOUNTS
+    account = ACCOUNTS[i % len(ACCOUNTS)]
+    return {**base, "accountToken": account.account_token, "account": account.username,
+            "titles": [2 * i, 2 * i + 1], "searchWord": SEARCH_WORDS[i % len(SEARCH_WORDS)]}
+
+
 def bench(args) -> dict:
     assert CHROMIUM, "Chromium is missing: apt-get install chromium (.ci/run does)"
-    report: dict = {"latency": args.latency}
+    report: dict = {"latency": args.latency, "people": args.people}
     with tempfile.TemporaryDirectory(prefix="pj-browse-") as tmp, Fakes(args.latency) as fakes:
         overrides = {FAKE_TO_RULES[name]: url for name, url in fakes.urls.items()}
         with ProxyProcess(overrides) as proxy:
@@ -338,18 +389,43 @@ def bench(args) -> dict:
                       "plextv": "https://plex.tv", "discover": "https://discover.provider.plex.tv",
                       "tmdb": "https://api.themoviedb.org", "images": "https://image.tmdb.org",
                       "linkUrl": fakes.urls["plextv"], "thinkMs": int(args.think * 1000)}
-            if args.warm:  # what the cache-warm job does: ask the proxy for a warm run, wait for it
+            warming = None
+            if args.warm == "before":  # what the cache-warm job does: ask the proxy for a warm run, wait for it
                 started = time.time()
                 report["warm"] = {"requests": warm_run(proxy.db_path, args.timeout),
                                   "seconds": round(time.time() - started, 1)}
+            elif args.warm == "during":  # the job's run starts as the people do: they must go first
+                warming = ThreadPoolExecutor(1)
+                warm_started = time.time()
+                warm_future = warming.submit(warm_run, proxy.db_path, args.timeout * 4)
+            config["tmdbBearerFromSignIn"] = True
+            people = [person_config(config, i) for i in range(args.people)]
+            mint = tmdb_minter(proxy)
             for n in (1, 2):
                 started = time.time()
-                page = run_browser(config, Path(tmp) / f"profile-{n}", proxy, args.timeout)
+                with ThreadPoolExecutor(args.people) as pool:  # the people browse at the same time
+                    pages = list(pool.map(lambda i: run_browser(people[i], Path(tmp) / f"profile-{n}-{i + 1}", proxy,
+                                                                args.timeout, mint), range(args.people)))
                 time.sleep(1.0)  # the usage writer commits every 0.1 s
-                stats = session_stats(proxy.db_path, started, time.time())
-                report[f"session{n}"] = {**stats, "steps_ms": page["steps"], "failures": page["failures"][:20]}
+                until = time.time()
+                stats = session_stats(proxy.db_path, started, until)
+                persons = []
+                for i, page in enumerate(pages):
+                    mine = session_stats(proxy.db_path, started, until, page.get("userId")) if page.get("userId") else {}
+                    persons.append({"account": people[i]["account"], "user_id": page.get("userId"),
+                                    "search": people[i]["searchWord"], "titles": people[i]["titles"],
+                                    "answers_429_seen": page.get("answers429", 0),
+                                    **{k: mine.get(k) for k in PERSON_FIGURES},
+                                    "steps_ms": page["steps"], "failures": page["failures"][:20]})
+                report[f"session{n}"] = {**stats, "steps_ms": pages[0]["steps"],
+                                         "failures": [f for page in pages for f in page["failures"]][:20],
+                                         "people": persons}
                 if n == 1:
                     time.sleep(args.pause)
+            if warming is not None:
+                report["warm"] = {"requests": warm_future.result(), "during": True,
+                                  "seconds": round(time.time() - warm_started, 1)}
+                warming.shutdown()
             proxy.stop()
             report["proxy_errors_logged"] = proxy.logged_errors()[:10]
         from fake_upstreams.data import PLEX_SERVER_TOKEN, TMDB_V4_TOKEN
@@ -366,7 +442,7 @@ def bench(args) -> dict:
 def render(r: dict) -> str:
     s1, s2 = r["session1"], r["session2"]
     lines = [
-        f"browse (fakes' latency {r['latency']}); warm run before session 1: {r.get('warm', 'none')}",
+        f"browse (fakes' latency {r['latency']}), {r['people']} people at once; warm run: {r.get('warm', 'none')}",
         f"  session 1 (cold):  hit ratio {s1['hit_ratio_cacheable']} of {s1['cacheable']} cacheable "
         f"(target >= 0.60), {s1['hit_ratio_all']} of all {s1['requests']}",
         f"  session 2 (fresh profile, fresh sign-in): {s2['hit_ratio_cacheable']} of {s2['cacheable']} cacheable "
@@ -381,6 +457,15 @@ def render(r: dict) -> str:
         f"  Home, time to all posters: cold {r['home_ms']['cold']} ms, warm {r['home_ms']['warm']} ms, "
         f"direct {r['home_ms']['direct']} ms",
     ]
+    for n in (1, 2):
+        for i, person in enumerate(r[f"session{n}"].get("people", []) if r["people"] > 1 else []):
+            lines.append(
+                f"  session {n}, person {i + 1} ({person['account']}, titles {person['titles']}, "
+                f"search {person['search']!r}): Projectionist-made 429s {person['projectionist_429']} "
+                f"(429s the page saw {person['answers_429_seen']}), queued {person['queued']}, longest wait "
+                f"{person['longest_queue_wait_ms']} ms, hit ratio {person['hit_ratio_cacheable']} of "
+                f"{person['cacheable']} cacheable (the account's rows), home {person['steps_ms'].get('home')} ms, "
+                f"details {person['steps_ms'].get('details')} ms, search {person['steps_ms'].get('search')} ms")
     for name in ("session1", "session2", "direct"):
         if r[name]["failures"]:
             lines.append(f"  {name} failures: {r[name]['failures']}")
@@ -390,8 +475,12 @@ def render(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", default=DEFAULT_LATENCY, help=f"fakes' latency (default {DEFAULT_LATENCY})")
-    parser.add_argument("--no-warm", dest="warm", action="store_false",
-                        help="no warm run before session 1 (the cache-warm job's work)")
+    parser.add_argument("--people", type=int, default=1,
+                        help="people browsing at the same time, each in a fresh profile with an account of their own "
+                             "where the fakes have one (default 1)")
+    parser.add_argument("--warm", choices=("before", "during", "none"), default="before",
+                        help="the cache-warm job's run: before session 1 (default), during it, or none")
+    parser.add_argument("--no-warm", dest="warm", action="store_const", const="none", help="--warm none")
     parser.add_argument("--think", type=float, default=1.0,
                         help="seconds a person spends on each page before the next (default 1)")
     parser.add_argument("--pause", type=float, default=2.0, help="seconds between the two sessions (default 2)")

@@ -14,6 +14,12 @@ their slots and reserves the same slot in each, atomically. Over any window of D
 therefore admits at most b + D·r requests, however many processes share it. A credential *pause*
 (the upstream said 429/503 with Retry-After) is one more constraint: no slot before it ends.
 
+Background work (the cache warmer, stale-while-revalidate refreshes) never waits and never takes
+the burst: it may go only when a limiter is full again (TAT <= now), so it spends at most the
+sustained rate that nobody else is using, and a person arriving finds (burst - 1) slots free,
+not a bucket the warmer emptied. A client over its own budget (`own` limiters, per client or user,
+with `over: yield`) is treated so too: it spends only what people leave.
+
 Events (queued, refused, throttled, paused, retried) go to `rate_limit_events` through
 `RateLimitWriter`, the usage writer's batching thread; a trigger keeps `rate_limit_hourly`.
 """
@@ -54,6 +60,7 @@ class LimitKey:
     interval: float
     burst: int
     name: str  # the rules.yaml limit name, for events and headers
+    yields: bool = False  # the requester's own budget (per client/user, over: yield): over it, it yields
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +69,14 @@ class Decision:
     wait: float  # seconds until the slot (allowed) or until a slot would be free (refused)
     binding: str | None  # the limit name (or PAUSE) that set the slot; None: nothing held it back
     paused_for: float = 0.0  # seconds the credential stays paused (0: not paused)
+    yielded: bool = False  # decided as background work: the client was over its own budget
 
 
 class Backend(Protocol):
     name: str
 
-    async def acquire(self, keys: Sequence[LimitKey], pause_key: str | None, max_wait: float) -> Decision: ...
+    async def acquire(self, keys: Sequence[LimitKey], pause_key: str | None, max_wait: float,
+                      background: bool = False) -> Decision: ...
 
     async def pause(self, pause_key: str, seconds: float) -> None: ...
 
@@ -90,27 +99,33 @@ class MemoryBackend:
         self.throttles: dict[str, tuple[float, float, str]] = {}  # key -> (forwarded at, expires, signature)
         self._next_sweep = 0.0
 
-    def acquire_now(self, keys: Sequence[LimitKey], pause_key: str | None, max_wait: float) -> Decision:
+    def acquire_now(self, keys: Sequence[LimitKey], pause_key: str | None, max_wait: float,
+                    background: bool = False) -> Decision:
         now = self.clock()
         self._sweep(now)
+        if not background and any(self.tats.get(k.key, 0.0) - (k.burst - 1) * k.interval > now
+                                  for k in keys if k.yields):
+            background, max_wait = True, 0.0  # over its own budget: only a free slot, or none
         slot, binding = now, None
         paused_until = self.pauses.get(pause_key, 0.0) if pause_key else 0.0
         if paused_until > slot:
             slot, binding = paused_until, PAUSE
         for k in keys:
-            allowed_at = self.tats.get(k.key, 0.0) - (k.burst - 1) * k.interval
+            burst = 1 if background else k.burst  # background: never out of the people's burst
+            allowed_at = self.tats.get(k.key, 0.0) - (burst - 1) * k.interval
             if allowed_at > slot:
                 slot, binding = allowed_at, k.name
         wait = slot - now
         paused_for = max(0.0, paused_until - now)
         if wait > max_wait + 1e-9:
-            return Decision(False, wait, binding, paused_for)
+            return Decision(False, wait, binding, paused_for, background)
         for k in keys:
             self.tats[k.key] = max(self.tats.get(k.key, 0.0), slot) + k.interval
-        return Decision(True, wait, binding, paused_for)
+        return Decision(True, wait, binding, paused_for, background)
 
-    async def acquire(self, keys: Sequence[LimitKey], pause_key: str | None, max_wait: float) -> Decision:
-        return self.acquire_now(keys, pause_key, max_wait)
+    async def acquire(self, keys: Sequence[LimitKey], pause_key: str | None, max_wait: float,
+                      background: bool = False) -> Decision:
+        return self.acquire_now(keys, pause_key, max_wait, background)
 
     async def pause(self, pause_key: str, seconds: float) -> None:
         until = self.clock() + min(seconds, MAX_PAUSE)
@@ -143,7 +158,9 @@ class MemoryBackend:
 
 # --- Redis -----------------------------------------------------------------------------------------
 
-# KEYS: the limiters' TAT keys, then the pause key. ARGV: max_wait, then interval and burst per limiter.
+# KEYS: the limiters' TAT keys, then the pause key. ARGV: max_wait, background (0/1), then interval,
+# burst and yields (0/1) per limiter. Background (or a client over a `yields` limiter) counts every
+# burst as 1 and may not wait.
 # Returns {allowed, wait, index of the binding limiter (0: the pause, -1: none), paused_for}; floats as
 # strings (Redis would truncate Lua numbers to integers). Time is Redis' own, so processes agree.
 _ACQUIRE_LUA = """
@@ -151,27 +168,36 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local n = #KEYS - 1
 local max_wait = tonumber(ARGV[1])
+local background = tonumber(ARGV[2]) == 1
+local tats = {}
+for i = 1, n do
+  tats[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local interval, burst = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+  if not background and tonumber(ARGV[3 * i + 2]) == 1 and tats[i] - (burst - 1) * interval > now then
+    background, max_wait = true, 0
+  end
+end
 local slot, binding = now, -1
 local paused_until = tonumber(redis.call('GET', KEYS[n + 1]) or '0')
 if paused_until > slot then slot, binding = paused_until, 0 end
-local tats = {}
 for i = 1, n do
-  local interval, burst = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
-  tats[i] = tat
-  local allowed_at = tat - (burst - 1) * interval
+  local interval, burst = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+  if background then burst = 1 end
+  local allowed_at = tats[i] - (burst - 1) * interval
   if allowed_at > slot then slot, binding = allowed_at, i end
 end
 local wait = slot - now
 local paused_for = math.max(0, paused_until - now)
+local yielded = 0
+if background then yielded = 1 end
 if wait > max_wait + 0.000001 then
-  return {0, string.format('%.6f', wait), binding, string.format('%.6f', paused_for)}
+  return {0, string.format('%.6f', wait), binding, string.format('%.6f', paused_for), yielded}
 end
 for i = 1, n do
-  local tat = math.max(tats[i], slot) + tonumber(ARGV[2 * i])
+  local tat = math.max(tats[i], slot) + tonumber(ARGV[3 * i])
   redis.call('SET', KEYS[i], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
 end
-return {1, string.format('%.6f', wait), binding, string.format('%.6f', paused_for)}
+return {1, string.format('%.6f', wait), binding, string.format('%.6f', paused_for), yielded}
 """
 
 # KEYS[1]: pause key. ARGV[1]: seconds. Only ever lengthens a pause.
@@ -214,15 +240,16 @@ class RedisBackend:
         self._pause = self.client.register_script(_PAUSE_LUA)
         self._throttle = self.client.register_script(_THROTTLE_LUA)
 
-    async def acquire(self, keys: Sequence[LimitKey], pause_key: str | None, max_wait: float) -> Decision:
+    async def acquire(self, keys: Sequence[LimitKey], pause_key: str | None, max_wait: float,
+                      background: bool = False) -> Decision:
         redis_keys = [self.prefix + "gcra:" + k.key for k in keys] + [self.prefix + "pause:" + (pause_key or "-")]
-        args: list[Any] = [repr(float(max_wait))]
+        args: list[Any] = [repr(float(max_wait)), int(background)]
         for k in keys:
-            args += [repr(float(k.interval)), k.burst]
-        allowed, wait, binding, paused_for = await self._acquire(keys=redis_keys, args=args)
+            args += [repr(float(k.interval)), k.burst, int(k.yields)]
+        allowed, wait, binding, paused_for, yielded = await self._acquire(keys=redis_keys, args=args)
         binding = int(binding)
         name = PAUSE if binding == 0 else (keys[binding - 1].name if binding > 0 else None)
-        return Decision(bool(int(allowed)), float(wait), name, float(paused_for))
+        return Decision(bool(int(allowed)), float(wait), name, float(paused_for), bool(int(yielded)))
 
     async def pause(self, pause_key: str, seconds: float) -> None:
         await self._pause(keys=[self.prefix + "pause:" + pause_key], args=[repr(float(min(seconds, MAX_PAUSE)))])

@@ -184,6 +184,11 @@ class Limit(_Strict):
     # Restricts the limiter to one kind of injected credential (e.g. the shared default TMDB key).
     when_credential: Literal["default", "custom", "any"] = "any"
     max_wait: Seconds = 5
+    # A per-client/per-user limit: what a client that spent its own burst here gets from the
+    # request's other (shared) limits. queue: it waits for its slot like anyone; yield: it only
+    # takes a slot that is free right now, out of no one's burst (as background work does), else
+    # 429 + Retry-After. A flood then spends only what people leave, and never holds their queue.
+    over: Literal["queue", "yield"] = "queue"
 
 
 class CacheRule(_Strict):

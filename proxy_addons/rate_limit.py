@@ -17,7 +17,9 @@ What a request goes through, in order:
    the others are answered locally with what the upstream would have said (empty MediaContainer);
 2. the GCRA limits of its upstream and route that match its credential kind, plus any pause of its
    credential: it goes now, or waits for its slot up to `max_wait` (a slower answer, not an error),
-   or gets 429 with `Retry-After`, `RateLimit-Policy` / `RateLimit` and CORS headers;
+   or gets 429 with `Retry-After`, `RateLimit-Policy` / `RateLimit` and CORS headers. Background
+   work (warming, revalidation) and a client over its own `over: yield` budget (a flood) take only
+   a slot free now, out of nobody's burst: people never queue behind them;
 3. an upstream 429/503 with `Retry-After` pauses that credential for every process and user; GETs
    are retried with jittered backoff (taking a slot again) while their deadline allows.
 
@@ -179,13 +181,14 @@ class RateLimit:
         # A limit edited in rules.yaml is a new limiter: its old state (e.g. the debt of a slower
         # rate) must not hold requests back under the new one.
         keys = [LimitKey(f"{name}@{limit.rate:g}/{limit.burst}|{self._subject(limit.per, flow, info)}",
-                         1.0 / limit.rate, limit.burst, name) for name, limit in limits]
+                         1.0 / limit.rate, limit.burst, name,
+                         yields=limit.over == "yield" and limit.per in ("client", "user")) for name, limit in limits]
         cap = min((limit.max_wait for _, limit in limits), default=DEFAULT_MAX_WAIT)
         if stale_ok or background:
             cap = 0.0
         if max_wait is not None:
             cap = min(cap, max(0.0, max_wait))
-        decision = await self._acquire(keys, pause_key, cap)
+        decision = await self._acquire(keys, pause_key, cap, background)
         if not decision.allowed:
             if record_refusal and not background:
                 self._record(flow, info, decision.binding or "limit", 0.0, "stale" if stale_ok else "refused")
@@ -299,17 +302,17 @@ class RateLimit:
                 self._backend_failed(exc)
         return await self.memory.throttle(key, rule.interval, signature)
 
-    async def _acquire(self, keys: list[LimitKey], pause_key: str, cap: float) -> Decision:
+    async def _acquire(self, keys: list[LimitKey], pause_key: str, cap: float, background: bool = False) -> Decision:
         if keys and (shared := self._shared()) is not None:
             try:
-                decision = await shared.acquire(keys, pause_key, cap)
+                decision = await shared.acquire(keys, pause_key, cap, background)
             except Exception as exc:  # noqa: BLE001 - Redis down or slow: decide locally
                 self._backend_failed(exc)
             else:
                 if decision.paused_for > 0:  # mirrored, for requests under no limit
                     await self.memory.pause(pause_key, decision.paused_for)
                 return decision
-        return self.memory.acquire_now(keys, pause_key, cap)
+        return self.memory.acquire_now(keys, pause_key, cap, background)
 
     def _shared(self) -> Backend | None:
         """The shared backend, unless there is none or it failed moments ago."""

@@ -177,6 +177,35 @@ def test_gcra_several_limits_share_one_slot_and_pauses_hold_everything():
     assert not backend.acquire_now([loose], "cred", 2).allowed
 
 
+def test_background_work_never_takes_the_burst_people_need():
+    clock = Clock()
+    backend = MemoryBackend(clock)
+    key = [LimitKey("k", 0.5, 5, "lim")]
+    # A warmer asking as fast as it can gets one slot per interval, never the burst ...
+    taken = 0
+    for _ in range(40):
+        taken += backend.acquire_now(key, None, 0, background=True).allowed
+        clock.now += 0.1
+    assert taken == 8  # 4 s at 2/s: the sustained rate nobody else used
+    # ... so a person arriving now finds burst - 1 slots free at once, not a bucket it emptied.
+    assert [backend.acquire_now(key, None, 5).wait for _ in range(4)] == [0, 0, 0, 0]
+    assert not backend.acquire_now(key, None, 0, background=True).allowed  # people first
+
+
+def test_a_client_over_its_own_yielding_budget_only_takes_free_slots():
+    clock = Clock()
+    backend = MemoryBackend(clock)
+    shared, own = LimitKey("shared", 0.5, 20, "tmdb-default"), LimitKey("c1", 1.0, 3, "client", yields=True)
+    flood = [shared, own]
+    assert all(backend.acquire_now(flood, None, 5).wait == 0 for _ in range(3))  # its own burst: a person's
+    over = backend.acquire_now(flood, None, 5)
+    assert (over.allowed, over.yielded) == (False, True) and over.wait >= 1  # no queue for it: a 429 + Retry-After
+    person = [shared, LimitKey("c2", 1.0, 3, "client", yields=True)]
+    assert [backend.acquire_now(person, None, 5).wait for _ in range(3)] == [0, 0, 0]  # the shared burst is left
+    clock.now += 3.5  # its own budget refilled: it is a person again
+    assert not backend.acquire_now(flood, None, 5).yielded
+
+
 def test_throttle_forwards_once_per_interval_and_on_change():
     clock = Clock()
     backend = MemoryBackend(clock)
