@@ -17,8 +17,10 @@ therefore admits at most b + D·r requests, however many processes share it. A c
 Background work (the cache warmer, stale-while-revalidate refreshes) never waits and never takes
 the burst: it may go only when a limiter is full again (TAT <= now), so it spends at most the
 sustained rate that nobody else is using, and a person arriving finds (burst - 1) slots free,
-not a bucket the warmer emptied. A client over its own budget (`own` limiters, per client or user,
-with `over: yield`) is treated so too: it spends only what people leave.
+not a bucket the warmer emptied. A client over its own budget (`yields` limiters: per client or
+user with `over: yield`) is treated so too, and each request it is refused keeps it there (its own
+TAT is held at a burst's worth ahead): while it floods it queues ahead of nobody and spends nothing
+of the shared budget; slowed to its own rate it is served again.
 
 Events (queued, refused, throttled, paused, retried) go to `rate_limit_events` through
 `RateLimitWriter`, the usage writer's batching thread; a trigger keeps `rate_limit_hourly`.
@@ -118,6 +120,10 @@ class MemoryBackend:
         wait = slot - now
         paused_for = max(0.0, paused_until - now)
         if wait > max_wait + 1e-9:
+            if background:
+                for k in keys:
+                    if k.yields and self.tats.get(k.key, 0.0) > now:  # still flooding: still over
+                        self.tats[k.key] = max(self.tats[k.key], now + k.burst * k.interval)
             return Decision(False, wait, binding, paused_for, background)
         for k in keys:
             self.tats[k.key] = max(self.tats.get(k.key, 0.0), slot) + k.interval
@@ -191,6 +197,15 @@ local paused_for = math.max(0, paused_until - now)
 local yielded = 0
 if background then yielded = 1 end
 if wait > max_wait + 0.000001 then
+  if background then
+    for i = 1, n do
+      local interval, burst = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+      if tonumber(ARGV[3 * i + 2]) == 1 and tats[i] > now then
+        local tat = math.max(tats[i], now + burst * interval)
+        redis.call('SET', KEYS[i], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
+      end
+    end
+  end
   return {0, string.format('%.6f', wait), binding, string.format('%.6f', paused_for), yielded}
 end
 for i = 1, n do
