@@ -1,6 +1,6 @@
 """Browsing benchmark: headless Chromium through Projectionist, like a person using the player.
 
-    python bench/browse.py [--latency plex=0.08,plextv=0.1,tmdb=0.15,tmdb_images=0.05] [--json]
+    python bench/browse.py [--people N] [--warm before|during|none] [--latency plex=0.08,...] [--json]
 
 Everything on 127.0.0.1: the fake upstreams (`python -m fake_upstreams --latency ...`, a remote
 Plex, plex.tv and TMDB), Projectionist with the shipped rules.yaml, and Chromium configured like
@@ -16,7 +16,14 @@ player's request shapes (tests/test_e2e_browser.py, /work/shared/frontend-traffi
     search    "matrix" typed letter by letter: Plex /hubs/search and /search, TMDB search/multi
     New & Popular, My List (discover watchlist), player start (decision, start.mpd)
 
-Between pages the person looks for `--think` seconds (default 1). Before session 1 the cache warmer runs once (as the cache-warm job asks; `--no-warm`: not).
+Between pages the person looks for `--think` seconds (default 1). Before session 1 the cache warmer runs once (as the cache-warm job asks; `--warm during`: as the people start; `--no-warm`: not).
+`--people N` (default 1): N browsers at once, each a fresh profile signed in with an account of
+its own where the fakes have one (fake_upstreams/data.py ACCOUNTS has two; person 3 reuses the
+first in its own profile, with its own client identifier), the same pages but their own details
+titles and search word. Each uses as TMDB key the surrogate the settings page would show its user.
+Per person and in total: Projectionist-made 429s (target 0), queued requests and the longest queue
+wait (rate_limit_events, by the person's account: people sharing an account share its rows), hit
+ratios; the page's own count of 429 answers.
 Session 1 is cold, session 2 (a fresh profile and a fresh sign-in of the same account) comes
 after it; a third run loads Home straight from the fakes (no proxy): the direct baseline.
 Printed from the proxy's usage_events: hit ratio of session 1, of session 2's cacheable requests
@@ -392,7 +399,7 @@ def bench(args) -> dict:
             warming = None
             if args.warm == "before":  # what the cache-warm job does: ask the proxy for a warm run, wait for it
                 started = time.time()
-                report["warm"] = {"requests": warm_run(proxy.db_path, args.timeout),
+                report["warm"] = {"requests": warm_run(proxy.db_path, args.timeout * 4),
                                   "seconds": round(time.time() - started, 1)}
             elif args.warm == "during":  # the job's run starts as the people do: they must go first
                 warming = ThreadPoolExecutor(1)

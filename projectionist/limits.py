@@ -105,22 +105,24 @@ class MemoryBackend:
                     background: bool = False) -> Decision:
         now = self.clock()
         self._sweep(now)
-        if not background and any(self.tats.get(k.key, 0.0) - (k.burst - 1) * k.interval > now
-                                  for k in keys if k.yields):
+        demoted = not background and any(self.tats.get(k.key, 0.0) - (k.burst - 1) * k.interval > now
+                                         for k in keys if k.yields)
+        if demoted:
             background, max_wait = True, 0.0  # over its own budget: only a free slot, or none
         slot, binding = now, None
         paused_until = self.pauses.get(pause_key, 0.0) if pause_key else 0.0
         if paused_until > slot:
             slot, binding = paused_until, PAUSE
         for k in keys:
-            burst = 1 if background else k.burst  # background: never out of the people's burst
+            # Background: never out of the people's burst (its own budget's burst is its own).
+            burst = 1 if background and (demoted or not k.yields) else k.burst
             allowed_at = self.tats.get(k.key, 0.0) - (burst - 1) * k.interval
             if allowed_at > slot:
                 slot, binding = allowed_at, k.name
         wait = slot - now
         paused_for = max(0.0, paused_until - now)
         if wait > max_wait + 1e-9:
-            if background:
+            if demoted:  # (not real background work: the warmer is no flood)
                 for k in keys:
                     if k.yields and self.tats.get(k.key, 0.0) > now:  # still flooding: still over
                         self.tats[k.key] = max(self.tats[k.key], now + k.burst * k.interval)
@@ -175,20 +177,22 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local n = #KEYS - 1
 local max_wait = tonumber(ARGV[1])
 local background = tonumber(ARGV[2]) == 1
+local demoted = false
 local tats = {}
 for i = 1, n do
   tats[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
   local interval, burst = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
   if not background and tonumber(ARGV[3 * i + 2]) == 1 and tats[i] - (burst - 1) * interval > now then
-    background, max_wait = true, 0
+    demoted = true
   end
 end
+if demoted then background, max_wait = true, 0 end
 local slot, binding = now, -1
 local paused_until = tonumber(redis.call('GET', KEYS[n + 1]) or '0')
 if paused_until > slot then slot, binding = paused_until, 0 end
 for i = 1, n do
   local interval, burst = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
-  if background then burst = 1 end
+  if background and (demoted or tonumber(ARGV[3 * i + 2]) ~= 1) then burst = 1 end
   local allowed_at = tats[i] - (burst - 1) * interval
   if allowed_at > slot then slot, binding = allowed_at, i end
 end
@@ -197,7 +201,7 @@ local paused_for = math.max(0, paused_until - now)
 local yielded = 0
 if background then yielded = 1 end
 if wait > max_wait + 0.000001 then
-  if background then
+  if demoted then
     for i = 1, n do
       local interval, burst = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
       if tonumber(ARGV[3 * i + 2]) == 1 and tats[i] > now then

@@ -45,9 +45,11 @@ TMDB_IMAGES = "https://image.tmdb.org"
 # What Chromium sends for an <img>: the image cache keys on the format negotiated from it.
 IMAGE_ACCEPT = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
 CONCURRENCY = 4  # a few at once: a person's requests queue behind none of them
-RETRIES = 3  # per URL, after a refusal's Retry-After
 MAX_YIELD = 5.0  # seconds waited after one refusal at most
-MAX_REFUSALS = 200  # per run; then it stops (the next scheduled run carries on)
+# Per run; then it stops (the next scheduled run carries on). A refusal is the warmer yielding, not
+# failing: background work only takes a slot free right now, so at a few workers on a 2/s key most
+# attempts are refused even with nobody else about (about one a second per worker).
+MAX_REFUSALS = 1000
 REMEMBERED = 100  # signed-in accounts whose Plex lists a library change refreshes
 
 
@@ -189,8 +191,8 @@ class _Run:
             headers["Cache-Control"] = "no-cache"
         if "themoviedb" in url:
             headers["Authorization"] = "Bearer projectionist-warmer"  # any placeholder: the proxy injects its key
-        for _ in range(RETRIES):
-            self.requests += 1
+        self.requests += 1  # one per URL: its refusals are yields, counted apart
+        while not self.stopped:
             try:
                 async with session.get(url, proxy=proxy, headers=headers,
                                        timeout=aiohttp.ClientTimeout(total=30)) as r:
