@@ -15,9 +15,8 @@ therefore admits at most b + D·r requests, however many processes share it. A c
 (the upstream said 429/503 with Retry-After) is one more constraint: no slot before it ends.
 
 Background work (the cache warmer, stale-while-revalidate refreshes) never waits and never takes
-the burst: it may go only when a limiter is full again (TAT <= now), so it spends at most the
-sustained rate that nobody else is using, and a person arriving finds (burst - 1) slots free,
-not a bucket the warmer emptied. A client over its own budget (`yields` limiters: per client or
+the second half of a burst: it goes only while half the burst is still free, so a person arriving
+finds at least burst // 2 slots free, not a bucket the warmer emptied. A client over its own budget (`yields` limiters: per client or
 user with `over: yield`) is treated so too, and each request it is refused keeps it there (its own
 TAT is held at a burst's worth ahead): while it floods it queues ahead of nobody and spends nothing
 of the shared budget; slowed to its own rate it is served again.
@@ -114,8 +113,11 @@ class MemoryBackend:
         if paused_until > slot:
             slot, binding = paused_until, PAUSE
         for k in keys:
-            # Background: never out of the people's burst (its own budget's burst is its own).
-            burst = 1 if background and (demoted or not k.yields) else k.burst
+            burst = k.burst
+            if demoted:
+                burst = 1  # a flood: only what nobody else wants
+            elif background and not k.yields:  # its own budget's burst is its own
+                burst = k.burst - k.burst // 2  # half the burst stays the people's
             allowed_at = self.tats.get(k.key, 0.0) - (burst - 1) * k.interval
             if allowed_at > slot:
                 slot, binding = allowed_at, k.name
@@ -192,7 +194,8 @@ local paused_until = tonumber(redis.call('GET', KEYS[n + 1]) or '0')
 if paused_until > slot then slot, binding = paused_until, 0 end
 for i = 1, n do
   local interval, burst = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
-  if background and (demoted or tonumber(ARGV[3 * i + 2]) ~= 1) then burst = 1 end
+  if demoted then burst = 1
+  elseif background and tonumber(ARGV[3 * i + 2]) ~= 1 then burst = burst - math.floor(burst / 2) end
   local allowed_at = tats[i] - (burst - 1) * interval
   if allowed_at > slot then slot, binding = allowed_at, i end
 end

@@ -178,12 +178,12 @@ class _Run:
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self.requests = self.fetched = self.refusals = 0
+        self.requests = self.fetched = self.refusals = self.urls = 0
         self.stopped = False
 
     async def get(self, session: aiohttp.ClientSession, proxy: str | None, url: str, fresh: bool = False
                   ) -> dict | None:
-        if self.stopped or self.requests >= self.budget:
+        if self.stopped or self.urls >= self.budget:
             return None
         image = "/t/p/" in url or "/thumb/" in url or "/art/" in url
         headers = {WARM_HEADER: "1", "Accept": IMAGE_ACCEPT if image else "application/json"}
@@ -191,8 +191,9 @@ class _Run:
             headers["Cache-Control"] = "no-cache"
         if "themoviedb" in url:
             headers["Authorization"] = "Bearer projectionist-warmer"  # any placeholder: the proxy injects its key
-        self.requests += 1  # one per URL: its refusals are yields, counted apart
+        self.urls += 1  # the budget is in URLs: a refusal is a yield, tried again
         while not self.stopped:
+            self.requests += 1  # every one sent (a usage row each)
             try:
                 async with session.get(url, proxy=proxy, headers=headers,
                                        timeout=aiohttp.ClientTimeout(total=30)) as r:
