@@ -18,8 +18,9 @@ What a request goes through, in order:
 2. the GCRA limits of its upstream and route that match its credential kind, plus any pause of its
    credential: it goes now, or waits for its slot up to `max_wait` (a slower answer, not an error),
    or gets 429 with `Retry-After`, `RateLimit-Policy` / `RateLimit` and CORS headers. Background
-   work (warming, revalidation) and a client over its own `over: yield` budget (a flood) take only
-   a slot free now, out of nobody's burst: people never queue behind them;
+   work (warming, revalidation) takes only a slot free now and never the second half of a burst;
+   a client over its own `over: yield` budget (a flood) only a slot nobody else could use: people
+   never queue behind them;
 3. an upstream 429/503 with `Retry-After` pauses that credential for every process and user; GETs
    are retried with jittered backoff (taking a slot again) while their deadline allows.
 
