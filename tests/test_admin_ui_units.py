@@ -70,7 +70,7 @@ def test_limit_use_counts_forwarded_requests_of_its_credential_kind_and_its_even
     limits, other = limit_use(conn, model, 1, now)
     by_name = {limit.name: limit for limit in limits}
     default, custom = by_name["tmdb-default"], by_name["tmdb-custom"]
-    assert (default.rate_per_second, default.burst, default.per, default.upstreams) == (2, 5, "credential", ["tmdb"])
+    assert (default.rate_per_second, default.burst, default.per, default.upstreams) == (2, 20, "credential", ["tmdb"])
     assert (default.forwarded_last_minute, default.forwarded, default.queued, default.refused) == (3, 3, 1, 1)
     assert default.waited_ms_max == 800.0 and default.last_event_at is not None
     assert (custom.forwarded_last_minute, custom.forwarded, custom.queued) == (0, 1, 0)
