@@ -5,19 +5,6 @@
 const state = { csrf: null, me: null, timers: [] };
 const $ = (id) => document.getElementById(id);
 
-async function api(method, path, body) {
-  const headers = { Accept: "application/json" };
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  if (method !== "GET" && state.csrf) headers["X-CSRF-Token"] = state.csrf;
-  const response = await fetch(path, {
-    method, headers, credentials: "same-origin",
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  let data = null;
-  try { data = await response.json(); } catch (e) { data = null; }
-  return { status: response.status, ok: response.ok, data };
-}
-
 function errorText(result) {
   return (result.data && result.data.message) || `request failed (${result.status})`;
 }

@@ -4,19 +4,6 @@
 const state = { csrf: null, admin: false };
 const $ = (id) => document.getElementById(id);
 
-async function api(method, path, body) {
-  const headers = { Accept: "application/json" };
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  if (method !== "GET" && state.csrf) headers["X-CSRF-Token"] = state.csrf;
-  const response = await fetch(path, {
-    method, headers, credentials: "same-origin",
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  let data = null;
-  try { data = await response.json(); } catch (e) { data = null; }
-  return { status: response.status, ok: response.ok, data };
-}
-
 function say(text) {
   const box = $("message");
   box.textContent = text;
