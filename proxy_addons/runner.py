@@ -33,6 +33,7 @@ from .router import Listeners, Router, listener_modes
 from .rules_watch import RulesWatcher
 from .body_limit import RequestBodyLimit
 from .streaming import LargeBodies
+from .header_timeouts import HeaderTimeouts
 from .timed_forward import TimedForward
 from .tmdb_key import TmdbKey
 from .trakt_credentials import TraktCredentials
@@ -53,7 +54,9 @@ def projectionist_addons() -> list:
     `Redirects`, which takes injected credentials out of every redirect's Location.
 
     `TimedForward` comes after everything that may answer or hold a request: what reaches it is
-    fetched with the route's timeouts instead of mitmproxy's untimed forwarding."""
+    fetched with the route's timeouts instead of mitmproxy's untimed forwarding; `HeaderTimeouts`,
+    right after it, gives what is left to mitmproxy (streamed routes, requests to no route) its
+    connect and first-byte timeouts."""
     watcher = RulesWatcher()
     router = Router(watcher)
     store = CredentialStore()
@@ -65,7 +68,7 @@ def projectionist_addons() -> list:
     return [watcher, SetupHost(), router, Listeners(watcher, router), RequestBodyLimit(watcher), store, limiter.retry, Redirects(),
             PlexTokens(store, watcher, router),
             TmdbKey(store, watcher), TraktCredentials(store, watcher), cache, images, limiter,
-            LargeBodies(watcher), TimedForward(watcher), warmer,
+            LargeBodies(watcher), TimedForward(watcher), HeaderTimeouts(watcher), warmer,
             UsageRecorder(), ViewingHistory(), OpsListener(watcher)]
 
 

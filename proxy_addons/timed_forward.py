@@ -11,7 +11,9 @@ Image routes are the image cache's, which fetches for itself with the same timeo
 leaves alone (an unknown account's image, a source it will not touch) is fetched here. Streamed
 routes (`stream: true`: media parts and segments), requests to no route (Plex's event stream among
 them: an answer that never ends) and protocol upgrades stay with mitmproxy: their bodies must not
-be buffered, and a stalled media stream is the client's to give up on.
+be buffered. header_timeouts.py gives them (upgrades aside) the connect and first-byte timeouts
+inside mitmproxy's own HTTP stream; once their headers came nothing cuts them (a paused player, an
+event stream).
 """
 
 from __future__ import annotations
