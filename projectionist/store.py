@@ -703,6 +703,21 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX cache_reason_hourly_covering ON cache_reason_hourly(hour, upstream, route, reason, requests);
         """,
     ),
+    (
+        17,
+        "usage_daily_forgets_empty_days",
+        """
+        -- An hourly row deleted (retention) left its day's row at zero when it was the day's last
+        -- one: a row the hourly table no longer has, shown as an empty group. Every hourly row
+        -- counts at least one request, so a day's row at zero requests has no hourly row left.
+        CREATE TRIGGER usage_daily_forget_empty AFTER UPDATE OF requests ON usage_daily
+        WHEN NEW.requests <= 0 BEGIN
+            DELETE FROM usage_daily WHERE day = NEW.day AND upstream = NEW.upstream AND route = NEW.route
+              AND user_id = NEW.user_id;
+        END;
+        DELETE FROM usage_daily WHERE requests <= 0;
+        """,
+    ),
 )
 
 SCHEMA_VERSION = max(version for version, _, _ in MIGRATIONS)
