@@ -34,6 +34,13 @@ FAKE_TO_RULES = {"plex": "plex", "plextv": "plextv", "tmdb": "tmdb",
                  "tmdb_images": "tmdb-images", "trakt": "trakt"}
 
 
+async def timed_get(client: aiohttp.ClientSession, url: str, **kw) -> tuple[int, bytes, dict, float]:
+    """GET `url`: (status, body, headers, seconds until the whole body came)."""
+    started = time.monotonic()
+    async with client.get(url, **kw) as r:
+        return r.status, await r.read(), dict(r.headers), time.monotonic() - started
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from support import LocalUpstream, free_port, start_embedded_proxy
+from support import LocalUpstream, free_port, start_embedded_proxy, timed_get
 
 TOKEN = "X-Plex-Token=t-old-client"
 PART = f"/library/parts/12/1700000000/file.mkv?{TOKEN}"
@@ -83,12 +83,6 @@ async def setup(tmp_path):
         finally:
             origin.released.set()
             await proxy.stop()
-
-
-async def timed_get(client, url: str, **kw) -> tuple[int, bytes, dict, float]:
-    started = time.monotonic()
-    async with client.get(url, **kw) as r:
-        return r.status, await r.read(), dict(r.headers), time.monotonic() - started
 
 
 async def test_a_media_part_from_a_hung_origin_gets_a_504_within_the_first_byte_timeout(setup):
