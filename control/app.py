@@ -56,6 +56,7 @@ def _versions() -> dict[str, str]:
 
 
 VERSIONS = _versions()
+CONTROL_USER_AGENT = f"Projectionist-Control/{VERSIONS['projectionist']}"
 
 
 @routes.get("/health")
@@ -152,7 +153,9 @@ def create_app(config: Config, options: ControlOptions | None = None) -> web.App
         # (which could be our own mitmproxy).
         # Every call that carries a credential passes allow_redirects=False: aiohttp drops only
         # Authorization on a redirect to another host, so X-Plex-Token and trakt-api-key would follow.
-        async with aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=15)) as session:
+        # The User-Agent names us in the upstreams' logs (and lets tests tell the health checks apart).
+        async with aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=15),
+                                         headers={"User-Agent": CONTROL_USER_AGENT}) as session:
             app[HTTP] = session
             yield
 

@@ -37,11 +37,16 @@ class FakeState:
 
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
+        # The control plane's `/identity` checks (its health monitor asks every 30 s, admission at
+        # sign-in): kept apart, so that what a test counts in `requests` is what its clients caused
+        # even while another test's stack runs against the same fakes.
+        self.control_requests: list[RecordedRequest] = []
         self.down = False
         self.latency = 0.0  # seconds every answer waits: a remote server's round trips (--latency)
 
     def clear(self) -> None:
         self.requests.clear()
+        self.control_requests.clear()
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,8 @@ async def _record(request: web.Request, state: FakeState) -> None:
     for key, value in request.query.items():
         query.setdefault(key, []).append(value)
     body = await request.read() if request.body_exists else b""
-    state.requests.append(
+    monitor = request.path == "/identity" and request.headers.get("User-Agent", "").startswith("Projectionist-Control/")
+    (state.control_requests if monitor else state.requests).append(
         RecordedRequest(
             method=request.method,
             path=request.path,
