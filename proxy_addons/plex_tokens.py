@@ -72,6 +72,7 @@ class PlexTokens:
         self._adopting: dict[str, asyncio.Future[VaultEntry | None]] = {}
         # A configured server's address -> (its machine id or "", when to ask again after a failure).
         self._identities: dict[str, tuple[str, float]] = {}
+        self._identity_lookups: dict[str, asyncio.Future[str]] = {}
 
     def load(self, loader) -> None:
         loader.add_option("projectionist_rewrite_plex_connections", bool, True,
@@ -382,10 +383,18 @@ class PlexTokens:
 
     async def _identity(self, target: str) -> str | None:
         """The machine identifier a Plex server's `/identity` (which needs no token) names; None when
-        it does not answer (asked again a minute later at the earliest)."""
+        it does not answer (asked again a minute later at the earliest). Concurrent askers (a
+        resources answer and the warmer's, say) share one request."""
         known = self._identities.get(target)
         if known is not None and (known[0] or known[1] > asyncio.get_running_loop().time()):
             return known[0] or None
+        lookup = self._identity_lookups.get(target)
+        if lookup is None:
+            lookup = self._identity_lookups[target] = asyncio.ensure_future(self._fetch_identity(target))
+            lookup.add_done_callback(lambda _: self._identity_lookups.pop(target, None))
+        return await asyncio.shield(lookup) or None
+
+    async def _fetch_identity(self, target: str) -> str:
         machine_id = ""
         try:
             connector = aiohttp.TCPConnector(resolver=binding.PlexDirectResolver())
@@ -398,7 +407,7 @@ class PlexTokens:
         except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
             log.warning("Plex /identity of a configured server failed: %s", type(exc).__name__)
         self._identities[target] = (machine_id, asyncio.get_running_loop().time() + 60)
-        return machine_id or None
+        return machine_id
 
 
 def _xml_segments(raw: bytes):
