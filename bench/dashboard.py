@@ -189,6 +189,9 @@ def generate(db_path: Path, rows: int, *, days: int = 14, seed: int = 1, now: fl
             "usage_seconds": round(usage_s, 1), "plays_seconds": round(time.monotonic() - t1, 1)}
 
 
+OPEN_PLAYS = 3
+
+
 def _generate_plays(conn, rng: random.Random, user_ids: list[int], start: float, now: float, days: int,
                     count: int) -> int:
     """Plays through PlaybackWriter, from timeline reports every 10 s, as the player sends them."""
@@ -224,6 +227,12 @@ def _generate_plays(conn, rng: random.Random, user_ids: list[int], start: float,
                                     duration_ms=duration))
         if i % 7 == 0:
             items.append(PlaybackReport(ts=t + 1, kind="scrobble", rating_key=item["ratingKey"], user_id=user))
+    for user in user_ids[:OPEN_PLAYS]:  # playing now: the home's "Playing now" card has rows to find
+        item = rng.choice(catalog)
+        for t in (now - 40, now - 30, now - 20):
+            items.append(PlaybackReport(ts=t, kind="timeline", rating_key=item["ratingKey"], user_id=user,
+                                        client=f"client-{user}-now", player="Plex Web / Chrome", state="playing",
+                                        position_ms=int((t - now + 60) * 1000), duration_ms=item["duration"]))
     items.sort(key=lambda r: r.ts)
     for i in range(0, len(items), 50_000):
         assert writer._write(conn, items[i:i + 50_000]), "plays not written"
@@ -356,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         db = connect(home / "projectionist.db")
         sizes = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                  for t in ("usage_events", "usage_hourly", "credential_hourly", "rate_limit_hourly", "plays")}
+        with db:  # the open plays reported a moment ago, however long generating took (live_activity.ACTIVE_WITHIN)
+            db.execute("UPDATE plays SET last_seen_at = max(last_seen_at, ?) WHERE stopped_at IS NULL", (time.time() - 10,))
         db.close()
         say(f"generated: {generated}; rows per table: {sizes}")
         results = []

@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from projectionist.live_activity import playing_now
+
 from .keys import CONFIG, LIVE_RULES
 from .openapi import ADMIN, Api, Call
 from .page import STATIC_DIR
@@ -31,7 +33,6 @@ routes = api.routes
 pages = web.RouteTableDef()
 
 TABS = ("users", "cache", "limits", "jobs")
-ACTIVE_WITHIN = 120  # s: a play with no report for longer is not shown as playing (the player reports ~4/s)
 
 
 def _gate_page(status: int, title: str, body: str) -> web.Response:
@@ -91,24 +92,9 @@ class Activity(BaseModel):
 
 
 def activity(conn: sqlite3.Connection, now: float) -> Activity:
-    rows = conn.execute(
-        "SELECT p.id, p.user_id, h.username, h.title, h.media_type, p.state, p.position_ms, p.duration_ms, "
-        "h.progress_pct, p.player, p.started_at, p.last_seen_at FROM plays p JOIN play_history h ON h.id = p.id "
-        "WHERE p.stopped_at IS NULL AND p.source = 'timeline' AND p.last_seen_at >= ? "
-        "ORDER BY p.last_seen_at DESC LIMIT 100", (now - ACTIVE_WITHIN,)).fetchall()
-    plays = []
-    for r in rows:
-        delivery = None
-        if r[1] is not None:  # which Plex routes the user's player used since the play began
-            used = {route for (route,) in conn.execute(
-                "SELECT DISTINCT route FROM usage_events WHERE user_id = ? AND ts >= ? AND upstream = 'plex' "
-                "AND (route LIKE 'plex.transcode.%' OR route = 'plex.part')", (r[1], r[10] - 60))}
-            delivery = ("transcode" if any(u.startswith("plex.transcode.") for u in used)
-                        else "direct" if "plex.part" in used else None)
-        plays.append(ActivePlay(
-            play_id=r[0], user_id=r[1], username=r[2], title=r[3], media_type=r[4], state=r[5], position_ms=r[6],
-            duration_ms=r[7], progress_pct=r[8], delivery=delivery, client=r[9],
-            started_at=datetime.fromtimestamp(r[10], UTC), last_seen_at=datetime.fromtimestamp(r[11], UTC)))
+    plays = [ActivePlay(**{**row, "started_at": datetime.fromtimestamp(row["started_at"], UTC),
+                           "last_seen_at": datetime.fromtimestamp(row["last_seen_at"], UTC)})
+             for row in playing_now(conn, now)]
     return Activity(now=datetime.fromtimestamp(now, UTC), plays=plays)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from .config import Config
+from .live_activity import DASHBOARD_QUERIES
 from .store import SECRET_TABLES
 
 DATABASE = "projectionist"  # Datasette names the database after the file's stem
@@ -77,14 +78,16 @@ def metadata_problems(metadata: dict) -> list[str]:
     for table in SECRET_TABLES:
         if (tables.get(table) or {}).get("allow") is not False:
             problems.append(f"databases.{DATABASE}.tables.{table} holds secrets: it needs `allow: false`")
-    for name, query in (database.get("queries") or {}).items():
+    # The plugins' own canned queries (projectionist.live_activity) are held to the same rules.
+    queries = {**(database.get("queries") or {}), **DASHBOARD_QUERIES}
+    for name, query in queries.items():
         query = {"sql": query} if isinstance(query, str) else (query or {})
         if query.get("write"):
             problems.append(f"databases.{DATABASE}.queries.{name} must not write")
         for table in SECRET_TABLES:
             if _mentions_table(query.get("sql") or "", table):
                 problems.append(f"databases.{DATABASE}.queries.{name} reads {table}, which holds secrets")
-    problems += _dashboards_problems(metadata, set(database.get("queries") or {}))
+    problems += _dashboards_problems(metadata, set(queries))
     # Admins only: authentication on every request, and the instance allowed to the admin alone.
     auth = (metadata.get("plugins") or {}).get(AUTH_PLUGIN) or {}
     if auth.get("http_basic_auth") is not False:  # dashboard_session's gate asks for a session or the password

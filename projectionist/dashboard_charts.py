@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, urlencode
 from datasette import hookimpl
 
 from .dashboard import ADMIN_USER, DATABASE
+from .live_activity import DASHBOARD_QUERIES
 
 _DASHBOARD_PAGE = re.compile(r"^/-/dashboards/[^/]+(/[^/]+)?(/embed)?$")
 _rendering_dashboard: contextvars.ContextVar[bool] = contextvars.ContextVar("rendering_dashboard", default=False)
@@ -47,7 +48,7 @@ def charts(app, datasette):
         path = scope.get("path", "")
         target = None
         if path == f"/{DATABASE}.json":
-            canned = set(datasette.metadata("queries", database=DATABASE) or {})
+            canned = set(datasette.metadata("queries", database=DATABASE) or {}) | set(DASHBOARD_QUERIES)
             target = canned_query_for(path, scope.get("query_string", b""), canned)
         if target is not None:
             new_path, new_query = target

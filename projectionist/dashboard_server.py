@@ -18,11 +18,12 @@ def main(argv: list[str]) -> None:
     from datasette.cli import cli
     from datasette.plugins import pm
 
-    from . import dashboard_charts, dashboard_guard, dashboard_session
+    from . import dashboard_charts, dashboard_guard, dashboard_live, dashboard_session
 
     pm.register(dashboard_guard, name="projectionist-dashboard-guard")  # password guessing is throttled
     pm.register(dashboard_session, name="projectionist-dashboard-session")  # admins: Plex session or password
     pm.register(dashboard_charts, name="projectionist-dashboard-charts")  # the home's charts, SQL still off
+    pm.register(dashboard_live, name="projectionist-dashboard-live")  # the home's "Playing now", refreshed
 
     cli.main(args=argv, prog_name="datasette")
 

@@ -9,7 +9,8 @@ import time
 import pytest
 from support import REPO
 
-from control.admin_ui import ACTIVE_WITHIN, activity, limit_use
+from control.admin_ui import activity, limit_use
+from projectionist.live_activity import ACTIVE_WITHIN, DASHBOARD_QUERIES, QUERY_NAME
 from projectionist.rules import load_rules
 from projectionist.store import connect, migrate
 
@@ -55,6 +56,9 @@ def test_activity_shows_open_recent_plays_with_how_they_are_delivered(conn):
     assert (plays[direct].username, plays[direct].title, plays[direct].delivery) == ("neo", "The Matrix (1999)", "direct")
     assert (plays[transcoded].state, plays[transcoded].delivery, plays[transcoded].progress_pct) == ("paused", "transcode", 25)
     assert plays[direct].client == "Plex Web / Firefox"
+    # The dashboard's canned query is the same query, on the database's clock.
+    dashboard = conn.execute(DASHBOARD_QUERIES[QUERY_NAME]["sql"]).fetchall()
+    assert {row[0]: row[9] for row in dashboard} == {direct: "direct", transcoded: "transcode"}
 
 
 def test_limit_use_counts_forwarded_requests_of_its_credential_kind_and_its_events(conn):

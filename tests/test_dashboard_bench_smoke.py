@@ -24,6 +24,8 @@ def test_dashboard_bench_smoke():
     home = yaml.safe_load((REPO / "datasette_metadata.yml").read_text())["plugins"]["datasette-dashboards"]["home"]
     timed = {r["path"].split("sql=")[1].split("&")[0] for r in report["results"] if r.get("home") and "sql=" in r["path"]}
     assert timed == {chart["query"] for chart in home["charts"].values()}  # every chart of the home
+    live = [r for r in report["results"] if r["path"].endswith("sql=live_activity&_shape=objects")]
+    assert [r["rows"] for r in live] == [3]  # the generated plays still open: timed with rows to find
     assert {"home dashboard (page)", "home dashboard (page, filtered)"} <= names
     for result in report["results"]:
         assert result["status"] == 200 and result["result"] == "PASS", result

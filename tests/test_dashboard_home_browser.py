@@ -147,3 +147,61 @@ def test_dashboard_home_draws_every_chart_and_follows_the_date_filter(stack, tmp
     assert int(first["plays-today"]["text"]) >= 1 and second["plays-today"]["text"] == "0", report
     assert second["errors"]["text"] == "0" and second["hit-ratio"]["text"] == "- %", report
     assert len(list(ARTIFACTS.glob("*.png"))) >= 3
+
+
+LIVE_ROWS_JS = """[...document.querySelectorAll('#chart-playing-now tbody tr')]
+  .map(r => [...r.cells].map(c => c.textContent.trim()).join('|'))"""
+
+
+def test_playing_now_follows_the_players_timeline_without_a_reload(stack, tmp_path):
+    """A player's timeline reports through the proxy: the dashboard home's "Playing now" card shows
+    the play (title, state, progress, client), redraws it in place when the player pauses, and drops
+    it when the player stops, the page never reloaded; no error on the page."""
+    from fake_upstreams.data import PLEX_SERVER_TOKEN
+
+    session = requests.Session()
+    session.trust_env = False
+    params = {"X-Plex-Token": PLEX_SERVER_TOKEN, "X-Plex-Client-Identifier": "e2e-live-card",
+              "X-Plex-Product": "Live Card Player", "X-Plex-Device-Name": "Chromium", "ratingKey": "1002",
+              "key": "/library/metadata/1002", "duration": "8160000"}
+
+    def report(state: str, at_ms: int) -> None:
+        r = session.get(f"{stack.plex_url}/:/timeline", params={**params, "state": state, "time": str(at_ms)},
+                        timeout=10)
+        assert r.status_code == 200, r.text
+
+    password = (stack.home / "dashboard-password").read_text().strip()
+    authorization = "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    ours = "r.includes('Live Card Player / Chromium')"
+
+    async def run() -> list[str]:
+        browser = Browser(tmp_path / "profile")
+        try:
+            async with aiohttp.ClientSession() as http:
+                page = await browser.page(http, authorization)
+                await asyncio.to_thread(report, "playing", 61000)
+                await page.goto(stack.dashboard_url + "/-/dashboards/home")
+                assert await page.wait_for(f"{LIVE_ROWS_JS}.some(r => {ours})", timeout=15), \
+                    await page.evaluate("document.getElementById('chart-playing-now').innerText")
+                row = next(r for r in await page.evaluate(LIVE_ROWS_JS) if "Live Card Player" in r)
+                user, title, state, progress, delivery, client, last = row.split("|")
+                assert (state, progress, client) == ("playing", "1:01 / 2:16:00", "Live Card Player / Chromium"), row
+                assert title and title != "unknown" and last.endswith("s ago"), row
+                await page.evaluate("window.notReloaded = true")
+                await asyncio.to_thread(report, "paused", 600000)
+                assert await page.wait_for(f"{LIVE_ROWS_JS}.some(r => {ours} && r.includes('|paused|10:00 / 2:16:00|'))",
+                                           timeout=15), await page.evaluate(LIVE_ROWS_JS)
+                await page.screenshot(ARTIFACTS / "playing-now.png")
+                await asyncio.to_thread(report, "stopped", 601000)
+                assert await page.wait_for(f"!{LIVE_ROWS_JS}.some(r => {ours})", timeout=15), \
+                    await page.evaluate(LIVE_ROWS_JS)
+                assert await page.evaluate("window.notReloaded") is True
+                errors = list(page.errors)
+                await page.close()
+                return errors
+        finally:
+            browser.close()
+
+    errors = asyncio.run(run())
+    assert not errors, "\n".join(errors)

@@ -425,7 +425,11 @@ def test_label_expansion_shows_only_the_user_id(dashboard):
 
 
 def _queries() -> dict:
-    return yaml.safe_load((REPO / "datasette_metadata.yml").read_text())["databases"][DB]["queries"]
+    """Every canned query: the metadata's and the plugins' own (projectionist/dashboard_live.py)."""
+    from projectionist.live_activity import DASHBOARD_QUERIES
+
+    return {**yaml.safe_load((REPO / "datasette_metadata.yml").read_text())["databases"][DB]["queries"],
+            **DASHBOARD_QUERIES}
 
 
 # Parameter values an attacker would try: SQL in every parameter, a denied table's name, huge and odd values.
