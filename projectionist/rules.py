@@ -151,6 +151,9 @@ class ProxySettings(_Strict):
 class CacheSettings(_Strict):
     memory_max_bytes: ByteSize = 64_000_000
     disk_max_bytes: ByteSize = 1_000_000_000
+    # With proxy.redis_url: answers up to this size are shared by every proxy process through
+    # Redis (projectionist/shared_tier.py); bigger ones stay in each process's own layers.
+    shared_max_body_bytes: ByteSize = 1_000_000
 
 
 class ImageSettings(_Strict):

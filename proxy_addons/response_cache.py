@@ -31,6 +31,7 @@ everything else is stored by the fetching task itself.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -48,6 +49,7 @@ from projectionist.cache_mirror import CacheMirror
 from projectionist.limits import RateLimited
 from projectionist.metrics import CACHE_EVICTIONS, add_cache_source, remove_cache_source
 from projectionist.rules import CacheRule
+from projectionist.shared_tier import Outcome, SharedTier, redis_url
 
 from . import anonymous, flowinfo
 from .local_responses import cors_headers, gateway_error
@@ -68,6 +70,9 @@ _STATUS = "projectionist.cache.status"  # Cache-Status for a forwarded flow, set
 _GONE_MAX = 20_000  # why recently dropped keys went: remembered for this many keys
 _KNOWN_URIS_MAX = 20_000  # URIs whose stored variants are remembered (miss reasons only)
 _FOLLOW_SLACK = 6.0  # seconds a waiter allows beyond the upstream timeout (a limiter's queue)
+_SHARED_PUTS_MAX = 256  # writes to the shared tier in flight at most; more are not shared
+_INVALIDATE = "invalidate"  # a write's invalidation, as published to the other processes
+_SHARED_TARGETS = frozenset({"all", "bucket", "route", "prefix", "url", "partition"})
 
 
 class UpstreamFailed(Exception):
@@ -109,6 +114,7 @@ class Fetch:
     fetched: Fetched
     stored: bool
     ttl: float | None
+    collapsed: bool = False  # another process fetched it (the shared tier's leader)
 
 
 class ResponseCache:
@@ -116,6 +122,8 @@ class ResponseCache:
         self.watcher = watcher
         self.memory: MemoryLRU | None = None
         self.disk: DiskLayer | None = None
+        self.shared: SharedTier | None = None  # Redis, when configured: behind memory and disk
+        self._shared_puts = 0  # writes to the shared tier in flight (bounded: a slow Redis sheds them)
         self.mirror: CacheMirror | None = None
         self.session: aiohttp.ClientSession | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -147,6 +155,10 @@ class ResponseCache:
         self.disk = DiskLayer(home / "cache" / "responses", settings.disk_max_bytes)
         self.mirror = CacheMirror(Path(ctx.options.projectionist_db).expanduser()).start()
         self.session = upstream_session()
+        if url := redis_url(self.watcher.rules.model.proxy.redis_url):  # read at start: a change needs a restart
+            self.shared = SharedTier(url, settings.shared_max_body_bytes)
+            self.shared.listen_for_flushes(self._apply_peer_flush)
+            log.info("response cache: shared tier on Redis")
         self._spawn(self._tag_legacy_entries())
         self._spawn(self._apply_flush_requests_forever())
         add_cache_source(self._memory_size)
@@ -165,6 +177,9 @@ class ResponseCache:
             task.cancel()
         if self.session is not None:
             await self.session.close()
+        if self.shared is not None:
+            await self.shared.close()
+            self.shared = None
         if self.mirror is not None:
             self.mirror.close()
         if self._executor is not None:
@@ -217,7 +232,7 @@ class ResponseCache:
             return
         key = self._key(flow, info, rule.cache, partition)
         uri = self._uri(flow, info)
-        entry = await self._lookup(key, uri)
+        entry = await self._lookup(key, uri, info.match.route_name, partition)
         now = time.time()
         no_cache = _asks_no_cache(flow.request)
         if entry is not None and entry.fresh(now) and not no_cache:
@@ -267,7 +282,52 @@ class ResponseCache:
         self._answer(flow, info, key, entry, miss, outcome, collapsed)
 
     async def _owned_fetch(self, key: str, uri: str, flow: http.HTTPFlow, stale_ok: bool) -> Fetch | Exception:
-        """The cache's own fetch of a miss: nobody's request, so nobody's disconnect ends it."""
+        """The cache's own fetch of a miss: nobody's request, so nobody's disconnect ends it. With a
+        shared tier, one process fetches for all: the others follow its outcome."""
+        if self.shared is None:
+            return await self._fetch_and_store(key, uri, flow, stale_ok)
+        led = await self.shared.lead(key)
+        if led is False:  # another process fetches it
+            outcome = await self.shared.follow(key, time.monotonic() + self._timeout() + _FOLLOW_SLACK,
+                                               lambda: self._lead(key, uri, flow, stale_ok))
+            if isinstance(outcome, Outcome):
+                return self._followed(key, uri, flow, outcome)
+            if outcome is not None:  # its lock went without an outcome: this process led instead
+                return outcome
+            led = None  # nothing in time, or Redis failed: fetch here
+        if led:
+            return await self._lead(key, uri, flow, stale_ok)
+        return await self._fetch_and_store(key, uri, flow, stale_ok)
+
+    async def _lead(self, key: str, uri: str, flow: http.HTTPFlow, stale_ok: bool) -> Fetch | Exception:
+        """With the key's lock: fetch, store (shared before the lock goes), hand the outcome over.
+        A leader that finished a moment ago left its outcome: that is the answer, not a new fetch."""
+        if (recent := await self.shared.outcome(key)) is not None:
+            await self.shared.release(key)
+            return self._followed(key, uri, flow, recent)
+        async with self.shared.leading(key):
+            outcome = await self._fetch_and_store(key, uri, flow, stale_ok, share=False)
+        if isinstance(outcome, Fetch):
+            if outcome.stored and (entry := self.memory.peek(key)) is not None:
+                await self.shared.put(key, entry)
+            fetched = outcome.fetched
+            await self.shared.finish(key, fetched.status, fetched.headers, fetched.body)
+        else:
+            await self.shared.release(key)
+        return outcome
+
+    def _followed(self, key: str, uri: str, flow: http.HTTPFlow, outcome: Outcome) -> Fetch:
+        """Another process's answer for `key`: stored here too (it shared the entry itself)."""
+        info = flowinfo.get(flow)
+        fetched = Fetched(outcome.status, outcome.headers, outcome.body)
+        stored, ttl = False, None
+        if fetched.status < 500 and fetched.status != 429:
+            stored = self._store(key, uri, flow, info, fetched, share=False)
+            ttl = _storable_ttl(info.match.route.rule.cache, fetched) if stored else None
+        return Fetch(fetched, stored, ttl, collapsed=True)
+
+    async def _fetch_and_store(self, key: str, uri: str, flow: http.HTTPFlow, stale_ok: bool,
+                               share: bool = True) -> Fetch | Exception:
         info = flowinfo.get(flow)
         try:  # the warmer's misses take a slot only when one is free: people first
             fetched = await self._fetch(flow, stale_ok=stale_ok, background=info.warm)
@@ -275,7 +335,7 @@ class ResponseCache:
             return exc
         stored, ttl = False, None
         if fetched.status < 500 and fetched.status != 429:
-            stored = self._store(key, uri, flow, info, fetched)
+            stored = self._store(key, uri, flow, info, fetched, share=share)
             ttl = _storable_ttl(info.match.route.rule.cache, fetched) if stored else None
         else:
             self._remember_gone(key, "uncacheable-status")
@@ -292,6 +352,7 @@ class ResponseCache:
                 info.cache_reason = "stale:stale-if-error"
                 return self._serve(flow, info, key, stale, "stale",
                                    detail=f"fwd=stale; fwd-status={fetched.status}; detail=stale-if-error")
+            collapsed = collapsed or outcome.collapsed
             flow.response = self._response(flow, info, fetched, miss.params(
                 fwd_status=fetched.status, stored=outcome.stored and not collapsed, collapsed=collapsed,
                 ttl=outcome.ttl))
@@ -409,7 +470,8 @@ class ResponseCache:
         if (leader := flow.metadata.pop(_LEADER, None)) is not None:
             self._finish(leader[0], None)
 
-    def _store(self, key: str, uri: str, flow: http.HTTPFlow, info, fetched: Fetched, now: float | None = None) -> bool:
+    def _store(self, key: str, uri: str, flow: http.HTTPFlow, info, fetched: Fetched, now: float | None = None,
+               share: bool = True) -> bool:
         rule: CacheRule = info.match.route.rule.cache
         ttl = _storable_ttl(rule, fetched)
         if ttl is None:
@@ -425,10 +487,10 @@ class ResponseCache:
             route=info.match.route_name, partition=self._partition(rule, info) or "",
             memory_only=rule.memory_only, uri=uri,
         )
-        self._put(key, uri, entry)
+        self._put(key, uri, entry, share=share)
         return True
 
-    def _put(self, key: str, uri: str, entry: Entry) -> None:
+    def _put(self, key: str, uri: str, entry: Entry, share: bool = True) -> None:
         # Disk holds every other entry: only a memory-only entry is lost when memory evicts it.
         lost = [old_key for old_key, old in self.memory.put(key, entry) if old.memory_only]
         if lost:
@@ -436,7 +498,16 @@ class ResponseCache:
         self._known(key, uri, entry)
         if not entry.memory_only:
             self._executor.submit(self.disk.put, key, entry)
+        if share and self.shared is not None and self.shared.shareable(entry) and self._shared_puts < _SHARED_PUTS_MAX:
+            self._shared_puts += 1
+            self._spawn(self._share(key, entry))
         self.mirror.stored(key, BUCKET, entry)
+
+    async def _share(self, key: str, entry: Entry) -> None:
+        try:
+            await self.shared.put(key, entry)
+        finally:
+            self._shared_puts -= 1
 
     # --- serving ------------------------------------------------------------------------------
 
@@ -478,16 +549,31 @@ class ResponseCache:
         finally:
             self._refreshing.discard(key)
 
-    async def invalidate(self, routes: Iterable[str], partition: str) -> int:
+    async def invalidate(self, routes: Iterable[str], partition: str, broadcast: bool = True) -> int:
         routes = set(routes)
         keys = set(self._memory_keys(lambda e: e.route in routes and e.partition == partition))
         keys.update(await self._disk_keys(routes=sorted(routes), partition=partition))
         await self._forget_async(list(keys), reason="invalidated")
+        if broadcast and self.shared is not None:
+            await self.shared.delete_where(routes=sorted(routes), partition=partition)
+            await self.shared.publish_flush(_INVALIDATE, json.dumps([sorted(routes), partition]))
         return len(keys)
 
-    async def flush(self, target: str, value: str | None) -> int:
+    async def _apply_peer_flush(self, target: str, value: str | None) -> None:
+        """Another process's flush or invalidation (published on the shared tier), applied here."""
+        if target == _INVALIDATE:
+            routes, partition = json.loads(value or "[[], \"\"]")
+            count = await self.invalidate(routes, partition, broadcast=False)
+        else:
+            count = await self.flush(target, value, broadcast=False)
+        log.info("cache flush %s %s from another process: %d entries", target, value or "", count)
+
+    async def flush(self, target: str, value: str | None, broadcast: bool = True) -> int:
         """Drop entries: all, one bucket (this cache is the "api" bucket), one route, a key prefix, or
-        the expired ones (the control plane's cache-cleanup job)."""
+        the expired ones (the control plane's cache-cleanup job). With a shared tier, its entries go
+        too and every other process drops its own (`broadcast`)."""
+        if broadcast and self.shared is not None and target in _SHARED_TARGETS:
+            await self._flush_shared(target, value)
         if target == "expired":
             return await self._drop_expired()
         if target == "all" or (target == "bucket" and value == BUCKET):
@@ -508,24 +594,44 @@ class ResponseCache:
         await self._forget_async(keys, reason="flushed")
         return len(set(keys))
 
+    async def _flush_shared(self, target: str, value: str | None) -> None:
+        if target == "all" or (target == "bucket" and value == BUCKET):
+            await self.shared.delete_where()
+        elif target == "route":
+            await self.shared.delete_where(routes=[value or ""])
+        elif target == "prefix":
+            await self.shared.delete_where(key_prefix=value or "\0")
+        elif target == "partition":
+            await self.shared.delete_where(partition=value or "")
+        elif target == "url":
+            if (uri := self._uri_of_url(value or "")) is None:
+                return
+            await self.shared.delete_where(uri=uri)
+        await self.shared.publish_flush(target, value)
+
     async def _keys_of_url(self, url: str) -> list[str]:
         """Every partition's and variant's entry of an upstream URL as the player sends it (the
         explicit proxy's host, or a reverse listener's address), normalised like the keys."""
+        uri = self._uri_of_url(url)
+        if uri is None:
+            return []
+        return list(set(self._memory_keys(lambda e: e.uri == uri)) | set(await self._disk_keys(uri=uri)))
+
+    def _uri_of_url(self, url: str) -> str | None:
         rules = self.watcher.rules
         parts = urlsplit(url)
         if rules is None or not parts.hostname:
-            return []
+            return None
         upstream = rules.upstream_for_host(parts.hostname)
         if upstream is None and parts.port is not None:
             upstream = rules.reverse_listener(parts.port)
         if upstream is None:
-            return []
+            return None
         if self.plex_connections is not None and rules.upstreams[upstream].kind == "plex-server" and (
                 server := self.plex_connections.other_server_at(upstream, parts.hostname, parts.port
                                                                 or (443 if parts.scheme == "https" else 80))):
             upstream = f"{upstream}@{server}"
-        uri = uri_key(upstream, "GET", parts.path or "/", parse_qsl(parts.query, keep_blank_values=True))
-        return list(set(self._memory_keys(lambda e: e.uri == uri)) | set(await self._disk_keys(uri=uri)))
+        return uri_key(upstream, "GET", parts.path or "/", parse_qsl(parts.query, keep_blank_values=True))
 
     def _memory_keys(self, selected) -> list[str]:
         return [k for k in self.memory.keys() if (e := self.memory.peek(k)) is not None and selected(e)]
@@ -584,13 +690,17 @@ class ResponseCache:
         while len(self._gone) > _GONE_MAX:
             self._gone.popitem(last=False)
 
-    async def _lookup(self, key: str, uri: str) -> Entry | None:
+    async def _lookup(self, key: str, uri: str, route: str, partition: str) -> Entry | None:
         entry = self.memory.get(key)
         if entry is None:  # the disk also holds what an earlier run stored
             entry = await asyncio.get_running_loop().run_in_executor(self._executor, self.disk.get, key)
             if entry is not None:
                 self.memory.put(key, entry)
                 self._known(key, uri, entry)
+        if entry is None and self.shared is not None:  # what another process stored
+            entry = await self.shared.get(key, route, partition, uri)
+            if entry is not None and not entry.expired_for_good():
+                self._put(key, uri, entry, share=False)
         if entry is not None and entry.expired_for_good():
             self._forget([key])
             return None

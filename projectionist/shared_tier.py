@@ -1,0 +1,301 @@
+"""The response cache's shared tier: Redis behind each proxy process's memory and disk layers.
+
+With `proxy.redis_url` (or PROJECTIONIST_REDIS_URL) set, every proxy process pointed at the same
+Redis, on this machine or another, shares:
+
+- **entries**: what one process stored is a hit for all. Each entry is one Redis string whose name
+  says what flush and invalidation select on (`<prefix>e:<route>|<partition>|<uri key>|<key>`),
+  with Redis' own expiry at the entry's last usable moment (ttl + the longer stale window); Redis'
+  `maxmemory` with an LRU policy bounds the total (docker-compose.yml sets it). Bodies over
+  `cache.shared_max_body_bytes` and memory-only entries (they embed a user's surrogates) stay local.
+- **one fetch per cold key**: the process that takes the key's lock (`SET NX PX`, renewed while it
+  fetches) fetches; the others wait for the outcome it writes (`<prefix>o:<key>`, kept a few
+  seconds, whatever the status), and take the lock over when it lapses without one (a leader that
+  died or failed).
+- **flushes and invalidations**: the process applying one deletes the matching shared entries and
+  publishes it; every other process drops its own memory and disk entries likewise.
+
+The format is JSON metadata + the body bytes, never pickle: what Redis holds is data, not code.
+Redis failing (down, slow) costs one warning: each process serves from its own layers and fetches
+on its own until Redis answers again (retried every RETRY_AFTER seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import struct
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from .cache_store import Entry
+
+log = logging.getLogger(__name__)
+
+REDIS_URL_ENV = "PROJECTIONIST_REDIS_URL"
+PREFIX = "projectionist:cache:"
+FLUSH_CHANNEL = "flush"
+RETRY_AFTER = 5.0  # s: after a failure, Redis is left alone this long
+LOCK_MS = 3_000  # a leader's lock lapses this long after its process stopped renewing it
+OUTCOME_TTL_MS = 5_000  # a leader's outcome waits this long for followers
+POLL_INTERVAL = 0.02  # s: how often a follower looks for the leader's outcome
+_HEADER = struct.Struct("!I")
+
+
+def redis_url(configured: str | None) -> str | None:
+    """The environment wins over rules.yaml's proxy.redis_url, as for the rate limits."""
+    return os.environ.get(REDIS_URL_ENV) or configured
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A leader's upstream answer, as its followers in other processes receive it."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+def encode_entry(entry: Entry) -> bytes:
+    meta = {"status": entry.status, "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in entry.headers],
+            "stored_at": entry.stored_at, "ttl": entry.ttl, "swr": entry.stale_while_revalidate,
+            "sie": entry.stale_if_error, "route": entry.route, "partition": entry.partition, "uri": entry.uri}
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    return _HEADER.pack(len(raw)) + raw + entry.body
+
+
+def decode_entry(data: bytes) -> Entry:
+    (length,) = _HEADER.unpack_from(data)
+    meta = json.loads(data[_HEADER.size:_HEADER.size + length])
+    return Entry(status=int(meta["status"]), headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in meta["headers"]],
+                 body=data[_HEADER.size + length:], stored_at=float(meta["stored_at"]), ttl=float(meta["ttl"]),
+                 stale_while_revalidate=float(meta["swr"]), stale_if_error=float(meta["sie"]),
+                 route=str(meta["route"]), partition=str(meta["partition"]), uri=str(meta["uri"]))
+
+
+def encode_outcome(status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> bytes:
+    raw = json.dumps({"status": status, "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers]},
+                     separators=(",", ":")).encode()
+    return _HEADER.pack(len(raw)) + raw + body
+
+
+def decode_outcome(data: bytes) -> Outcome:
+    (length,) = _HEADER.unpack_from(data)
+    meta = json.loads(data[_HEADER.size:_HEADER.size + length])
+    return Outcome(int(meta["status"]), [(k.encode("latin-1"), v.encode("latin-1")) for k, v in meta["headers"]],
+                   data[_HEADER.size + length:])
+
+
+def _glob(text: str) -> str:
+    """`text` matched literally by a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class SharedTier:
+    """The shared entries, locks, outcomes and flush channel of one Redis. Every method fails soft:
+    after an error it answers "nothing shared" (None, False, 0) for RETRY_AFTER seconds."""
+
+    def __init__(self, url: str, max_body_bytes: int, prefix: str = PREFIX, timeout: float = 0.5) -> None:
+        import redis.asyncio as aioredis  # imported only when configured
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        self.url = url
+        self.prefix = prefix
+        self.max_body_bytes = max_body_bytes
+        self.origin = uuid.uuid4().hex  # this process, in the flushes it publishes
+        # One immediate retry on a broken connection: after Redis restarts, each pooled connection
+        # fails once, and that must not count as Redis being down.
+        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                              retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
+        self._down_until = 0.0
+        self._warned_at = 0.0
+        self._listener: asyncio.Task | None = None
+
+    # --- entries ------------------------------------------------------------------------------
+
+    def name(self, key: str, route: str, partition: str, uri: str) -> str:
+        return f"{self.prefix}e:{route}|{partition}|{uri}|{key}"
+
+    def shareable(self, entry: Entry) -> bool:
+        return not entry.memory_only and len(entry.body) <= self.max_body_bytes
+
+    async def get(self, key: str, route: str, partition: str, uri: str) -> Entry | None:
+        data = await self._call(lambda: self.client.get(self.name(key, route, partition, uri)))
+        if not data:
+            return None
+        try:
+            return decode_entry(data)
+        except (ValueError, KeyError, struct.error) as exc:  # not ours, or damaged: a miss
+            log.warning("shared cache: an unreadable entry (%s) ignored", type(exc).__name__)
+            return None
+
+    async def put(self, key: str, entry: Entry) -> bool:
+        if not self.shareable(entry):
+            return False
+        expire = entry.ttl + max(entry.stale_while_revalidate, entry.stale_if_error) - entry.age()
+        if expire <= 0:
+            return False
+        name = self.name(key, entry.route, entry.partition, entry.uri)
+        data = encode_entry(entry)
+        return bool(await self._call(lambda: self.client.set(name, data, px=max(1, int(expire * 1000)))))
+
+    async def delete_where(self, *, routes: Iterable[str] | None = None, partition: str | None = None,
+                           uri: str | None = None, key_prefix: str | None = None) -> int:
+        """Delete the shared entries of these routes / this partition / this URI / key prefix (all
+        when nothing is given), and the leaders' recent outcomes; returns how many."""
+        part = _glob(partition) if partition is not None else "*"
+        patterns = []
+        if routes is not None:
+            patterns = [f"{_glob(self.prefix)}e:{_glob(route)}|{part}|*" for route in routes]
+        else:
+            patterns = [f"{_glob(self.prefix)}e:*|{part}|{_glob(uri) if uri else '*'}|"
+                        f"{_glob(key_prefix) + '*' if key_prefix is not None else '*'}"]
+        # Outcomes are seconds old and name only their key: all go, so that none outlives a flush.
+        patterns.append(f"{_glob(self.prefix)}o:*")
+
+        async def scan_and_delete() -> int:
+            deleted = 0
+            for pattern in patterns:
+                batch = []
+                async for name in self.client.scan_iter(match=pattern, count=500):
+                    batch.append(name)
+                    if len(batch) >= 500:
+                        deleted += await self.client.unlink(*batch)
+                        batch = []
+                if batch:
+                    deleted += await self.client.unlink(*batch)
+            return deleted
+        return await self._call(scan_and_delete) or 0
+
+    # --- one fetch per cold key, across processes -------------------------------------------
+
+    async def lead(self, key: str) -> bool | None:
+        """Take the key's fetch lock: True (fetch it), False (another process fetches), None (no Redis)."""
+        if not self.available():
+            return None
+        taken = await self._call(lambda: self.client.set(f"{self.prefix}lock:{key}", self.origin, nx=True,
+                                                         px=LOCK_MS), failed=None)
+        return None if taken is None and not self.available() else bool(taken)
+
+    @contextlib.asynccontextmanager
+    async def leading(self, key: str):
+        """While the leader fetches, its lock is kept alive; a leader that dies lets it lapse
+        within LOCK_MS, and a follower takes over."""
+        async def keep() -> None:
+            while True:
+                await asyncio.sleep(LOCK_MS / 3000)
+                await self._call(lambda: self.client.pexpire(f"{self.prefix}lock:{key}", LOCK_MS))
+        keeper = asyncio.get_running_loop().create_task(keep())
+        try:
+            yield
+        finally:
+            keeper.cancel()
+
+    async def finish(self, key: str, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> None:
+        """The leader's outcome for the followers, then the lock released."""
+        data = encode_outcome(status, headers, body)
+
+        async def publish() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(f"{self.prefix}o:{key}", data, px=OUTCOME_TTL_MS)
+                pipe.delete(f"{self.prefix}lock:{key}")
+                await pipe.execute()
+        await self._call(publish)
+
+    async def release(self, key: str) -> None:
+        """The leader has no outcome to give (its fetch failed): a follower takes over."""
+        await self._call(lambda: self.client.delete(f"{self.prefix}lock:{key}"))
+
+    async def outcome(self, key: str) -> Outcome | None:
+        """The outcome a leader left for `key` in the last OUTCOME_TTL_MS, if any."""
+        data = await self._call(lambda: self.client.get(f"{self.prefix}o:{key}"))
+        if not data:
+            return None
+        try:
+            return decode_outcome(data)
+        except (ValueError, KeyError, struct.error):
+            return None
+
+    async def follow(self, key: str, deadline: float, take_over: Callable[[], Awaitable[object]]) -> Outcome | object | None:
+        """Wait for another process's outcome for `key` until `deadline` (monotonic). When its lock
+        goes without an outcome (the leader died or failed), this process takes the lock and runs
+        `take_over()`, whose result is returned. None: no outcome in time, or Redis failed."""
+        while time.monotonic() < deadline:
+            if (outcome := await self.outcome(key)) is not None:
+                return outcome
+            if not self.available():
+                return None
+            if not await self._call(lambda: self.client.exists(f"{self.prefix}lock:{key}"), failed=1):
+                if await self.lead(key):
+                    return await take_over()
+            await asyncio.sleep(POLL_INTERVAL)
+        return None
+
+    # --- flushes ------------------------------------------------------------------------------
+
+    async def publish_flush(self, target: str, value: str | None) -> None:
+        message = json.dumps({"origin": self.origin, "target": target, "value": value})
+        await self._call(lambda: self.client.publish(self.prefix + FLUSH_CHANNEL, message))
+
+    def listen_for_flushes(self, apply: Callable[[str, str | None], Awaitable[object]]) -> None:
+        """Apply every other process's published flush here (until close())."""
+        self._listener = asyncio.get_running_loop().create_task(self._listen(apply))
+
+    async def _listen(self, apply: Callable[[str, str | None], Awaitable[object]]) -> None:
+        while True:
+            try:
+                async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self.prefix + FLUSH_CHANNEL)
+                    while True:
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is None:
+                            continue
+                        try:
+                            flush = json.loads(message["data"])
+                        except (ValueError, TypeError):
+                            continue
+                        if isinstance(flush, dict) and flush.get("origin") != self.origin:
+                            await apply(str(flush.get("target")), flush.get("value"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis down: listen again once it answers
+                self._failed(exc)
+                await asyncio.sleep(RETRY_AFTER)
+
+    # --- failing soft -------------------------------------------------------------------------
+
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    async def _call(self, operation: Callable[[], Awaitable], failed=None):
+        if not self.available():
+            return failed
+        try:
+            return await operation()
+        except Exception as exc:  # noqa: BLE001 - any Redis failure: this process goes on alone
+            self._failed(exc)
+            return failed
+
+    def _failed(self, exc: Exception) -> None:
+        now = time.monotonic()
+        self._down_until = now + RETRY_AFTER
+        if now - self._warned_at > 30:
+            self._warned_at = now
+            log.warning("shared cache (Redis) failed (%s: %s); this process serves from its own cache meanwhile",
+                        type(exc).__name__, exc)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            try:
+                await self._listener
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        await self.client.aclose()

@@ -1,0 +1,189 @@
+"""The response cache's shared tier (projectionist/shared_tier.py), end to end: real proxy processes
+(`python -m launcher proxy`, each with its own home) pointed at one real `redis-server`, a local
+TMDB-shaped upstream that counts what reaches it, and clients through each proxy's explicit
+listener. What one process fetched is a hit through another; 200 identical cold requests spread
+over four processes reach the upstream once; a flush applied by one process reaches the others; a
+leader killed mid-fetch is taken over; a dead Redis leaves every process serving on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import sqlite3
+import time
+
+import aiohttp
+import pytest
+import redis
+from aiohttp import web
+
+from _stack import ProxyProcess, RedisServer
+
+pytestmark = [pytest.mark.e2e]
+
+MOVIE = "http://api.themoviedb.org/3/movie/603"
+BODY = b'{"id":603,"title":"The Matrix","release_date":"1999-03-30","runtime":136}'
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    with RedisServer() as server:
+        yield server
+
+
+class CountingUpstream:
+    """TMDB on 127.0.0.1: answers every /3/ path with a movie after `delay`, counting requests."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.delay = 0.0
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.paths.append(request.path)
+        await asyncio.sleep(self.delay)
+        return web.Response(body=BODY, content_type="application/json")
+
+    async def __aenter__(self) -> CountingUpstream:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.cleanup()
+
+
+@contextlib.contextmanager
+def proxies(count: int, upstream: str, redis_url: str):
+    """`count` proxy processes, TMDB sent to `upstream`, sharing `redis_url`."""
+    def edit(rules: dict) -> None:
+        rules["proxy"]["redis_url"] = redis_url
+    started: list[ProxyProcess] = []
+    try:
+        for _ in range(count):
+            started.append(ProxyProcess({"tmdb": upstream}, edit).start())
+        yield started
+    finally:
+        for proxy in started:
+            proxy.stop()
+            proxy.cleanup()
+
+
+async def get(session: aiohttp.ClientSession, proxy: ProxyProcess, url: str = MOVIE) -> tuple[int, str, bytes]:
+    async with session.get(url, params={"api_key": "x"}, proxy=proxy.proxy_url,
+                           timeout=aiohttp.ClientTimeout(total=30)) as r:
+        return r.status, r.headers.get("Cache-Status", ""), await r.read()
+
+
+def flush_requested(proxy: ProxyProcess, target: str, value: str | None) -> int:
+    """A flush as the control plane asks it: a row in the proxy's cache_flush_requests."""
+    with contextlib.closing(sqlite3.connect(proxy.db_path, timeout=10)) as conn, conn:
+        return conn.execute("INSERT INTO cache_flush_requests (target, value, requested_at) VALUES (?, ?, ?)",
+                            (target, value, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))).lastrowid
+
+
+def wait_applied(proxy: ProxyProcess, request_id: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    with contextlib.closing(sqlite3.connect(proxy.db_path, timeout=10)) as conn:
+        while conn.execute("SELECT applied_at FROM cache_flush_requests WHERE id = ?", (request_id,)).fetchone()[0] is None:
+            assert time.monotonic() < deadline, "the flush request was not applied"
+            time.sleep(0.1)
+
+
+async def test_what_one_process_fetched_is_a_hit_through_another_and_a_flush_reaches_both(redis_server):
+    redis.Redis.from_url(redis_server.url).flushdb()
+    async with CountingUpstream() as upstream, aiohttp.ClientSession() as session:
+        with proxies(2, upstream.url, redis_server.url) as (a, b):
+            status, cache_status, body = await get(session, a)
+            assert (status, body) == (200, BODY) and "fwd=uri-miss" in cache_status and "stored" in cache_status
+            for _ in range(3):  # B never fetched it: Redis has it
+                status, cache_status, body = await get(session, b)
+                assert (status, body) == (200, BODY) and "; hit;" in cache_status, cache_status
+            assert upstream.paths == ["/3/movie/603"]
+            assert redis.Redis.from_url(redis_server.url).keys("projectionist:cache:e:tmdb.details|shared|*")
+
+            # The flush is asked of A (its control plane); B drops its own copy too.
+            wait_applied(a, flush_requested(a, "route", "tmdb.details"))
+            await asyncio.sleep(0.5)  # the published flush reaches B
+            assert not redis.Redis.from_url(redis_server.url).keys("projectionist:cache:e:tmdb.details|*")
+            status, cache_status, _ = await get(session, b)
+            assert status == 200 and "fwd=uri-miss" in cache_status and "detail=flushed" in cache_status, cache_status
+            assert len(upstream.paths) == 2
+            assert not a.logged_errors() and not b.logged_errors()
+
+
+async def test_200_identical_cold_requests_over_four_processes_reach_the_upstream_once(redis_server):
+    redis.Redis.from_url(redis_server.url).flushdb()
+    async with CountingUpstream() as upstream, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0)) as session:
+        upstream.delay = 0.5
+        with proxies(4, upstream.url, redis_server.url) as cluster:
+            answers = await asyncio.gather(*(get(session, cluster[i % 4]) for i in range(200)))
+            assert [a[0] for a in answers] == [200] * 200 and all(a[2] == BODY for a in answers)
+            assert upstream.paths == ["/3/movie/603"]
+            collapsed = sum("collapsed" in a[1] for a in answers)
+            assert collapsed >= 150, [a[1] for a in answers][:5]  # the 3 other processes' misses, at least
+            for proxy in cluster:
+                assert not proxy.logged_errors()
+
+
+async def test_a_leader_killed_mid_fetch_is_taken_over(redis_server):
+    redis.Redis.from_url(redis_server.url).flushdb()
+    async with CountingUpstream() as upstream, aiohttp.ClientSession() as session:
+        upstream.delay = 2.0
+        with proxies(2, upstream.url, redis_server.url) as (a, b):
+            leader = asyncio.ensure_future(get(session, a))
+            while not upstream.paths:
+                await asyncio.sleep(0.02)
+            started = time.monotonic()
+            follower = asyncio.ensure_future(get(session, b))
+            await asyncio.sleep(0.3)
+            a.proc.send_signal(signal.SIGKILL)  # the leader's process dies mid-fetch
+            status, cache_status, body = await follower
+            took = time.monotonic() - started
+            assert (status, body) == (200, BODY), cache_status
+            assert len(upstream.paths) == 2  # B fetched it once A's lock lapsed
+            assert took < 3.0 + 2.0 + 2.0, took  # lock lapse + the fetch, with slack for a busy machine
+            with contextlib.suppress(aiohttp.ClientError):
+                await leader
+
+
+async def test_a_dead_redis_leaves_each_process_its_own_cache_and_sharing_resumes(tmp_path):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    server = RedisServer().__enter__()
+    try:
+        async with CountingUpstream() as upstream, aiohttp.ClientSession() as session:
+            with proxies(2, upstream.url, server.url) as (a, b):
+                assert (await get(session, a, MOVIE))[0] == 200
+                server.__exit__()  # Redis dies
+                other = "http://api.themoviedb.org/3/movie/604"
+                first = await asyncio.wait_for(get(session, a, other), 10)
+                again = await asyncio.wait_for(get(session, a, other), 10)
+                through_b = await asyncio.wait_for(get(session, b, other), 10)
+                assert [first[0], again[0], through_b[0]] == [200, 200, 200]
+                assert "; hit;" in again[1] and "fwd=uri-miss" in through_b[1]  # A's own cache; B on its own
+                assert upstream.paths.count("/3/movie/604") == 2
+                warnings = [line for line in a.log_path.read_text().splitlines() if "shared cache (Redis) failed" in line]
+                assert 1 <= len(warnings) <= 2, warnings  # said once (per 30 s), not per request
+
+                server.__enter__()  # Redis is back, empty, at the same address
+                await asyncio.sleep(5.5)  # past shared_tier.RETRY_AFTER
+                third = "http://api.themoviedb.org/3/movie/605"
+                assert (await get(session, a, third))[0] == 200
+                await asyncio.sleep(0.3)
+                status, cache_status, _ = await get(session, b, third)
+                assert status == 200 and "; hit;" in cache_status, cache_status
+                assert upstream.paths.count("/3/movie/605") == 1
+    finally:
+        server.__exit__()
