@@ -6,7 +6,8 @@ Run it as its own process so the load generator cannot starve it (see `_stack.st
 
 Routes (any method, bodies pre-encoded so the server costs as little as possible):
     /library/sections*   Plex MediaContainer with four library sections (~2 KB)
-    /3/*                 TMDB v3 movie details (~2 KB)
+    /3/*                 TMDB v3 movie details (~2 KB); `?bench_delay_ms=N` answers N ms late
+    /_bench/requests     how many /3/ requests arrived, per path and query (JSON)
     anything else        {"path": ...}
 """
 
@@ -18,6 +19,7 @@ import gc
 import json
 import signal
 import sys
+from collections import Counter
 
 from aiohttp import web
 
@@ -80,13 +82,22 @@ PLEX_SECTIONS_BODY = json.dumps(PLEX_SECTIONS, separators=(",", ":")).encode()
 TMDB_MOVIE_BODY = json.dumps(TMDB_MOVIE, separators=(",", ":")).encode()
 
 
+REQUESTS: Counter[str] = Counter()
+
+
 def make_app() -> web.Application:
     async def plex_sections(_request: web.Request) -> web.Response:
         return web.Response(body=PLEX_SECTIONS_BODY, content_type="application/json",
                             headers={"X-Plex-Protocol": "1.0", "Cache-Control": "no-cache"})
 
-    async def tmdb(_request: web.Request) -> web.Response:
+    async def tmdb(request: web.Request) -> web.Response:
+        REQUESTS[request.path_qs] += 1
+        if delay := request.query.get("bench_delay_ms"):  # a slow origin, for one URL (bench/scale.py)
+            await asyncio.sleep(min(float(delay), 10_000) / 1000)
         return web.Response(body=TMDB_MOVIE_BODY, content_type="application/json")
+
+    async def counts(_request: web.Request) -> web.Response:
+        return web.json_response(REQUESTS)
 
     async def other(request: web.Request) -> web.Response:
         return web.json_response({"path": request.path_qs})
@@ -94,6 +105,7 @@ def make_app() -> web.Application:
     app = web.Application()
     app.router.add_route("*", "/library/sections", plex_sections)
     app.router.add_route("*", "/3/{tail:.*}", tmdb)
+    app.router.add_get("/_bench/requests", counts)
     app.router.add_route("*", "/{tail:.*}", other)
     return app
 
