@@ -104,14 +104,16 @@ class CacheMirror:
         """Mark a request applied, after the other caches of this process applied it too (their
         counts are added), so that "applied" means applied everywhere."""
         with closing(connect(self.db_path)) as conn:
-            handlers = _flush_handlers.get(str(self.db_path), [])
-            if handlers:
+            if _flush_handlers.get(str(self.db_path)):
                 target, value = conn.execute("SELECT target, value FROM cache_flush_requests WHERE id = ?",
                                              (request_id,)).fetchone()
-                for handler in list(handlers):
-                    count += handler(target, value)
+                count += self.flush_other_caches(target, value)
             conn.execute("UPDATE cache_flush_requests SET applied_at = ?, flushed = ? WHERE id = ?",
                          (utcnow_iso(), count, request_id))
+
+    def flush_other_caches(self, target: str, value: str | None) -> int:
+        """The flush applied by this process's other caches (call from a thread); how many they dropped."""
+        return sum(handler(target, value) for handler in list(_flush_handlers.get(str(self.db_path), [])))
 
     # --- the writer thread ----------------------------------------------------------------------
 

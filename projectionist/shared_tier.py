@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -62,20 +63,28 @@ class Outcome:
 
 
 def encode_entry(entry: Entry) -> bytes:
-    meta = {"status": entry.status, "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in entry.headers],
-            "stored_at": entry.stored_at, "ttl": entry.ttl, "swr": entry.stale_while_revalidate,
-            "sie": entry.stale_if_error, "route": entry.route, "partition": entry.partition, "uri": entry.uri}
+    """An Entry (or a subclass: the image cache's) as bytes: its fields but the body and the hit
+    count as JSON, then the body."""
+    meta = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry) if f.name not in ("body", "hits")}
+    meta["headers_are_bytes"] = any(isinstance(k, bytes) for k, _ in entry.headers)
+    meta["headers"] = [[_text(k), _text(v)] for k, v in entry.headers]
     raw = json.dumps(meta, separators=(",", ":")).encode()
     return _HEADER.pack(len(raw)) + raw + entry.body
 
 
-def decode_entry(data: bytes) -> Entry:
+def decode_entry(data: bytes, kind: type[Entry] = Entry) -> Entry:
+    """What encode_entry wrote, as a `kind`; fields it does not have are left out, missing ones
+    take their defaults (a raising ValueError/KeyError/TypeError: not an entry)."""
     (length,) = _HEADER.unpack_from(data)
     meta = json.loads(data[_HEADER.size:_HEADER.size + length])
-    return Entry(status=int(meta["status"]), headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in meta["headers"]],
-                 body=data[_HEADER.size + length:], stored_at=float(meta["stored_at"]), ttl=float(meta["ttl"]),
-                 stale_while_revalidate=float(meta["swr"]), stale_if_error=float(meta["sie"]),
-                 route=str(meta["route"]), partition=str(meta["partition"]), uri=str(meta["uri"]))
+    as_bytes = meta.pop("headers_are_bytes", True)
+    meta["headers"] = [(k.encode("latin-1"), v.encode("latin-1")) if as_bytes else (k, v) for k, v in meta["headers"]]
+    known = {f.name for f in dataclasses.fields(kind)} - {"body", "hits"}
+    return kind(**{k: v for k, v in meta.items() if k in known}, body=data[_HEADER.size + length:])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
 def encode_outcome(status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> bytes:
@@ -126,13 +135,13 @@ class SharedTier:
     def shareable(self, entry: Entry) -> bool:
         return not entry.memory_only and len(entry.body) <= self.max_body_bytes
 
-    async def get(self, key: str, route: str, partition: str, uri: str) -> Entry | None:
+    async def get(self, key: str, route: str, partition: str, uri: str, kind: type[Entry] = Entry) -> Entry | None:
         data = await self._call(lambda: self.client.get(self.name(key, route, partition, uri)))
         if not data:
             return None
         try:
-            return decode_entry(data)
-        except (ValueError, KeyError, struct.error) as exc:  # not ours, or damaged: a miss
+            return decode_entry(data, kind)
+        except (ValueError, KeyError, TypeError, struct.error) as exc:  # not ours, or damaged: a miss
             log.warning("shared cache: an unreadable entry (%s) ignored", type(exc).__name__)
             return None
 
@@ -223,12 +232,15 @@ class SharedTier:
         except (ValueError, KeyError, struct.error):
             return None
 
-    async def follow(self, key: str, deadline: float, take_over: Callable[[], Awaitable[object]]) -> Outcome | object | None:
-        """Wait for another process's outcome for `key` until `deadline` (monotonic). When its lock
-        goes without an outcome (the leader died or failed), this process takes the lock and runs
-        `take_over()`, whose result is returned. None: no outcome in time, or Redis failed."""
+    async def follow(self, key: str, deadline: float, take_over: Callable[[], Awaitable[object]],
+                     result: Callable[[], Awaitable[object | None]] | None = None) -> object | None:
+        """Wait for another process's outcome for `key` until `deadline` (monotonic): `result()`
+        when given (the image cache waits for the shared entry itself), else the Outcome it left.
+        When its lock goes without one (the leader died or failed), this process takes the lock and
+        runs `take_over()`, whose result is returned. None: nothing in time, or Redis failed."""
+        result = result or (lambda: self.outcome(key))
         while time.monotonic() < deadline:
-            if (outcome := await self.outcome(key)) is not None:
+            if (outcome := await result()) is not None:
                 return outcome
             if not self.available():
                 return None

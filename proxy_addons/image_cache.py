@@ -66,6 +66,7 @@ from projectionist.images import (
 from projectionist.limits import RateLimited
 from projectionist.metrics import CACHE_EVICTIONS, IMAGE_ENCODES, add_cache_source, remove_cache_source
 from projectionist.rules import ImageRule, ResolvedTimeouts, Rules
+from projectionist.shared_tier import SharedTier, redis_url
 
 from . import flowinfo
 from .local_responses import cors_headers
@@ -76,6 +77,7 @@ from .upstream_fetch import HOP_BY_HOP, upstream_session
 
 log = logging.getLogger(__name__)
 
+SHARED_PREFIX = "projectionist:images:"  # the shared tier's names for image variants (Redis)
 BUCKET = "images"
 YEAR = 31_536_000
 # The source is fetched whole, as an image, for every client: no client's conditions, ranges or
@@ -137,6 +139,7 @@ class ImageCache:
         self.supported: set[str] = set()
         self.db_path: Path | None = None
         self.index: dict[str, tuple[str, str]] = {}  # key -> (route, partition)
+        self.shared: SharedTier | None = None  # Redis, when configured: variants shared by every process
         self._disk: ThreadPoolExecutor | None = None
         self._ready: asyncio.Event | None = None
         self._inflight: dict[str, asyncio.Task] = {}
@@ -167,6 +170,8 @@ class ImageCache:
         self._spawn(self._start(directory if directory.is_absolute() else home / directory, settings.max_bytes))
         self._loop = asyncio.get_running_loop()
         add_flush_handler(self.db_path, self._flush_from_thread)  # control-plane flushes
+        if url := redis_url(self.watcher.rules.model.proxy.redis_url):  # read at start, as the response cache
+            self.shared = SharedTier(url, self.watcher.rules.model.cache.shared_max_body_bytes, prefix=SHARED_PREFIX)
         self.watcher.subscribe(self._rules_changed)
 
     async def _start(self, directory: Path, max_bytes: int) -> None:
@@ -203,6 +208,9 @@ class ImageCache:
             task.cancel()
         if self.session is not None:
             await self.session.close()
+        if self.shared is not None:
+            await self.shared.close()
+            self.shared = None
         if self.mirror is not None:
             self.mirror.close()
         if self.pool is not None:
@@ -264,7 +272,7 @@ class ImageCache:
             return
         target = self._target(flow, rule)
         key = self._key(flow, info, rule, target, partition)
-        entry = await self._lookup(key)
+        entry = await self._lookup(key, info.route, partition)
         now = time.time()
         if entry is not None and entry.fresh(now):
             return self._serve(flow, info, rule, key, entry, "hit", now)
@@ -307,7 +315,7 @@ class ImageCache:
         except TimeoutError:
             return False
 
-    async def _lookup(self, key: str) -> ImageEntry | None:
+    async def _lookup(self, key: str, route: str, partition: str) -> ImageEntry | None:
         entry = self.memory.get(key)
         if entry is not None:
             self.store.touch(key)
@@ -315,6 +323,10 @@ class ImageCache:
         entry = await asyncio.get_running_loop().run_in_executor(self._disk, self.store.get, key)
         if entry is not None:
             self.memory.put(key, entry)
+        elif self.shared is not None:  # another process's variant: kept here too
+            entry = await self.shared.get(key, route, partition, "", ImageEntry)
+            if entry is not None:
+                self._store(key, entry, share=False)
         return entry
 
     def _target(self, flow: http.HTTPFlow, rule: ImageRule) -> str | None:
@@ -388,6 +400,38 @@ class ImageCache:
 
     async def _produce(self, key: str, source: _Source, previous: ImageEntry | None, flow: http.HTTPFlow,
                        background: bool):
+        """One variant per key cluster-wide with a shared tier: the process holding the key's lock
+        fetches and encodes, the others wait for the variant it shares (and take over when its
+        lock lapses without one). Background refreshes are this process's own."""
+        if self.shared is None or background:
+            return await self._produce_here(key, source, previous, flow, background)
+        led = await self.shared.lead(key)
+        if led is False:
+            async def shared_variant() -> ImageEntry | None:
+                entry = await self.shared.get(key, source.route, source.partition, "", ImageEntry)
+                return entry if entry is not None and entry.fresh() else None
+            result = await self.shared.follow(key, time.monotonic() + self._deadline(),
+                                              lambda: self._produce_leading(key, source, previous, flow),
+                                              result=shared_variant)
+            if isinstance(result, ImageEntry) and result is not self.memory.peek(key):
+                self._store(key, result, share=False)
+            if result is not None:
+                return result
+            led = None
+        if led:
+            return await self._produce_leading(key, source, previous, flow)
+        return await self._produce_here(key, source, previous, flow, background)
+
+    async def _produce_leading(self, key: str, source: _Source, previous: ImageEntry | None, flow: http.HTTPFlow):
+        async with self.shared.leading(key):
+            result = await self._produce_here(key, source, previous, flow, False, share=False)
+        if isinstance(result, ImageEntry) and not result.provisional:
+            await self.shared.put(key, result)  # before the lock goes: followers find it
+        await self.shared.release(key)
+        return result
+
+    async def _produce_here(self, key: str, source: _Source, previous: ImageEntry | None, flow: http.HTTPFlow,
+                            background: bool, share: bool = True):
         settings = self.watcher.rules.model.images
         gate = self.upstream_gate
         try:
@@ -418,7 +462,7 @@ class ImageCache:
                     return result
                 entry = self._entry(source, headers, body, result.body if result.body is not None else body,
                                     result.content_type or content_type, result.digest, result.width, result.height)
-            self._store(key, entry)
+            self._store(key, entry, share=share)
             return entry
         except RateLimited as refused:
             return Limited(refused.response)
@@ -501,11 +545,13 @@ class ImageCache:
             return Passthrough(r.status, kept, bytes(body))
         return r.status, kept, bytes(body)
 
-    def _store(self, key: str, entry: ImageEntry) -> None:
+    def _store(self, key: str, entry: ImageEntry, share: bool = True) -> None:
         self.memory.put(key, entry)  # memory evictions lose nothing: the disk has every entry
         self.index[key] = (entry.route, entry.partition)
         self.mirror.stored(key, BUCKET, entry)
         self._spawn(self._persist(key, entry))
+        if share and self.shared is not None and not entry.provisional:  # an original is replaced soon
+            self._spawn(self.shared.put(key, entry))
 
     async def _persist(self, key: str, entry: ImageEntry) -> None:
         evicted = await asyncio.get_running_loop().run_in_executor(self._disk, self.store.put, key, entry)
@@ -612,6 +658,15 @@ class ImageCache:
             return 0
         self._forget(list(keys))
         await asyncio.get_running_loop().run_in_executor(self._disk, self.store.delete, list(keys))
+        if self.shared is not None:  # every process applies a flush (response_cache publishes it): idempotent
+            if target == "route":
+                await self.shared.delete_where(routes=[value or ""])
+            elif target == "prefix":
+                await self.shared.delete_where(key_prefix=value or "\0")
+            elif target == "partition":
+                await self.shared.delete_where(partition=value or "")
+            else:
+                await self.shared.delete_where()
         return len(keys)
 
     def _flush_from_thread(self, target: str, value: str | None) -> int:

@@ -566,6 +566,9 @@ class ResponseCache:
             count = await self.invalidate(routes, partition, broadcast=False)
         else:
             count = await self.flush(target, value, broadcast=False)
+            if target != "expired":  # the image cache's variants too, as for the control plane's flushes
+                count += await asyncio.get_running_loop().run_in_executor(
+                    None, self.mirror.flush_other_caches, target, value)
         log.info("cache flush %s %s from another process: %d entries", target, value or "", count)
 
     async def flush(self, target: str, value: str | None, broadcast: bool = True) -> int:

@@ -2,13 +2,14 @@
 (`python -m launcher proxy`, each with its own home) pointed at one real `redis-server`, a local
 TMDB-shaped upstream that counts what reaches it, and clients through each proxy's explicit
 listener. What one process fetched is a hit through another; 200 identical cold requests spread
-over four processes reach the upstream once; a flush applied by one process reaches the others; a
+over four processes reach the upstream once; an image variant is fetched and encoded once for all; a flush applied by one process reaches the others; a
 leader killed mid-fetch is taken over; a dead Redis leaves every process serving on its own."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import shutil
 import signal
 import sqlite3
@@ -25,6 +26,21 @@ pytestmark = [pytest.mark.e2e]
 
 MOVIE = "http://api.themoviedb.org/3/movie/603"
 BODY = b'{"id":603,"title":"The Matrix","release_date":"1999-03-30","runtime":136}'
+
+
+def _poster() -> bytes:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (342, 513), (20, 40, 60))
+    draw = ImageDraw.Draw(image)
+    for i in range(0, 513, 9):
+        draw.line([(0, i), (342, 513 - i)], fill=(200, 120 + i % 100, 40), width=3)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=92)
+    return out.getvalue()
+
+
+POSTER = _poster()
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +63,8 @@ class CountingUpstream:
     async def handle(self, request: web.Request) -> web.Response:
         self.paths.append(request.path)
         await asyncio.sleep(self.delay)
+        if request.path.startswith("/t/p/"):  # image.tmdb.org: a real JPEG poster
+            return web.Response(body=POSTER, content_type="image/jpeg")
         return web.Response(body=BODY, content_type="application/json")
 
     async def __aenter__(self) -> CountingUpstream:
@@ -71,7 +89,7 @@ def proxies(count: int, upstream: str, redis_url: str):
     started: list[ProxyProcess] = []
     try:
         for _ in range(count):
-            started.append(ProxyProcess({"tmdb": upstream}, edit).start())
+            started.append(ProxyProcess({"tmdb": upstream, "tmdb-images": upstream}, edit).start())
         yield started
     finally:
         for proxy in started:
@@ -135,6 +153,38 @@ async def test_200_identical_cold_requests_over_four_processes_reach_the_upstrea
             assert collapsed >= 150, [a[1] for a in answers][:5]  # the 3 other processes' misses, at least
             for proxy in cluster:
                 assert not proxy.logged_errors()
+
+
+async def test_image_variants_are_encoded_once_for_every_process(redis_server):
+    """A poster asked through both processes at once is fetched and re-encoded once; what B serves
+    is A's WebP, byte for byte; a flush of the images bucket asked of B empties A too."""
+    redis.Redis.from_url(redis_server.url).flushdb()
+    async with CountingUpstream() as upstream, aiohttp.ClientSession() as session:
+        upstream.delay = 0.3
+
+        async def poster(proxy: ProxyProcess, path: str) -> tuple[int, str, str, bytes]:
+            async with session.get(f"http://image.tmdb.org{path}", proxy=proxy.proxy_url,
+                                   headers={"Accept": "image/avif,image/webp,image/*,*/*;q=0.8"},
+                                   timeout=aiohttp.ClientTimeout(total=30)) as r:
+                return r.status, r.headers.get("Content-Type", ""), r.headers.get("Cache-Status", ""), await r.read()
+
+        with proxies(2, upstream.url, redis_server.url) as (a, b):
+            path = "/t/p/w342/pB8BM7pdSp6B6Ih7QZ4DrQ3PmJK.jpg"
+            answers = await asyncio.gather(*(poster((a, b)[i % 2], path) for i in range(20)))
+            assert {(status, kind) for status, kind, _, _ in answers} <= {(200, "image/webp"), (200, "image/avif")}, \
+                {(status, kind, cs) for status, kind, cs, _ in answers}
+            assert len({body for *_, body in answers}) == 1 and len(answers[0][3]) < len(POSTER)
+            assert upstream.paths == [path]
+            status, _, cache_status, body = await poster(b, path)
+            assert status == 200 and "; hit;" in cache_status and body == answers[0][3], cache_status
+
+            wait_applied(b, flush_requested(b, "bucket", "images"))
+            await asyncio.sleep(0.5)
+            assert not redis.Redis.from_url(redis_server.url).keys("projectionist:images:e:*")
+            status, _, cache_status, _ = await poster(a, path)
+            assert status == 200 and "fwd=uri-miss" in cache_status, cache_status
+            assert upstream.paths == [path, path]
+            assert not a.logged_errors() and not b.logged_errors()
 
 
 async def test_a_leader_killed_mid_fetch_is_taken_over(redis_server):
