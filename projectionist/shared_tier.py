@@ -4,7 +4,8 @@ With `proxy.redis_url` (or PROJECTIONIST_REDIS_URL) set, every proxy process poi
 Redis, on this machine or another, shares:
 
 - **entries**: what one process stored is a hit for all. Each entry is one Redis string whose name
-  says what flush and invalidation select on (`<prefix>e:<route>|<partition>|<uri key>|<key>`),
+  says what flush and invalidation select on (`<prefix>e:<route>|<partition>|<uri key>|<key>`; a
+  user's partition carries its database's id, since users are numbered per database),
   with Redis' own expiry at the entry's last usable moment (ttl + the longer stale window); Redis'
   `maxmemory` with an LRU policy bounds the total (docker-compose.yml sets it). Bodies over
   `cache.shared_max_body_bytes` and memory-only entries (they embed a user's surrogates) stay local.
@@ -109,7 +110,7 @@ class SharedTier:
     """The shared entries, locks, outcomes and flush channel of one Redis. Every method fails soft:
     after an error it answers "nothing shared" (None, False, 0) for RETRY_AFTER seconds."""
 
-    def __init__(self, url: str, max_body_bytes: int, prefix: str = PREFIX, timeout: float = 0.5) -> None:
+    def __init__(self, url: str, max_body_bytes: int, database: str, prefix: str = PREFIX, timeout: float = 0.5) -> None:
         import redis.asyncio as aioredis  # imported only when configured
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -118,6 +119,7 @@ class SharedTier:
         self.url = url
         self.prefix = prefix
         self.max_body_bytes = max_body_bytes
+        self.database = database  # store.database_id: whose user numbers a partition "u<id>" means
         self.origin = uuid.uuid4().hex  # this process, in the flushes it publishes
         # One immediate retry on a broken connection: after Redis restarts, each pooled connection
         # fails once, and that must not count as Redis being down.
@@ -130,7 +132,12 @@ class SharedTier:
     # --- entries ------------------------------------------------------------------------------
 
     def name(self, key: str, route: str, partition: str, uri: str) -> str:
-        return f"{self.prefix}e:{route}|{partition}|{uri}|{key}"
+        return f"{self.prefix}e:{route}|{self._partition(partition)}|{uri}|{key}"
+
+    def _partition(self, partition: str) -> str:
+        """A user's partition ("u3") names its database too: only processes sharing that database
+        share that user's entries; "shared" entries are everyone's."""
+        return partition if partition == "shared" else f"{self.database}.{partition}"
 
     def shareable(self, entry: Entry) -> bool:
         return not entry.memory_only and len(entry.body) <= self.max_body_bytes
@@ -159,7 +166,7 @@ class SharedTier:
                            uri: str | None = None, key_prefix: str | None = None) -> int:
         """Delete the shared entries of these routes / this partition / this URI / key prefix (all
         when nothing is given), and the leaders' recent outcomes; returns how many."""
-        part = _glob(partition) if partition is not None else "*"
+        part = _glob(self._partition(partition)) if partition is not None else "*"
         patterns = []
         if routes is not None:
             patterns = [f"{_glob(self.prefix)}e:{_glob(route)}|{part}|*" for route in routes]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import secrets
 import sqlite3
 import threading
 import time
@@ -737,6 +738,19 @@ def connect(path: Path | str) -> sqlite3.Connection:
     _enable_wal(conn)
     conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: no corruption, commits survive a crash of the process
     return conn
+
+
+def database_id(path: Path | str) -> str:
+    """This database's random identity (`control_state` 'database_id'), made on first use. Users are
+    numbered per database: processes sharing a Redis but not a database must never take user 3 of
+    one for user 3 of the other (projectionist/shared_tier.py keys users' entries by it)."""
+    conn = connect(path)
+    try:
+        conn.execute("INSERT OR IGNORE INTO control_state (name, value) VALUES ('database_id', ?)",
+                     (secrets.token_hex(8),))
+        return conn.execute("SELECT value FROM control_state WHERE name = 'database_id'").fetchone()[0]
+    finally:
+        conn.close()
 
 
 def _enable_wal(conn: sqlite3.Connection) -> None:

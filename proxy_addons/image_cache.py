@@ -67,6 +67,7 @@ from projectionist.limits import RateLimited
 from projectionist.metrics import CACHE_EVICTIONS, IMAGE_ENCODES, add_cache_source, remove_cache_source
 from projectionist.rules import ImageRule, ResolvedTimeouts, Rules
 from projectionist.shared_tier import SharedTier, redis_url
+from projectionist.store import database_id
 
 from . import flowinfo
 from .local_responses import cors_headers
@@ -171,7 +172,8 @@ class ImageCache:
         self._loop = asyncio.get_running_loop()
         add_flush_handler(self.db_path, self._flush_from_thread)  # control-plane flushes
         if url := redis_url(self.watcher.rules.model.proxy.redis_url):  # read at start, as the response cache
-            self.shared = SharedTier(url, self.watcher.rules.model.cache.shared_max_body_bytes, prefix=SHARED_PREFIX)
+            self.shared = SharedTier(url, self.watcher.rules.model.cache.shared_max_body_bytes, database_id(self.db_path),
+                                     prefix=SHARED_PREFIX)
         self.watcher.subscribe(self._rules_changed)
 
     async def _start(self, directory: Path, max_bytes: int) -> None:

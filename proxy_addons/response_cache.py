@@ -50,6 +50,7 @@ from projectionist.limits import RateLimited
 from projectionist.metrics import CACHE_EVICTIONS, add_cache_source, remove_cache_source
 from projectionist.rules import CacheRule
 from projectionist.shared_tier import Outcome, SharedTier, redis_url
+from projectionist.store import database_id
 
 from . import anonymous, flowinfo
 from .local_responses import cors_headers, gateway_error
@@ -156,7 +157,8 @@ class ResponseCache:
         self.mirror = CacheMirror(Path(ctx.options.projectionist_db).expanduser()).start()
         self.session = upstream_session()
         if url := redis_url(self.watcher.rules.model.proxy.redis_url):  # read at start: a change needs a restart
-            self.shared = SharedTier(url, settings.shared_max_body_bytes)
+            self.shared = SharedTier(url, settings.shared_max_body_bytes,
+                                     database_id(Path(ctx.options.projectionist_db).expanduser()))
             self.shared.listen_for_flushes(self._apply_peer_flush)
             log.info("response cache: shared tier on Redis")
         self._spawn(self._tag_legacy_entries())

@@ -237,3 +237,38 @@ async def test_a_dead_redis_leaves_each_process_its_own_cache_and_sharing_resume
                 assert upstream.paths.count("/3/movie/605") == 1
     finally:
         server.__exit__()
+
+
+async def test_a_users_entries_are_shared_only_by_processes_of_the_same_database(redis_server):
+    """Users are numbered per database: user 3 of one is not user 3 of another, so only processes
+    sharing a database share a user's entries; "shared" entries are everyone's. The codec keeps
+    every field (the image cache's subclass included)."""
+    from projectionist.cache_store import Entry
+    from projectionist.images import ImageEntry
+    from projectionist.shared_tier import SharedTier
+
+    redis.Redis.from_url(redis_server.url).flushdb()
+    here, same_db, other_db = (SharedTier(redis_server.url, 1_000_000, db) for db in ("db-a", "db-a", "db-b"))
+    try:
+        mine = Entry(status=200, headers=[(b"content-type", b"application/json")], body=b'{"MediaContainer":{}}',
+                     stored_at=time.time(), ttl=60, stale_while_revalidate=0, stale_if_error=600,
+                     route="plex.library.all", partition="u3", uri="f" * 64)
+        public = Entry(**{**mine.__dict__, "partition": "shared", "route": "tmdb.details"})
+        assert await here.put("k1", mine) and await here.put("k2", public)
+        assert await same_db.get("k1", mine.route, "u3", mine.uri) == mine
+        assert await other_db.get("k1", mine.route, "u3", mine.uri) is None
+        assert await other_db.get("k2", public.route, "shared", public.uri) == public
+        assert await other_db.delete_where(partition="u3") == 0  # another database's user 3: not this one
+        assert await here.delete_where(partition="u3") == 1 and await same_db.get("k1", mine.route, "u3", mine.uri) is None
+
+        variant = ImageEntry(status=200, headers=[("Content-Type", "image/webp")], body=b"RIFF....WEBP",
+                             stored_at=time.time(), ttl=3600, stale_while_revalidate=0, stale_if_error=0,
+                             route="tmdb.image", partition="shared", content_type="image/webp", etag='"abc"',
+                             source_size=9000, width=342, height=513, body_size=12)
+        assert await here.put("k3", variant)
+        assert await other_db.get("k3", "tmdb.image", "shared", "", ImageEntry) == variant
+        oversized = Entry(**{**public.__dict__, "body": b"x" * 1_000_001})
+        assert not await here.put("k4", oversized)  # over shared_max_body_bytes: stays local
+    finally:
+        for tier in (here, same_db, other_db):
+            await tier.close()
