@@ -45,7 +45,8 @@ FLUSH_CHANNEL = "flush"
 RETRY_AFTER = 5.0  # s: after a failure, Redis is left alone this long
 LOCK_MS = 3_000  # a leader's lock lapses this long after its process stopped renewing it
 OUTCOME_TTL_MS = 5_000  # a leader's outcome waits this long for followers
-POLL_INTERVAL = 0.02  # s: how often a follower looks for the leader's outcome
+POLL_INTERVAL = 0.02  # s: how soon a follower first looks for the leader's outcome, doubling ...
+POLL_INTERVAL_MAX = 0.1  # ... up to this
 _HEADER = struct.Struct("!I")
 
 
@@ -246,6 +247,7 @@ class SharedTier:
         When its lock goes without one (the leader died or failed), this process takes the lock and
         runs `take_over()`, whose result is returned. None: nothing in time, or Redis failed."""
         result = result or (lambda: self.outcome(key))
+        pause = POLL_INTERVAL
         while time.monotonic() < deadline:
             if (outcome := await result()) is not None:
                 return outcome
@@ -254,7 +256,8 @@ class SharedTier:
             if not await self._call(lambda: self.client.exists(f"{self.prefix}lock:{key}"), failed=1):
                 if await self.lead(key):
                     return await take_over()
-            await asyncio.sleep(POLL_INTERVAL)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, POLL_INTERVAL_MAX)  # a slow origin is not asked about 50 times a second
         return None
 
     # --- flushes ------------------------------------------------------------------------------
