@@ -284,7 +284,10 @@ class SharedTier:
                         except (ValueError, TypeError):
                             continue
                         if isinstance(flush, dict) and flush.get("origin") != self.origin:
-                            await apply(str(flush.get("target")), flush.get("value"))
+                            try:
+                                await apply(str(flush.get("target")), flush.get("value"))
+                            except Exception:  # a flush this process could not apply is no Redis failure
+                                log.exception("shared cache: applying a flush of another process failed")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis down: listen again once it answers
