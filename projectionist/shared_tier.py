@@ -62,6 +62,7 @@ class Outcome:
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    at: float = 0.0  # when the leader had it (time.time())
 
 
 def encode_entry(entry: Entry) -> bytes:
@@ -89,9 +90,9 @@ def _text(value: bytes | str) -> str:
     return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
-def encode_outcome(status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> bytes:
-    raw = json.dumps({"status": status, "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers]},
-                     separators=(",", ":")).encode()
+def encode_outcome(status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes, at: float) -> bytes:
+    raw = json.dumps({"status": status, "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers],
+                      "at": at}, separators=(",", ":")).encode()
     return _HEADER.pack(len(raw)) + raw + body
 
 
@@ -99,7 +100,7 @@ def decode_outcome(data: bytes) -> Outcome:
     (length,) = _HEADER.unpack_from(data)
     meta = json.loads(data[_HEADER.size:_HEADER.size + length])
     return Outcome(int(meta["status"]), [(k.encode("latin-1"), v.encode("latin-1")) for k, v in meta["headers"]],
-                   data[_HEADER.size + length:])
+                   data[_HEADER.size + length:], float(meta.get("at", 0)))
 
 
 def _glob(text: str) -> str:
@@ -217,7 +218,7 @@ class SharedTier:
 
     async def finish(self, key: str, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> None:
         """The leader's outcome for the followers, then the lock released."""
-        data = encode_outcome(status, headers, body)
+        data = encode_outcome(status, headers, body, time.time())
 
         async def publish() -> None:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -230,23 +231,26 @@ class SharedTier:
         """The leader has no outcome to give (its fetch failed): a follower takes over."""
         await self._call(lambda: self.client.delete(f"{self.prefix}lock:{key}"))
 
-    async def outcome(self, key: str) -> Outcome | None:
-        """The outcome a leader left for `key` in the last OUTCOME_TTL_MS, if any."""
+    async def outcome(self, key: str, newer_than: float = 0.0) -> Outcome | None:
+        """The outcome a leader left for `key` in the last OUTCOME_TTL_MS, if it is newer than
+        `newer_than` (the stale entry a refetch replaces: the fetch that stored it is no answer)."""
         data = await self._call(lambda: self.client.get(f"{self.prefix}o:{key}"))
         if not data:
             return None
         try:
-            return decode_outcome(data)
+            outcome = decode_outcome(data)
         except (ValueError, KeyError, struct.error):
             return None
+        return outcome if outcome.at > newer_than else None
 
     async def follow(self, key: str, deadline: float, take_over: Callable[[], Awaitable[object]],
-                     result: Callable[[], Awaitable[object | None]] | None = None) -> object | None:
+                     result: Callable[[], Awaitable[object | None]] | None = None,
+                     newer_than: float = 0.0) -> object | None:
         """Wait for another process's outcome for `key` until `deadline` (monotonic): `result()`
         when given (the image cache waits for the shared entry itself), else the Outcome it left.
         When its lock goes without one (the leader died or failed), this process takes the lock and
         runs `take_over()`, whose result is returned. None: nothing in time, or Redis failed."""
-        result = result or (lambda: self.outcome(key))
+        result = result or (lambda: self.outcome(key, newer_than))
         pause = POLL_INTERVAL
         while time.monotonic() < deadline:
             if (outcome := await result()) is not None:

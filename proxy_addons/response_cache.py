@@ -283,32 +283,43 @@ class ResponseCache:
                 raise
         self._answer(flow, info, key, entry, miss, outcome, collapsed)
 
-    async def _owned_fetch(self, key: str, uri: str, flow: http.HTTPFlow, stale_ok: bool) -> Fetch | Exception:
+    async def _owned_fetch(self, key: str, uri: str, flow: http.HTTPFlow, stale_ok: bool,
+                           background: bool | None = None) -> Fetch | Exception:
         """The cache's own fetch of a miss: nobody's request, so nobody's disconnect ends it. With a
         shared tier, one process fetches for all: the others follow its outcome."""
         if self.shared is None:
-            return await self._fetch_and_store(key, uri, flow, stale_ok)
+            return await self._fetch_and_store(key, uri, flow, stale_ok, background=background)
         led = await self.shared.lead(key)
         if led is False:  # another process fetches it
             outcome = await self.shared.follow(key, time.monotonic() + self._timeout() + _FOLLOW_SLACK,
-                                               lambda: self._lead(key, uri, flow, stale_ok))
+                                               lambda: self._lead(key, uri, flow, stale_ok, background),
+                                               newer_than=self._went_stale_at(key))
             if isinstance(outcome, Outcome):
                 return self._followed(key, uri, flow, outcome)
             if outcome is not None:  # its lock went without an outcome: this process led instead
                 return outcome
             led = None  # nothing in time, or Redis failed: fetch here
         if led:
-            return await self._lead(key, uri, flow, stale_ok)
-        return await self._fetch_and_store(key, uri, flow, stale_ok)
+            return await self._lead(key, uri, flow, stale_ok, background)
+        return await self._fetch_and_store(key, uri, flow, stale_ok, background=background)
 
-    async def _lead(self, key: str, uri: str, flow: http.HTTPFlow, stale_ok: bool) -> Fetch | Exception:
+    async def _lead(self, key: str, uri: str, flow: http.HTTPFlow, stale_ok: bool,
+                    background: bool | None = None) -> Fetch | Exception:
         """With the key's lock: fetch, store (shared before the lock goes), hand the outcome over.
-        A leader that finished a moment ago left its outcome: that is the answer, not a new fetch."""
-        if (recent := await self.shared.outcome(key)) is not None:
+        A leader that finished a moment ago left its outcome, or a fresh shared entry: that is the
+        answer, not a new fetch."""
+        replaced = self._went_stale_at(key)
+        if (recent := await self.shared.outcome(key, replaced)) is not None:
             await self.shared.release(key)
             return self._followed(key, uri, flow, recent)
+        info = flowinfo.get(flow)
+        stored = await self.shared.get(key, info.match.route_name, self._partition(info.match.route.rule.cache, info) or "", uri)
+        if stored is not None and stored.fresh() and stored.stored_at > replaced:  # refreshed since this one looked
+            await self.shared.release(key)
+            self._put(key, uri, stored, share=False)
+            return Fetch(Fetched(stored.status, stored.headers, stored.body), True, stored.ttl - stored.age(), collapsed=True)
         async with self.shared.leading(key):
-            outcome = await self._fetch_and_store(key, uri, flow, stale_ok, share=False)
+            outcome = await self._fetch_and_store(key, uri, flow, stale_ok, share=False, background=background)
         if isinstance(outcome, Fetch):
             if outcome.stored and (entry := self.memory.peek(key)) is not None:
                 await self.shared.put(key, entry)
@@ -317,6 +328,12 @@ class ResponseCache:
         else:
             await self.shared.release(key)
         return outcome
+
+    def _went_stale_at(self, key: str) -> float:
+        """When this process's entry for `key` went (or goes) stale; 0 when it has none. An answer
+        fetched before that is the one this process already has, not the refetch it wants."""
+        entry = self.memory.peek(key)
+        return entry.stored_at + entry.ttl if entry is not None else 0.0
 
     def _followed(self, key: str, uri: str, flow: http.HTTPFlow, outcome: Outcome) -> Fetch:
         """Another process's answer for `key`: stored here too (it shared the entry itself)."""
@@ -329,10 +346,10 @@ class ResponseCache:
         return Fetch(fetched, stored, ttl, collapsed=True)
 
     async def _fetch_and_store(self, key: str, uri: str, flow: http.HTTPFlow, stale_ok: bool,
-                               share: bool = True) -> Fetch | Exception:
+                               share: bool = True, background: bool | None = None) -> Fetch | Exception:
         info = flowinfo.get(flow)
-        try:  # the warmer's misses take a slot only when one is free: people first
-            fetched = await self._fetch(flow, stale_ok=stale_ok, background=info.warm)
+        try:  # the warmer's misses (and refreshes) take a slot only when one is free: people first
+            fetched = await self._fetch(flow, stale_ok=stale_ok, background=info.warm if background is None else background)
         except (RateLimited, TimeoutError, aiohttp.ClientError, OSError) as exc:
             return exc
         stored, ttl = False, None
@@ -540,9 +557,15 @@ class ResponseCache:
     # --- background work ----------------------------------------------------------------------
 
     async def _refresh(self, key: str, uri: str, flow: http.HTTPFlow) -> None:
-        """Stale-while-revalidate: fetch again and store, while clients get the stale entry."""
+        """Stale-while-revalidate: fetch again and store, while clients get the stale entry. With a
+        shared tier, one process refreshes for all; the others follow it and store its answer."""
         info = flowinfo.get(flow)
         try:
+            if self.shared is not None:  # stored by whichever process fetches
+                outcome = await self._owned_fetch(key, uri, flow, False, background=True)
+                if isinstance(outcome, Exception):
+                    raise outcome
+                return
             fetched = await self._fetch(flow, background=True)
             if fetched.status < 500 and fetched.status != 429:
                 self._store(key, uri, flow, info, fetched)

@@ -140,6 +140,29 @@ async def test_what_one_process_fetched_is_a_hit_through_another_and_a_flush_rea
             assert not a.logged_errors() and not b.logged_errors()
 
 
+async def test_a_stale_entry_is_refreshed_by_one_process_for_all(redis_server):
+    """Stale-while-revalidate across processes: both serve the stale entry at once, one of them
+    refreshes it upstream, and the other then answers the refreshed entry without asking again."""
+    redis.Redis.from_url(redis_server.url).flushdb()
+
+    def short_ttl(rules: dict) -> None:
+        rules["proxy"]["redis_url"] = redis_server.url
+        for route in rules["routes"]:
+            if route["name"] == "tmdb.details":
+                route["cache"] = {**route["cache"], "ttl": 2, "stale_while_revalidate": 120}
+    async with CountingUpstream() as upstream, aiohttp.ClientSession() as session:
+        with contextlib.ExitStack() as stack:
+            a, b = (stack.enter_context(ProxyProcess({"tmdb": upstream.url}, short_ttl)) for _ in range(2))
+            assert (await get(session, a))[0] == 200 and "; hit;" in (await get(session, b))[1]
+            await asyncio.sleep(2.3)  # stale now, inside stale_while_revalidate
+            stale = await asyncio.gather(get(session, a), get(session, b))
+            assert all(status == 200 and "fwd=stale" in cs for status, cs, _ in stale), (stale, upstream.paths, [p.log_tail(15) for p in (a, b)])
+            await asyncio.sleep(0.5)  # the refresh lands
+            fresh = await asyncio.gather(get(session, a), get(session, b))
+            assert all(status == 200 and "; hit;" in cs for status, cs, _ in fresh), fresh
+            assert len(upstream.paths) == 2, upstream.paths  # the first fetch and one refresh
+
+
 async def test_200_identical_cold_requests_over_four_processes_reach_the_upstream_once(redis_server):
     redis.Redis.from_url(redis_server.url).flushdb()
     async with CountingUpstream() as upstream, aiohttp.ClientSession(
