@@ -24,6 +24,7 @@ from .cache_warmer import CacheWarmer
 from .credentials import CredentialStore
 from .dispatch import choose_dispatch
 from .image_cache import ImageCache
+from .in_flight import InFlight
 from .ops_listener import OpsListener
 from .plex_tokens import PlexTokens
 from .rate_limit import RateLimit
@@ -56,7 +57,7 @@ def projectionist_addons() -> list:
     `TimedForward` comes after everything that may answer or hold a request: what reaches it is
     fetched with the route's timeouts instead of mitmproxy's untimed forwarding; `HeaderTimeouts`,
     right after it, gives what is left to mitmproxy (streamed routes, requests to no route) its
-    connect and first-byte timeouts."""
+    connect and first-byte timeouts. `InFlight` comes last: a stop waits for the requests it counts."""
     watcher = RulesWatcher()
     router = Router(watcher)
     store = CredentialStore()
@@ -69,7 +70,7 @@ def projectionist_addons() -> list:
             PlexTokens(store, watcher, router),
             TmdbKey(store, watcher), TraktCredentials(store, watcher), cache, images, limiter,
             LargeBodies(watcher), TimedForward(watcher), HeaderTimeouts(watcher), warmer,
-            UsageRecorder(), ViewingHistory(), OpsListener(watcher)]
+            UsageRecorder(), ViewingHistory(), OpsListener(watcher), InFlight()]
 
 
 def mitmproxy_addons() -> list:
@@ -150,6 +151,8 @@ class EmbeddedProxy:
             return
         ps = self.master.addons.get("proxyserver")
         await ps.servers.update([])  # else the ports stay open after shutdown
+        # The requests under way finish before `done` closes what they use (the vault, the caches).
+        await next(a for a in self.addons if isinstance(a, InFlight)).drained()
         self.master.shutdown()
         if self._task is not None:
             await self._task
