@@ -47,6 +47,7 @@ LOCK_MS = 3_000  # a leader's lock lapses this long after its process stopped re
 OUTCOME_TTL_MS = 5_000  # a leader's outcome waits this long for followers
 POLL_INTERVAL = 0.02  # s: how soon a follower first looks for the leader's outcome, doubling ...
 POLL_INTERVAL_MAX = 0.1  # ... up to this
+PUTS_IN_FLIGHT_MAX = 256  # background writes waiting for Redis at most
 _HEADER = struct.Struct("!I")
 
 
@@ -130,6 +131,7 @@ class SharedTier:
         self._down_until = 0.0
         self._warned_at = 0.0
         self._listener: asyncio.Task | None = None
+        self._puts: set[asyncio.Task] = set()  # share_later's writes in flight
 
     # --- entries ------------------------------------------------------------------------------
 
@@ -191,6 +193,30 @@ class SharedTier:
                     deleted += await self.client.unlink(*batch)
             return deleted
         return await self._call(scan_and_delete) or 0
+
+    async def delete_for_flush(self, target: str, value: str | None, uri: str | None = None) -> int:
+        """The shared entries a cache flush selects: all (or one whole bucket: this tier is one
+        bucket's), one route, a key prefix, one partition, or one URI (`uri`, for target "url")."""
+        if target in ("all", "bucket"):
+            return await self.delete_where()
+        if target == "route":
+            return await self.delete_where(routes=[value or ""])
+        if target == "prefix":
+            return await self.delete_where(key_prefix=value or "\0")
+        if target == "partition":
+            return await self.delete_where(partition=value or "")
+        if target == "url" and uri is not None:
+            return await self.delete_where(uri=uri)
+        return 0
+
+    def share_later(self, key: str, entry: Entry) -> None:
+        """`put` in the background, off the request; past PUTS_IN_FLIGHT_MAX waiting (a slow Redis),
+        entries are not shared rather than queued."""
+        if not self.shareable(entry) or len(self._puts) >= PUTS_IN_FLIGHT_MAX or not self.available():
+            return
+        task = asyncio.get_running_loop().create_task(self.put(key, entry))
+        self._puts.add(task)
+        task.add_done_callback(self._puts.discard)
 
     # --- one fetch per cold key, across processes -------------------------------------------
 
@@ -321,6 +347,8 @@ class SharedTier:
                         type(exc).__name__, exc)
 
     async def close(self) -> None:
+        for task in list(self._puts):
+            task.cancel()
         if self._listener is not None:
             self._listener.cancel()
             try:

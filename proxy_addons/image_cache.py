@@ -553,7 +553,7 @@ class ImageCache:
         self.mirror.stored(key, BUCKET, entry)
         self._spawn(self._persist(key, entry))
         if share and self.shared is not None and not entry.provisional:  # an original is replaced soon
-            self._spawn(self.shared.put(key, entry))
+            self.shared.share_later(key, entry)
 
     async def _persist(self, key: str, entry: ImageEntry) -> None:
         evicted = await asyncio.get_running_loop().run_in_executor(self._disk, self.store.put, key, entry)
@@ -661,14 +661,7 @@ class ImageCache:
         self._forget(list(keys))
         await asyncio.get_running_loop().run_in_executor(self._disk, self.store.delete, list(keys))
         if self.shared is not None:  # every process applies a flush (response_cache publishes it): idempotent
-            if target == "route":
-                await self.shared.delete_where(routes=[value or ""])
-            elif target == "prefix":
-                await self.shared.delete_where(key_prefix=value or "\0")
-            elif target == "partition":
-                await self.shared.delete_where(partition=value or "")
-            else:
-                await self.shared.delete_where()
+            await self.shared.delete_for_flush(target, value)
         return len(keys)
 
     def _flush_from_thread(self, target: str, value: str | None) -> int:

@@ -71,7 +71,6 @@ _STATUS = "projectionist.cache.status"  # Cache-Status for a forwarded flow, set
 _GONE_MAX = 20_000  # why recently dropped keys went: remembered for this many keys
 _KNOWN_URIS_MAX = 20_000  # URIs whose stored variants are remembered (miss reasons only)
 _FOLLOW_SLACK = 6.0  # seconds a waiter allows beyond the upstream timeout (a limiter's queue)
-_SHARED_PUTS_MAX = 256  # writes to the shared tier in flight at most; more are not shared
 _INVALIDATE = "invalidate"  # a write's invalidation, as published to the other processes
 _SHARED_TARGETS = frozenset({"all", "bucket", "route", "prefix", "url", "partition"})
 
@@ -124,7 +123,6 @@ class ResponseCache:
         self.memory: MemoryLRU | None = None
         self.disk: DiskLayer | None = None
         self.shared: SharedTier | None = None  # Redis, when configured: behind memory and disk
-        self._shared_puts = 0  # writes to the shared tier in flight (bounded: a slow Redis sheds them)
         self.mirror: CacheMirror | None = None
         self.session: aiohttp.ClientSession | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -517,16 +515,9 @@ class ResponseCache:
         self._known(key, uri, entry)
         if not entry.memory_only:
             self._executor.submit(self.disk.put, key, entry)
-        if share and self.shared is not None and self.shared.shareable(entry) and self._shared_puts < _SHARED_PUTS_MAX:
-            self._shared_puts += 1
-            self._spawn(self._share(key, entry))
+        if share and self.shared is not None:
+            self.shared.share_later(key, entry)
         self.mirror.stored(key, BUCKET, entry)
-
-    async def _share(self, key: str, entry: Entry) -> None:
-        try:
-            await self.shared.put(key, entry)
-        finally:
-            self._shared_puts -= 1
 
     # --- serving ------------------------------------------------------------------------------
 
@@ -623,18 +614,8 @@ class ResponseCache:
         return len(set(keys))
 
     async def _flush_shared(self, target: str, value: str | None) -> None:
-        if target == "all" or (target == "bucket" and value == BUCKET):
-            await self.shared.delete_where()
-        elif target == "route":
-            await self.shared.delete_where(routes=[value or ""])
-        elif target == "prefix":
-            await self.shared.delete_where(key_prefix=value or "\0")
-        elif target == "partition":
-            await self.shared.delete_where(partition=value or "")
-        elif target == "url":
-            if (uri := self._uri_of_url(value or "")) is None:
-                return
-            await self.shared.delete_where(uri=uri)
+        if target != "bucket" or value == BUCKET:  # another bucket's flush is only published
+            await self.shared.delete_for_flush(target, value, self._uri_of_url(value or "") if target == "url" else None)
         await self.shared.publish_flush(target, value)
 
     async def _keys_of_url(self, url: str) -> list[str]:
