@@ -169,6 +169,30 @@ async def start_embedded_proxy(home: Path, overrides: Sequence[str], edit: Calla
     return await EmbeddedProxy(config).start()
 
 
+class HangingUpstream(LocalUpstream):
+    """A LocalUpstream whose handlers can hang on command (`delay` before the headers, `hang()`
+    anywhere); `released` set at teardown ends every hung handler, so the server stops at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delay = 0.0  # before the headers
+        self.released = asyncio.Event()
+
+    async def hang(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.released.wait(), seconds)
+        except TimeoutError:
+            pass
+
+
+class UnknownTokenPlexTv(LocalUpstream):
+    """plex.tv knowing no token (the proxy asks plex.tv whose a newly seen token is)."""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"errors": [{"code": 1001, "message": "User could not be authenticated",
+                                              "status": 401}]}, status=401)
+
+
 @dataclass
 class Stack:
     home: Path

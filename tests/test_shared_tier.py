@@ -21,6 +21,7 @@ import redis
 from aiohttp import web
 
 from _stack import ProxyProcess, RedisServer
+from support import LocalUpstream
 
 pytestmark = [pytest.mark.e2e]
 
@@ -51,14 +52,13 @@ def redis_server():
         yield server
 
 
-class CountingUpstream:
+class CountingUpstream(LocalUpstream):
     """TMDB on 127.0.0.1: answers every /3/ path with a movie after `delay`, counting requests."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.paths: list[str] = []
         self.delay = 0.0
-        self.runner: web.AppRunner | None = None
-        self.url = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         self.paths.append(request.path)
@@ -66,19 +66,6 @@ class CountingUpstream:
         if request.path.startswith("/t/p/"):  # image.tmdb.org: a real JPEG poster
             return web.Response(body=POSTER, content_type="image/jpeg")
         return web.Response(body=BODY, content_type="application/json")
-
-    async def __aenter__(self) -> CountingUpstream:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.runner.cleanup()
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ pauses (a slow media part, Plex's event stream)."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 
@@ -17,24 +16,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from support import LocalUpstream, free_port, start_embedded_proxy, timed_get
+from support import HangingUpstream, UnknownTokenPlexTv, free_port, start_embedded_proxy, timed_get
 
 TOKEN = "X-Plex-Token=t-old-client"
 PART = f"/library/parts/12/1700000000/file.mkv?{TOKEN}"
 GAP = 2.5  # between two body chunks: longer than every timeout below
 
 
-class Origin(LocalUpstream):
-    def __init__(self) -> None:
-        super().__init__()
-        self.delay = 0.0  # before the headers
-        self.released = asyncio.Event()  # set at teardown: hung handlers end, the server stops at once
-
-    async def hang(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.released.wait(), seconds)
-        except TimeoutError:
-            pass
+class Origin(HangingUpstream):
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         await self.hang(self.delay)
@@ -58,14 +47,6 @@ class Origin(LocalUpstream):
         return web.Response(text="<MediaContainer/>", content_type="application/xml")
 
 
-class PlexTv(LocalUpstream):
-    """Knows no token (the proxy asks plex.tv whose a newly seen token is)."""
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"errors": [{"code": 1001, "message": "User could not be authenticated",
-                                              "status": 401}]}, status=401)
-
-
 def timeouts_edit(rules: dict) -> None:
     rules["upstreams"]["plex"]["timeouts"] = {"connect": 1, "first_byte": 2, "idle": 1}
     rules["upstreams"]["tmdb"]["timeouts"] = {"first_byte": 2, "idle": 1}
@@ -73,7 +54,7 @@ def timeouts_edit(rules: dict) -> None:
 
 @pytest.fixture
 async def setup(tmp_path):
-    async with Origin() as origin, PlexTv() as plextv:
+    async with Origin() as origin, UnknownTokenPlexTv() as plextv:
         port = free_port()
         proxy = await start_embedded_proxy(tmp_path, [f"plex={origin.url}", f"plextv={plextv.url}",
                                                       f"tmdb={origin.url}"], timeouts_edit, plex_listen=port)
@@ -148,7 +129,7 @@ async def unreachable(tmp_path):
     listener.listen(0)
     port = listener.getsockname()[1]
     filler = socket.create_connection(("127.0.0.1", port))
-    async with PlexTv() as plextv:
+    async with UnknownTokenPlexTv() as plextv:
         plex_port = free_port()
         proxy = await start_embedded_proxy(tmp_path, [f"plex=http://127.0.0.1:{port}", f"plextv={plextv.url}"],
                                            timeouts_edit, plex_listen=plex_port)

@@ -15,23 +15,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from support import LocalUpstream, free_port, start_embedded_proxy, timed_get
+from support import HangingUpstream, UnknownTokenPlexTv, free_port, start_embedded_proxy, timed_get
 
 TOKEN = "X-Plex-Token=t-old-client"
 
 
-class HangingOrigin(LocalUpstream):
+class HangingOrigin(HangingUpstream):
     def __init__(self) -> None:
         super().__init__()
-        self.delay = 0.0  # before the headers
         self.body = "v1"
-        self.released = asyncio.Event()  # set at teardown: hung handlers end, the server stops at once
-
-    async def hang(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.released.wait(), seconds)
-        except TimeoutError:
-            pass
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.path == "/stall-body" or request.path.startswith("/library/metadata/stall"):
@@ -49,14 +41,6 @@ class HangingOrigin(LocalUpstream):
         return web.Response(status=404)
 
 
-class PlexTv(LocalUpstream):
-    """Knows no token at once (the proxy asks plex.tv whose a newly seen token is)."""
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"errors": [{"code": 1001, "message": "User could not be authenticated",
-                                              "status": 401}]}, status=401)
-
-
 def timeouts_edit(rules: dict) -> None:
     rules["proxy"]["stale_timeout"] = 0.5
     rules["upstreams"]["plex"]["timeouts"] = {"connect": 2, "first_byte": 3, "idle": 1}
@@ -71,7 +55,7 @@ def timeouts_edit(rules: dict) -> None:
 
 @pytest.fixture
 async def setup(tmp_path):
-    async with HangingOrigin() as origin, PlexTv() as plextv:
+    async with HangingOrigin() as origin, UnknownTokenPlexTv() as plextv:
         port = free_port()
         proxy = await start_embedded_proxy(tmp_path, [f"plex={origin.url}", f"plextv={plextv.url}",
                                                       f"tmdb={origin.url}", f"tmdb-images={origin.url}"],
