@@ -25,7 +25,9 @@ import aiohttp
 from aiohttp import web
 
 from projectionist.config import Config
+from projectionist.event_stream import EventConsumer
 from projectionist.redact import RedactSecrets
+from projectionist.shared_tier import redis_url
 from projectionist.store import connect, migrate, schema_version
 
 from . import admin, admin_ui, auth, cache_api, jobs, metrics, openapi, page, security, settings, setup, trakt, upstream_health, usage
@@ -159,9 +161,20 @@ def create_app(config: Config, options: ControlOptions | None = None) -> web.App
             app[HTTP] = session
             yield
 
+    async def proxy_events(app: web.Application) -> AsyncIterator[None]:
+        """With proxy.redis_url, the proxies' usage, play and rate-limit events come through Redis
+        and this control plane commits them (projectionist/event_stream.py)."""
+        live = await app[LIVE_RULES].get()
+        url = redis_url(live.model.proxy.redis_url if live is not None else None)
+        consumer = EventConsumer(config.db_path, url).start() if url else None
+        yield
+        if consumer is not None:
+            await asyncio.to_thread(consumer.close)
+
     # The scheduler starts last (its jobs use the others) and stops first. The jobs are those of
     # control/jobs.py's registry: maintenance and trakt (imported above) register theirs.
-    app.cleanup_ctx.extend([database, vault, http_client, upstream_health.monitor, jobs.scheduler_context])
+    app.cleanup_ctx.extend([database, vault, http_client, proxy_events, upstream_health.monitor,
+                            jobs.scheduler_context])
     return app
 
 

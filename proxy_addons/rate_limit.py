@@ -54,13 +54,14 @@ from projectionist.limits import (
     MemoryBackend,
     RateLimited,
     RateLimitEvent,
-    RateLimitWriter,
     RedisBackend,
     parse_retry_after,
     policy_header,
     ratelimit_header,
 )
 from projectionist.metrics import RATELIMIT_EVENTS, RATELIMIT_WAIT_SECONDS, RATELIMIT_WAITING
+from projectionist.event_stream import rate_limit_writer
+from projectionist.store import UsageWriter
 from projectionist.rules import Limit, Rules, Throttle
 
 from . import flowinfo
@@ -95,7 +96,7 @@ class RateLimit:
         self.watcher = watcher
         self.memory = MemoryBackend()
         self.backend: Backend = self.memory
-        self.writer: RateLimitWriter | None = None
+        self.writer: UsageWriter | None = None  # a RateLimitWriter, maybe streamed
         self.session: aiohttp.ClientSession | None = None
         self.retry = UpstreamRetry(self)  # the runner puts it before the credential addons
         self._limits: dict[tuple, list[tuple[str, Limit]]] = {}
@@ -113,7 +114,7 @@ class RateLimit:
         self.session = upstream_session()
         db = getattr(ctx.options, "projectionist_db", "")
         if db:
-            self.writer = RateLimitWriter(Path(db).expanduser()).start()
+            self.writer = rate_limit_writer(Path(db).expanduser(), self.watcher.redis_url).start()
         self._use_backend(self.watcher.rules)
 
     async def done(self) -> None:

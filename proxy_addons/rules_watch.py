@@ -22,6 +22,7 @@ import watchfiles
 from mitmproxy import ctx, exceptions
 
 from projectionist.rules import Rules, RulesError, decode_rules, load_rules, parse_rules, read_rules_bytes
+from projectionist.shared_tier import redis_url
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,11 @@ class RulesWatcher:
         if self._task is not None:  # a new path while running: watch that one instead
             self._task.cancel()
             self._task = asyncio.get_running_loop().create_task(self._watch(path))
+
+    @property
+    def redis_url(self) -> str | None:
+        """The shared tier's Redis (PROJECTIONIST_REDIS_URL wins over proxy.redis_url); None: none."""
+        return redis_url(self.rules.model.proxy.redis_url if self.rules is not None else None)
 
     def running(self) -> None:
         # Synchronous on purpose: an async running() breaks mitmproxy's script hot reload.

@@ -70,7 +70,7 @@ def projectionist_addons() -> list:
             PlexTokens(store, watcher, router),
             TmdbKey(store, watcher), TraktCredentials(store, watcher), cache, images, limiter,
             LargeBodies(watcher), TimedForward(watcher), HeaderTimeouts(watcher), warmer,
-            UsageRecorder(), ViewingHistory(), OpsListener(watcher), InFlight()]
+            UsageRecorder(watcher), ViewingHistory(watcher), OpsListener(watcher), InFlight()]
 
 
 def mitmproxy_addons() -> list:

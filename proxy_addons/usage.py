@@ -14,9 +14,11 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, http
 
 from projectionist.metrics import UPSTREAM_ERRORS, RequestMetrics
+from projectionist.event_stream import usage_writer
 from projectionist.store import UsageEvent, UsageWriter, open_db
 
 from . import flowinfo
+from .rules_watch import RulesWatcher
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,8 @@ def reason_from_cache_status(response: http.Response | None) -> str | None:
 
 
 class UsageRecorder:
-    def __init__(self) -> None:
+    def __init__(self, watcher: RulesWatcher) -> None:
+        self.watcher = watcher  # proxy.redis_url: the rows go to the control plane's writer
         self.writer: UsageWriter | None = None
         self.metrics = RequestMetrics()
 
@@ -54,7 +57,7 @@ class UsageRecorder:
         open_db(path).conn.close()  # create and migrate before the first request
         if self.writer is not None:
             self.writer.close()
-        self.writer = UsageWriter(path).start()
+        self.writer = usage_writer(path, self.watcher.redis_url).start()
 
     def done(self) -> None:
         if self.writer is not None:

@@ -18,8 +18,10 @@ from pathlib import Path
 from mitmproxy import ctx, http
 
 from projectionist.analytics import MAX_METADATA_BYTES, MetadataBody, PlaybackReport, PlaybackWriter
+from projectionist.event_stream import playback_writer
 
 from . import flowinfo
+from .rules_watch import RulesWatcher
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ def playback_report(flow: http.HTTPFlow, info: flowinfo.FlowInfo, kind: str) -> 
 
 
 class ViewingHistory:
-    def __init__(self) -> None:
+    def __init__(self, watcher: RulesWatcher) -> None:
+        self.watcher = watcher
         self.writer: PlaybackWriter | None = None
 
     def configure(self, updated) -> None:
@@ -66,7 +69,7 @@ class ViewingHistory:
             return
         if self.writer is not None:
             self.writer.close()
-        self.writer = PlaybackWriter(Path(ctx.options.projectionist_db).expanduser()).start()
+        self.writer = playback_writer(Path(ctx.options.projectionist_db).expanduser(), self.watcher.redis_url).start()
 
     def done(self) -> None:
         if self.writer is not None:
