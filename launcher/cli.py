@@ -165,11 +165,24 @@ def cmd_proxy(_args: argparse.Namespace) -> int:
 
     from projectionist.logs import setup_logging
 
+    from .workers import Supervisor, WorkersError, metrics_port, worker_count, worker_index
+
     config = Config.from_env()
-    ensure_ports_free(config, "proxy")
-    setup_logging("proxy")
+    index = worker_index()
+    if index is None:  # a worker's ports are its siblings' too
+        ensure_ports_free(config, "proxy")
     try:
-        asyncio.run(serve(config))
+        count = worker_count(load_rules(config.rules_path))
+    except RulesError as exc:
+        raise StartError(f"the proxy did not start: {exc}") from None
+    except WorkersError as exc:
+        raise StartError(str(exc)) from None
+    if count > 1 and index is None:
+        setup_logging("proxy")
+        return Supervisor(count).run()
+    setup_logging("proxy" if index is None else f"proxy-{index}")
+    try:
+        asyncio.run(serve(config, share_ports=index is not None, metrics_port=metrics_port(config, index)))
     except RuntimeError as exc:  # a listener that did not start (a port taken since the check)
         raise StartError(f"the proxy did not start: {exc}") from None
     return 0
@@ -272,10 +285,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = Config.from_env()
     try:
-        load_rules(config.rules_path)
+        from .workers import WorkersError, worker_count
+
+        worker_count(load_rules(config.rules_path))  # a count the proxy would refuse stops run here
     except RulesError as exc:
         print(f"{exc}\nNot starting: fix {config.rules_path} first.", file=sys.stderr)
         return 1
+    except WorkersError as exc:
+        raise StartError(str(exc)) from None
     for service in ("proxy", "control", "dashboard"):
         ensure_ports_free(config, service)
     config.ensure_dirs()
@@ -420,11 +437,15 @@ def main(argv: list[str] | None = None) -> int:
         return sub.add_parser(name, epilog=help_for(name), formatter_class=argparse.RawDescriptionHelpFormatter,
                               description=kwargs.get("help"), **kwargs)
 
-    run = add_command("run", help="start proxy, control plane and dashboard", parents=[logging_options])
+    workers_option = argparse.ArgumentParser(add_help=False)
+    workers_option.add_argument("--workers", type=int, default=argparse.SUPPRESS, metavar="N",
+                                help="proxy processes sharing its ports (default: proxy.workers, else with "
+                                     "proxy.redis_url the cores, at most 4, else 1); more than 1 needs Redis")
+    run = add_command("run", help="start proxy, control plane and dashboard", parents=[logging_options, workers_option])
     run.add_argument("--demo", action="store_true", help="also start fake upstreams and route to them")
     run.set_defaults(func=cmd_run)
-    for name, func, text in (("proxy", cmd_proxy, "run the proxy"),
-                             ("control", cmd_control, "run the control plane"),
+    add_command("proxy", help="run the proxy", parents=[logging_options, workers_option]).set_defaults(func=cmd_proxy)
+    for name, func, text in (("control", cmd_control, "run the control plane"),
                              ("dashboard", cmd_dashboard, "run Datasette"),
                              ("migrate", cmd_migrate, "create or migrate the database"),
                              ("rotate-key", cmd_rotate_key, "re-encrypt every stored secret under a new key")):
@@ -446,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "log_format", None):
         os.environ[FORMAT_ENV] = args.log_format  # this process and the services it starts
+    if getattr(args, "workers", None) is not None:
+        from .workers import WORKERS_ENV
+
+        os.environ[WORKERS_ENV] = str(args.workers)  # read by the proxy (and passed to it by run)
     if args.command != "test":
         os.umask(PRIVATE_UMASK)  # state, logs and backups are private from the first file on
     if args.command == "test":

@@ -21,7 +21,8 @@ VARIABLES = {
     "PROJECTIONIST_LOG_DIR": "also write each service's log to a file here",
     "PROJECTIONIST_SECRET_KEY": "vault key(s), comma-separated, newest first (default: <home>/secret.key)",
     "PROJECTIONIST_REDIS_URL": "Redis shared by several processes (rate-limit budgets, job leases)",
-    "PROJECTIONIST_PROXY_METRICS_PORT": "port of the proxy's Prometheus metrics",
+    "PROJECTIONIST_PROXY_METRICS_PORT": "port of the proxy's Prometheus metrics (worker i: this + i)",
+    "PROJECTIONIST_PROXY_WORKERS": "proxy processes sharing its ports (as --workers; more than 1 needs Redis)",
     "PROJECTIONIST_TMDB_API_KEY": "the server's TMDB v3 key (default: the player's public one)",
     "PROJECTIONIST_TMDB_READ_TOKEN": "the server's TMDB v4 read token (preferred when set)",
     "PROJECTIONIST_TRAKT_CLIENT_ID": "the server's Trakt app client id",
@@ -44,7 +45,8 @@ _CONFIG = ["PROJECTIONIST_HOME", "PROJECTIONIST_RULES", "PROJECTIONIST_HOST", "P
 _LOGS = ["PROJECTIONIST_LOG_LEVEL", "PROJECTIONIST_LOG_FORMAT", "PROJECTIONIST_LOG_DIR"]
 _CREDENTIALS = ["PROJECTIONIST_SECRET_KEY", "PROJECTIONIST_TMDB_API_KEY", "PROJECTIONIST_TMDB_READ_TOKEN",
                 "PROJECTIONIST_TRAKT_CLIENT_ID", "PROJECTIONIST_TRAKT_CLIENT_SECRET"]
-_PROXY = [*_CONFIG, *_LOGS, *_CREDENTIALS, "PROJECTIONIST_REDIS_URL", "PROJECTIONIST_PROXY_METRICS_PORT"]
+_PROXY = [*_CONFIG, *_LOGS, *_CREDENTIALS, "PROJECTIONIST_REDIS_URL", "PROJECTIONIST_PROXY_METRICS_PORT",
+          "PROJECTIONIST_PROXY_WORKERS"]
 _CONTROL = [*_CONFIG, *_LOGS, *_CREDENTIALS, "PROJECTIONIST_REDIS_URL", "PROJECTIONIST_ADMINS",
             "PROJECTIONIST_SESSION_TTL", "PROJECTIONIST_SESSION_MAX_AGE", "PROJECTIONIST_AUTH_RATE_LIMIT",
             "PROJECTIONIST_CONTROL_URL", "PROJECTIONIST_TRUST_FORWARDED", "PROJECTIONIST_TRAKT_REFRESH_INTERVAL",

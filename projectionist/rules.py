@@ -146,6 +146,9 @@ class ProxySettings(_Strict):
     # Rate-limit state shared by several proxy processes (redis://host:port/db); unset: in-process.
     # The environment's PROJECTIONIST_REDIS_URL wins over this.
     redis_url: str | None = Field(default=None, pattern=r"^(redis|rediss|unix)://")
+    # Proxy processes sharing the listeners (launcher/workers.py); unset: with redis_url the
+    # machine's cores (at most 4), else 1. More than one needs redis_url. `--workers` wins.
+    workers: int | None = Field(default=None, ge=1, le=64)
 
 
 class CacheSettings(_Strict):

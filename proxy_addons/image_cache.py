@@ -128,6 +128,12 @@ class _Source:
     timeouts: ResolvedTimeouts  # the route's (else its upstream's) connect, first-byte and idle
 
 
+def default_pool_size() -> int:
+    """One Pillow process per core but one, split between the proxy's workers (at least 1 each)."""
+    workers = os.environ.get("PROJECTIONIST_PROXY_WORKERS", "")  # set by launcher/workers.py
+    return max(1, ((os.cpu_count() or 2) - 1) // (int(workers) if workers.isdigit() and int(workers) else 1))
+
+
 class ImageCache:
     def __init__(self, watcher: RulesWatcher, router: Router) -> None:
         self.watcher = watcher
@@ -163,7 +169,7 @@ class ImageCache:
         directory = Path(settings.directory).expanduser()
         self.memory = MemoryLRU(settings.memory_max_bytes)
         self._disk = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-disk")
-        self.pool = ImagePool(settings.workers or max(1, (os.cpu_count() or 2) - 1), settings.worker_timeout)
+        self.pool = ImagePool(settings.workers or default_pool_size(), settings.worker_timeout)
         self.db_path = Path(ctx.options.projectionist_db).expanduser()
         self.mirror = CacheMirror(self.db_path).start()
         self.session = upstream_session(auto_decompress=True)

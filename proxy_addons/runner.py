@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from mitmproxy import options
 from mitmproxy.addons import block, core, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
+from mitmproxy.proxy import mode_servers
 
 from projectionist.config import Config, parse_overrides
 from projectionist.rules import load_rules
@@ -26,6 +27,7 @@ from .dispatch import choose_dispatch
 from .image_cache import ImageCache
 from .in_flight import InFlight
 from .ops_listener import OpsListener
+from .peers import Peers
 from .plex_tokens import PlexTokens
 from .rate_limit import RateLimit
 from .response_cache import ResponseCache
@@ -65,9 +67,10 @@ def projectionist_addons() -> list:
     cache.plex_connections = router.plex_connections
     warmer = CacheWarmer(watcher, cache)  # the cache calls it (flush target "warm"); it sees sign-ins
     images = ImageCache(watcher, router)
+    peers = router.peers = Peers(watcher, router, store)  # with Redis: what other processes learned
     limiter = RateLimit(watcher, cache, images)
     return [watcher, SetupHost(), router, Listeners(watcher, router), RequestBodyLimit(watcher), store, limiter.retry, Redirects(),
-            PlexTokens(store, watcher, router),
+            PlexTokens(store, watcher, router, peers), peers,
             TmdbKey(store, watcher), TraktCredentials(store, watcher), cache, images, limiter,
             LargeBodies(watcher), TimedForward(watcher), HeaderTimeouts(watcher), warmer,
             UsageRecorder(watcher), ViewingHistory(watcher), OpsListener(watcher), InFlight()]
@@ -84,6 +87,8 @@ class EmbeddedProxy:
     """Starts and stops the proxy inside the current event loop (used by the CLI and the tests)."""
 
     config: Config
+    share_ports: bool = False  # a worker: bind with SO_REUSEPORT, beside the other workers
+    metrics_port: int | None = None  # None: the config's
     master: Master | None = None
     _task: asyncio.Task | None = None
     fast_dispatch: bool = False  # dispatch.choose_dispatch's verdict
@@ -93,6 +98,8 @@ class EmbeddedProxy:
         cfg = self.config
         cfg.ensure_dirs()
         rules = load_rules(cfg.rules_path)  # fail before binding anything
+        if self.share_ports:
+            share_listening_ports()
         overrides = parse_overrides(cfg.upstream_overrides)
         opts = options.Options()
         self.master = Master(opts, event_loop=asyncio.get_running_loop())
@@ -112,7 +119,7 @@ class EmbeddedProxy:
             projectionist_upstreams=list(cfg.upstream_overrides),
             projectionist_proxy_port=cfg.proxy_port,
             projectionist_manage_listeners=True,
-            projectionist_metrics_port=cfg.proxy_metrics_port,
+            projectionist_metrics_port=cfg.proxy_metrics_port if self.metrics_port is None else self.metrics_port,
         )
         self._task = asyncio.create_task(self.master.run(), name="mitmproxy-master")
         await self._wait_listening(len(opts.mode), timeout)
@@ -159,11 +166,30 @@ class EmbeddedProxy:
         self.master = None
 
 
-async def serve(config: Config) -> None:
-    """Run the proxy until SIGINT/SIGTERM."""
+def share_listening_ports() -> None:
+    """Every TCP listener of this process binds with SO_REUSEPORT, so that the workers of one proxy
+    (launcher/workers.py) listen on the same ports and the kernel spreads connections over them.
+    mitmproxy binds with a plain `asyncio.start_server`; its `listen` is replaced for TCP modes on a
+    fixed port (port 0 would give each worker a port of its own)."""
+    base = mode_servers.AsyncioServerInstance
+    if getattr(base.listen, "shares_ports", False):
+        return
+    original = base.listen
+
+    async def listen(self, host: str, port: int):
+        if self.mode.transport_protocol != "tcp" or port == 0:
+            return await original(self, host, port)
+        return [await asyncio.start_server(self.handle_stream, host, port, reuse_port=True)]
+
+    listen.shares_ports = True
+    base.listen = listen
+
+
+async def serve(config: Config, share_ports: bool = False, metrics_port: int | None = None) -> None:
+    """Run the proxy until SIGINT/SIGTERM (as one of several workers with `share_ports`)."""
     import signal
 
-    proxy = await EmbeddedProxy(config).start()
+    proxy = await EmbeddedProxy(config, share_ports=share_ports, metrics_port=metrics_port).start()
     # Start-up garbage is long-lived; freezing it keeps the cyclic GC off the request path.
     gc.freeze()
     # 5,000: bench/images measured 12-30 ms young-generation pauses at 50,000 setting the p99.
