@@ -147,7 +147,7 @@ class SharedTier:
         return not entry.memory_only and len(entry.body) <= self.max_body_bytes
 
     async def get(self, key: str, route: str, partition: str, uri: str, kind: type[Entry] = Entry) -> Entry | None:
-        data = await self._call(lambda: self.client.get(self.name(key, route, partition, uri)))
+        data = await self.call(lambda: self.client.get(self.name(key, route, partition, uri)))
         if not data:
             return None
         try:
@@ -164,7 +164,7 @@ class SharedTier:
             return False
         name = self.name(key, entry.route, entry.partition, entry.uri)
         data = encode_entry(entry)
-        return bool(await self._call(lambda: self.client.set(name, data, px=max(1, int(expire * 1000)))))
+        return bool(await self.call(lambda: self.client.set(name, data, px=max(1, int(expire * 1000)))))
 
     async def delete_where(self, *, routes: Iterable[str] | None = None, partition: str | None = None,
                            uri: str | None = None, key_prefix: str | None = None) -> int:
@@ -192,7 +192,7 @@ class SharedTier:
                 if batch:
                     deleted += await self.client.unlink(*batch)
             return deleted
-        return await self._call(scan_and_delete) or 0
+        return await self.call(scan_and_delete) or 0
 
     async def delete_for_flush(self, target: str, value: str | None, uri: str | None = None) -> int:
         """The shared entries a cache flush selects: all (or one whole bucket: this tier is one
@@ -224,7 +224,7 @@ class SharedTier:
         """Take the key's fetch lock: True (fetch it), False (another process fetches), None (no Redis)."""
         if not self.available():
             return None
-        taken = await self._call(lambda: self.client.set(f"{self.prefix}lock:{key}", self.origin, nx=True,
+        taken = await self.call(lambda: self.client.set(f"{self.prefix}lock:{key}", self.origin, nx=True,
                                                          px=LOCK_MS), failed=None)
         return None if taken is None and not self.available() else bool(taken)
 
@@ -235,7 +235,7 @@ class SharedTier:
         async def keep() -> None:
             while True:
                 await asyncio.sleep(LOCK_MS / 3000)
-                await self._call(lambda: self.client.pexpire(f"{self.prefix}lock:{key}", LOCK_MS))
+                await self.call(lambda: self.client.pexpire(f"{self.prefix}lock:{key}", LOCK_MS))
         keeper = asyncio.get_running_loop().create_task(keep())
         try:
             yield
@@ -251,16 +251,16 @@ class SharedTier:
                 pipe.set(f"{self.prefix}o:{key}", data, px=OUTCOME_TTL_MS)
                 pipe.delete(f"{self.prefix}lock:{key}")
                 await pipe.execute()
-        await self._call(publish)
+        await self.call(publish)
 
     async def release(self, key: str) -> None:
         """The leader has no outcome to give (its fetch failed): a follower takes over."""
-        await self._call(lambda: self.client.delete(f"{self.prefix}lock:{key}"))
+        await self.call(lambda: self.client.delete(f"{self.prefix}lock:{key}"))
 
     async def outcome(self, key: str, newer_than: float = 0.0) -> Outcome | None:
         """The outcome a leader left for `key` in the last OUTCOME_TTL_MS, if it is newer than
         `newer_than` (the stale entry a refetch replaces: the fetch that stored it is no answer)."""
-        data = await self._call(lambda: self.client.get(f"{self.prefix}o:{key}"))
+        data = await self.call(lambda: self.client.get(f"{self.prefix}o:{key}"))
         if not data:
             return None
         try:
@@ -283,7 +283,7 @@ class SharedTier:
                 return outcome
             if not self.available():
                 return None
-            if not await self._call(lambda: self.client.exists(f"{self.prefix}lock:{key}"), failed=1):
+            if not await self.call(lambda: self.client.exists(f"{self.prefix}lock:{key}"), failed=1):
                 if await self.lead(key):
                     return await take_over()
             await asyncio.sleep(pause)
@@ -294,7 +294,7 @@ class SharedTier:
 
     async def publish_flush(self, target: str, value: str | None) -> None:
         message = json.dumps({"origin": self.origin, "target": target, "value": value})
-        await self._call(lambda: self.client.publish(self.prefix + FLUSH_CHANNEL, message))
+        await self.call(lambda: self.client.publish(self.prefix + FLUSH_CHANNEL, message))
 
     def listen_for_flushes(self, apply: Callable[[str, str | None], Awaitable[object]]) -> None:
         """Apply every other process's published flush here (until close())."""
@@ -329,7 +329,8 @@ class SharedTier:
     def available(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    async def _call(self, operation: Callable[[], Awaitable], failed=None):
+    async def call(self, operation: Callable[[], Awaitable], failed=None):
+        """`await operation()` (a Redis command), or `failed` when Redis fails or failed lately."""
         if not self.available():
             return failed
         try:

@@ -25,7 +25,7 @@ import ipaddress
 import logging
 import re
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aiohttp.abc import ResolveResult
@@ -118,6 +118,8 @@ class PlexConnections:
         # Upstream name -> machine id of the server at its base_url (plex_tokens identifies it): the
         # one its reverse listener serves. Every other server is reached at its own connections.
         self.configured: dict[str, str] = {}
+        # Told of what this process learns or forgets (proxy_addons/peers.py shares it).
+        self.on_change: Callable[[str, set[Address] | None], None] | None = None
 
     def learn(self, server_id: str, connections: Iterable[Mapping]) -> None:
         addresses: set[Address] = set()
@@ -130,9 +132,17 @@ class PlexConnections:
                 addresses |= _address_forms(host, int(port))
         if addresses:
             self._by_server[server_id] = addresses
+            if self.on_change is not None:
+                self.on_change(server_id, addresses)
+
+    def absorb(self, server_id: str, addresses: Iterable[Address]) -> None:
+        """A server's connections as another process learned them."""
+        self._by_server[server_id] = {(str(host), int(port)) for host, port in addresses}
 
     def forget(self, server_id: str) -> None:
         self._by_server.pop(server_id, None)
+        if self.on_change is not None:
+            self.on_change(server_id, None)
 
     def other_server_at(self, upstream: str, host: str, port: int) -> str:
         """The machine id of the server at `host:port` if that is a known connection of a server

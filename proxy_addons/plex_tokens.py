@@ -26,7 +26,7 @@ import logging
 import re
 from collections import OrderedDict
 from xml.etree import ElementTree
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import aiohttp
 from mitmproxy import ctx, http
@@ -36,6 +36,7 @@ from projectionist.vault import SURROGATE_PREFIX, VaultEntry, is_surrogate, upse
 from . import binding, flowinfo
 from .credentials import CredentialStore
 from .local_responses import misdirected, unauthorized
+from .peers import Peers
 from .router import Router
 from .rules_watch import RulesWatcher
 
@@ -61,10 +62,11 @@ class TranscodeSession:
 
 
 class PlexTokens:
-    def __init__(self, store: CredentialStore, watcher: RulesWatcher, router: Router) -> None:
+    def __init__(self, store: CredentialStore, watcher: RulesWatcher, router: Router, peers: Peers | None = None) -> None:
         self.store = store
         self.watcher = watcher
         self.router = router
+        self.peers = peers  # shares the transcode sessions with the other processes
         # Transcode session id -> the token its decision/start request carried (bounded LRU).
         self.sessions: OrderedDict[str, TranscodeSession] = OrderedDict()
         self.max_sessions = 10_000
@@ -89,7 +91,8 @@ class PlexTokens:
         presented = [("query", request.query.get(TOKEN)), ("header", request.headers.get(TOKEN))]
         presented = [(where, value) for where, value in presented if value]
         if not presented:
-            self._token_for_segment(flow, info) or self._refuse_if_required(flow, info)
+            if not await self._token_for_segment(flow, info):
+                self._refuse_if_required(flow, info)
             return
         users: set[int | None] = set()
         for where, value in presented:
@@ -131,7 +134,7 @@ class PlexTokens:
             flow.response = unauthorized(request, kind)
             return
         info.user_id = users.pop()
-        self._remember_session(flow, info)
+        await self._remember_session(flow, info)
 
     async def _identify_configured(self, info: flowinfo.FlowInfo) -> None:
         """Which server the configured address is, before a server token goes there: a resources
@@ -176,24 +179,32 @@ class PlexTokens:
             flow.response = unauthorized(flow.request, info.match.upstream.kind)
         return True
 
-    def _token_for_segment(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> bool:
+    async def _token_for_segment(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> bool:
         m = _SEGMENT.match(flow.request.path.split("?", 1)[0])
         session = self.sessions.get(m.group("sid")) if m else None
+        if session is None and m and self.peers is not None and (shared := await self.peers.session(m.group("sid"))):
+            session = self._keep_session(m.group("sid"), TranscodeSession(*shared))  # started through another process
         if session is None or session.destination != (flow.request.host, flow.request.port):
             return False
         flow.request.query[TOKEN] = session.real
         info.user_id, info.credential = session.user_id, "vault"
         return True
 
-    def _remember_session(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> None:
+    async def _remember_session(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> None:
         request = flow.request
         sid = request.query.get("session")
         if sid and _SESSION_START.match(request.path.split("?", 1)[0]):
-            self.sessions[sid] = TranscodeSession(request.query.get(TOKEN) or request.headers.get(TOKEN), info.user_id,
-                                                  (request.host, request.port))
-            self.sessions.move_to_end(sid)
-            while len(self.sessions) > self.max_sessions:
-                self.sessions.popitem(last=False)
+            session = self._keep_session(sid, TranscodeSession(request.query.get(TOKEN) or request.headers.get(TOKEN),
+                                                               info.user_id, (request.host, request.port)))
+            if self.peers is not None:  # before the start request goes on: its segments may reach another process
+                await self.peers.share_session(sid, *astuple(session))
+
+    def _keep_session(self, sid: str, session: TranscodeSession) -> TranscodeSession:
+        self.sessions[sid] = session
+        self.sessions.move_to_end(sid)
+        while len(self.sessions) > self.max_sessions:
+            self.sessions.popitem(last=False)
+        return session
 
     async def _adopt_real_token(self, real: str) -> VaultEntry | None:
         """A real token from a client: known already, or vaulted now for the responses to come."""
@@ -224,6 +235,8 @@ class PlexTokens:
             await self._rewrite_json(flow, info)
         elif "xml" in content_type:
             await self._rewrite_xml(flow, info)
+        if self.peers is not None:  # the connections learned are in Redis before the player sees them
+            await self.peers.written()
 
     async def _rewrite_json(self, flow: http.HTTPFlow, info: flowinfo.FlowInfo) -> None:
         try:

@@ -72,7 +72,9 @@ _GONE_MAX = 20_000  # why recently dropped keys went: remembered for this many k
 _KNOWN_URIS_MAX = 20_000  # URIs whose stored variants are remembered (miss reasons only)
 _FOLLOW_SLACK = 6.0  # seconds a waiter allows beyond the upstream timeout (a limiter's queue)
 _INVALIDATE = "invalidate"  # a write's invalidation, as published to the other processes
-_SHARED_TARGETS = frozenset({"all", "bucket", "route", "prefix", "url", "partition"})
+# Flushes every process applies (the shared tier publishes them); "warm" too: each process
+# warms the lists of the accounts that signed in through it.
+_SHARED_TARGETS = frozenset({"all", "bucket", "route", "prefix", "url", "partition", "warm"})
 
 
 class UpstreamFailed(Exception):

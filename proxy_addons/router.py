@@ -54,6 +54,7 @@ class Router:
         self.watcher = watcher
         self.overrides: dict[str, str] = {}
         self.plex_connections = binding.PlexConnections()  # filled by plex_tokens from plex.tv resources
+        self.peers = None  # proxy_addons/peers.py: what other processes learned
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -95,7 +96,15 @@ class Router:
                 rules.model.proxy.unknown_hosts == "pass" or rules.upstream_for_host(sni or target) is not None):
             data.ignore_connection = True
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow):
+        return self._route(flow, may_ask_peers=True)
+
+    async def _route_after_asking_peers(self, flow: http.HTTPFlow) -> None:
+        """A `*.plex.direct` name this process does not know may be one another process learned."""
+        await self.peers.refresh_connections()
+        self._route(flow, may_ask_peers=False)
+
+    def _route(self, flow: http.HTTPFlow, may_ask_peers: bool):
         rules = self.watcher.rules
         if rules is None or flow.response is not None:  # answered before routing (SetupHost)
             return
@@ -109,6 +118,8 @@ class Router:
             name, listener = rules.upstream_for_host(_pretty_host(req)), "regular"
             if name is not None and self._passed_through(rules, name):
                 return
+            if may_ask_peers and self._ask_peers_first(rules, name, req):
+                return self._route_after_asking_peers(flow)  # mitmproxy awaits it (rare: a new name)
             if (refusal := self._misdirected(flow, rules, name)) is not None:
                 return self._refuse(flow, rules, *refusal)
         if name is None:
@@ -129,6 +140,12 @@ class Router:
             info.server = self.plex_connections.other_server_at(name, req.host, req.port)
         flowinfo.attach(flow, info)
         binding.remember_presented(flow)
+
+    def _ask_peers_first(self, rules: Rules, name: str | None, req: http.Request) -> bool:
+        """A `*.plex.direct` name of no server this process knows, with other processes to ask."""
+        return (name is not None and self.peers is not None and rules.upstreams[name].kind == "plex-server"
+                and binding.normal_host(req.host).endswith(binding.PLEX_DIRECT)
+                and not self.plex_connections.servers_at(req.host, req.port) and self.peers.enabled)
 
     def _misdirected(self, flow: http.HTTPFlow, rules: Rules, name: str | None) -> tuple[str, str] | None:
         """(upstream, reason) if this explicit-proxy request may not go where it asks."""
