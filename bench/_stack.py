@@ -242,8 +242,9 @@ class ProxyProcess(_LoggedProcess):
     """
 
     def __init__(self, overrides: dict[str, str], rules_edit=None, start_timeout: float = 60.0,
-                 log_level: str | None = None, env: dict[str, str] | None = None) -> None:
+                 log_level: str | None = None, env: dict[str, str] | None = None, workers: int | None = None) -> None:
         self.overrides = overrides
+        self.workers = workers  # --workers (PROJECTIONIST_PROXY_WORKERS); None: the rules' choice
         self.extra_env = dict(env or {})  # e.g. PROJECTIONIST_TRAKT_CLIENT_ID for the fakes
         self.rules_edit = rules_edit
         self.start_timeout = start_timeout
@@ -265,6 +266,13 @@ class ProxyProcess(_LoggedProcess):
 
     def reverse_port(self, upstream: str) -> int:
         return self.reverse_ports[upstream]
+
+    def _listening(self) -> int:
+        """How many proxy processes have logged that they listen."""
+        try:
+            return self.log_path.read_text(errors="replace").count('"proxy listening: ')
+        except OSError:
+            return 0
 
     def logged_errors(self) -> list[str]:
         """The messages of the error lines in the proxy's log (an addon failing per request shows
@@ -308,6 +316,9 @@ class ProxyProcess(_LoggedProcess):
             )
             if self.log_level:  # default: the shipped level (INFO logs connections, not requests)
                 env["PROJECTIONIST_LOG_LEVEL"] = self.log_level
+            if self.workers is not None:
+                env["PROJECTIONIST_PROXY_WORKERS"] = str(self.workers)
+            self.env = env
             env.update(self.extra_env)
             self._log = open(self.log_path, "wb")
             self.proc = subprocess.Popen([sys.executable, "-m", "launcher", "proxy"], env=env,
@@ -316,12 +327,44 @@ class ProxyProcess(_LoggedProcess):
             deadline = time.monotonic() + self.start_timeout
             for port in (self.proxy_port, *self.reverse_ports.values()):
                 _wait_port(port, self.proc, deadline)
+            while self.workers and self.workers > 1 and self._listening() < self.workers:  # all, not the first
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.workers} proxy workers did not all start")
+                time.sleep(0.05)
         except BaseException as exc:
             tail = self.log_tail()
             self.stop()
             self.cleanup()
             if isinstance(exc, RuntimeError) and tail:
                 raise RuntimeError(f"{exc}; proxy log:\n{tail}") from exc
+            raise
+        return self
+
+
+class ControlProcess(_LoggedProcess):
+    """`python -m launcher control` beside a started ProxyProcess: its home, rules and database
+    (with `proxy.redis_url`, the control plane commits the proxies' usage rows). The home stays
+    the proxy's to clean up."""
+
+    def __init__(self, proxy: ProxyProcess, start_timeout: float = 60.0) -> None:
+        self.proxy = proxy
+        self.start_timeout = start_timeout
+        self.port: int | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.proxy.home / "control.log"
+
+    def start(self) -> ControlProcess:
+        self.port = free_port()
+        env = dict(self.proxy.env, PROJECTIONIST_CONTROL_PORT=str(self.port))
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "launcher", "control"], env=env, cwd=REPO_ROOT,
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            _wait_port(self.port, self.proc, time.monotonic() + self.start_timeout)
+        except BaseException:
+            self.stop()
             raise
         return self
 

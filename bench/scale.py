@@ -1,22 +1,26 @@
-"""Scale-out benchmark: several proxy processes sharing one Redis (the response cache's shared tier).
+"""Scale-out benchmark: proxy workers on one machine, and proxies of two machines, sharing one Redis.
 
     python bench/scale.py [--connections 10] [--duration 3] [--warmup 1] [--json] [--strict]
 
 Everything on 127.0.0.1, in separate processes, from one run: a `redis-server`, the bench upstream
-(bench/_upstream.py, which counts the requests it receives), four Projectionist proxies
-(`python -m launcher proxy`, each with its own home and ports, `proxy.redis_url` set) and a stock
-`mitmdump` reverse proxy as the baseline. It prints:
+(bench/_upstream.py, which counts the requests it receives), Projectionist proxies
+(`python -m launcher proxy --workers N`, `proxy.redis_url` set) with their control plane (which
+commits the workers' usage rows from the Redis event stream), and a stock `mitmdump` reverse
+proxy as the baseline. It prints:
 
-- hit req/s with 1, 2 and 4 proxy processes, the load spread evenly over them (each process has
-  its own port: a load balancer's view), and each against the same run's mitmdump pass-through;
-- upstream fetches for 200 concurrent identical cold requests spread over the 4 processes, the
-  origin answering in 300 ms (target 1);
-- the hit ratio through process B for 50 URLs first fetched through process A (target 100%);
-- usage rows in the processes' SQLite files against responses the clients received (target equal).
+- hit req/s with 1, 2 and 4 workers behind one port (SO_REUSEPORT: the kernel spreads the
+  load generator's connections), each against the same run's mitmdump pass-through and the
+  one-worker figure (target: 2 workers >= 1.7x one on 2 cores);
+- upstream fetches for 200 concurrent identical cold requests, each on its own connection, over
+  4 workers, the origin answering in 300 ms (target 1);
+- the hit ratio through proxy B for 50 URLs first fetched through proxy A, two proxies with homes
+  (disks, databases) of their own: two machines (target 100%);
+- usage rows in the 4-worker proxy's SQLite file against the responses its clients received
+  (target equal), written by the control plane's one consumer.
 
 Exit status 1 if a request failed or a process did not exit cleanly; with --strict also when a
 target of the last three is missed. On a 2-core machine the load generator shares the cores with
-the proxies, so the req/s ratios say more about the machine than about the processes.
+the workers, so the req/s ratios say more about the machine than about the workers.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _load import cache_outcome, load_arguments, run_benchmark, run_load  # noqa: E402
-from _stack import MitmdumpProcess, ProxyProcess, RedisServer, UpstreamProcess, tmdb_default_limit  # noqa: E402
+from _stack import (ControlProcess, MitmdumpProcess, ProxyProcess, RedisServer, UpstreamProcess,  # noqa: E402
+                    tmdb_default_limit)
 
-PROCESSES = 4
+WORKERS = (1, 2, 4)
 COLD_CLIENTS = 200
 SPREAD_URLS = 50
 HIT_PATH = "/3/movie/603"
@@ -68,45 +73,56 @@ def usage_rows(proxy: ProxyProcess) -> int:
         return conn.execute("SELECT count(*) FROM usage_events").fetchone()[0]
 
 
+async def hits(args, proxy: ProxyProcess, baseline_rps: float) -> tuple[dict, int, int]:
+    """Hit req/s through one proxy's port; (figures, responses, failures)."""
+    run = await run_load(f"http://api.themoviedb.org{HIT_PATH}?api_key=bench", connections=args.connections,
+                         duration=args.duration, warmup=args.warmup, proxy=proxy.proxy_url,
+                         classify=lambda r: cache_outcome(r.headers.get("Cache-Status")))
+    figures = {"rps": round(run.rps, 1), "x_mitmdump": round(run.rps / max(baseline_rps, 1e-9), 2),
+               "p99_ms": run.p99_ms or 0, "hit_ratio": round(run.classes.get("hit", 0) / max(1, run.completed), 4)}
+    return figures, run.completed, run.failed + run.errors
+
+
 async def bench(args) -> dict:
-    report: dict = {"processes": PROCESSES, "connections": args.connections}
+    report: dict = {"workers": max(WORKERS), "connections": args.connections}
     with ExitStack() as stack:
         redis_server = stack.enter_context(RedisServer())
         upstream = stack.enter_context(UpstreamProcess())
         mitmdump = stack.enter_context(MitmdumpProcess(upstream.url))
-        proxies = [stack.enter_context(ProxyProcess({"tmdb": upstream.url}, with_redis(redis_server.url)))
-                   for _ in range(PROCESSES)]
-        responses = 0
+        failed = 0
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            # Hits: primed through the first process only; the others find it in Redis.
-            for proxy in proxies:
-                status, _ = await get(session, proxy, HIT_PATH)
-                responses += 1
-                assert status == 200, status
             baseline = await run_load(f"{mitmdump.url}{HIT_PATH}?api_key=bench", connections=args.connections,
                                       duration=args.duration, warmup=args.warmup)
             report["mitmdump_rps"] = round(baseline.rps, 1)
+            failed += baseline.failed
+
+            # Hits through 1, 2 and 4 workers; the 4-worker proxy stays for the rest.
             throughput = {}
-            failed = baseline.failed
-            for count in (1, 2, PROCESSES):
-                share = max(1, args.connections // count)
-                runs = await asyncio.gather(*(run_load(
-                    f"http://api.themoviedb.org{HIT_PATH}?api_key=bench", connections=share, duration=args.duration,
-                    warmup=args.warmup, proxy=proxy.proxy_url, classify=lambda r: cache_outcome(r.headers.get("Cache-Status")))
-                    for proxy in proxies[:count]))
-                responses += sum(r.completed for r in runs)
-                failed += sum(r.failed + r.errors for r in runs)
-                rps = sum(r.rps for r in runs)
-                hits = sum(r.classes.get("hit", 0) for r in runs) / max(1, sum(r.completed for r in runs))
-                throughput[count] = {"rps": round(rps, 1), "x_mitmdump": round(rps / max(baseline.rps, 1e-9), 2),
-                                     "p99_ms": max((r.p99_ms or 0) for r in runs), "hit_ratio": round(hits, 4)}
-            for count in (2, PROCESSES):
-                throughput[count]["x_one_process"] = round(throughput[count]["rps"] / max(throughput[1]["rps"], 1e-9), 2)
+            for count in WORKERS:
+                proxy = ProxyProcess({"tmdb": upstream.url}, with_redis(redis_server.url), workers=count).start()
+                stack.callback(proxy.cleanup)
+                stack.callback(proxy.stop)  # (once stopped, a no-op)
+                control = ControlProcess(proxy).start() if count == max(WORKERS) else None
+                if control is not None:
+                    stack.callback(control.stop)
+                responses = 0
+                status, _ = await get(session, proxy, HIT_PATH)  # primed (from Redis after the first run)
+                responses += 1
+                assert status == 200, status
+                figures, completed, failures = await hits(args, proxy, baseline.rps)
+                throughput[count], failed = figures, failed + failures
+                responses += completed
+                if control is None:
+                    report.setdefault("exit_codes", []).append(proxy.stop())
+                    proxy.cleanup()
+            for count in WORKERS[1:]:
+                throughput[count]["x_one_worker"] = round(throughput[count]["rps"] / max(throughput[1]["rps"], 1e-9), 2)
             report["hits"] = throughput
 
-            # One fetch per cold key, across processes.
+            # One fetch per cold key across the workers: each client on a connection of its own.
             cold = "/3/movie/604?bench_delay_ms=300"
-            answers = await asyncio.gather(*(get(session, proxies[i % PROCESSES], cold) for i in range(COLD_CLIENTS)))
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as each_new:
+                answers = await asyncio.gather(*(get(each_new, proxy, cold) for _ in range(COLD_CLIENTS)))
             responses += len(answers)
             failed += sum(status != 200 for status, _ in answers)
             seen = await upstream_requests(session, upstream)
@@ -114,25 +130,28 @@ async def bench(args) -> dict:
                               "upstream_fetches": sum(n for url, n in seen.items() if url.startswith("/3/movie/604?")),
                               "outcomes": {o: sum(1 for _, x in answers if x == o) for o in {x for _, x in answers}}}
 
-            # What A fetched is a hit through B.
+            # Two machines: what A fetched is a hit through B.
+            machine_a = stack.enter_context(ProxyProcess({"tmdb": upstream.url}, with_redis(redis_server.url), workers=1))
+            machine_b = stack.enter_context(ProxyProcess({"tmdb": upstream.url}, with_redis(redis_server.url), workers=1))
             paths = [f"/3/movie/{1000 + i}" for i in range(SPREAD_URLS)]
             for path in paths:
-                status, _ = await get(session, proxies[0], path)
+                status, _ = await get(session, machine_a, path)
                 failed += status != 200
-            through_b = [await get(session, proxies[1], path) for path in paths]
-            responses += 2 * SPREAD_URLS
+            through_b = [await get(session, machine_b, path) for path in paths]
             failed += sum(status != 200 for status, _ in through_b)
             report["spread"] = {"urls": SPREAD_URLS, "hit_ratio_b": round(sum(o == "hit" for _, o in through_b) / SPREAD_URLS, 4)}
 
-        exits = [proxy.stop() for proxy in proxies]  # SIGTERM: each writes its last usage rows
-        rows = sum(usage_rows(proxy) for proxy in proxies)
-        report["usage"] = {"rows": rows, "responses": responses}
+        # SIGTERM: the workers hand their last rows to the stream, then the control plane drains it.
+        report["exit_codes"] += [proxy.stop(), machine_a.stop(), machine_b.stop(), control.stop()]
+        rows = usage_rows(proxy)
+        streamed = "a control plane consumes the event stream" in proxy.log_path.read_text(errors="replace")
+        proxy.cleanup()
+        report["usage"] = {"rows": rows, "responses": responses, "through_stream": streamed}
         report["failed"] = failed
-        report["exit_codes"] = exits
         report["targets"] = {"one_fetch": report["cold"]["upstream_fetches"] == 1,
                              "b_hits_all": report["spread"]["hit_ratio_b"] == 1.0,
-                             "rows_equal_responses": rows == responses}
-        report["ok"] = failed == 0 and all(code == 0 for code in exits) and (
+                             "rows_equal_responses": rows == responses and streamed}
+        report["ok"] = failed == 0 and all(code == 0 for code in report["exit_codes"]) and (
             not args.strict or all(report["targets"].values()))
     return report
 
@@ -140,17 +159,18 @@ async def bench(args) -> dict:
 def render(report: dict) -> str:
     lines = [f"mitmdump pass-through (baseline): {report['mitmdump_rps']:,.0f} req/s at {report['connections']} connections"]
     for count, figures in report["hits"].items():
-        extra = f", x{figures['x_one_process']:.2f} one process" if "x_one_process" in figures else ""
-        lines.append(f"hits, {count} process(es): {figures['rps']:,.0f} req/s (x{figures['x_mitmdump']:.2f} mitmdump{extra}), "
+        extra = f", x{figures['x_one_worker']:.2f} one worker" if "x_one_worker" in figures else ""
+        lines.append(f"hits, {count} worker(s): {figures['rps']:,.0f} req/s (x{figures['x_mitmdump']:.2f} mitmdump{extra}), "
                      f"p99 {figures['p99_ms']:.1f} ms, {figures['hit_ratio']:.1%} hits")
     cold = report["cold"]
-    lines.append(f"{cold['clients']} identical cold requests over {report['processes']} processes: "
+    lines.append(f"{cold['clients']} identical cold requests over {report['workers']} workers: "
                  f"{cold['upstream_fetches']} upstream fetch(es) (target 1); outcomes {cold['outcomes']}")
-    lines.append(f"process B, {report['spread']['urls']} URLs first fetched through A: "
+    lines.append(f"proxy B (another home), {report['spread']['urls']} URLs first fetched through proxy A: "
                  f"{report['spread']['hit_ratio_b']:.0%} hits (target 100%)")
     usage = report["usage"]
-    lines.append(f"usage rows {usage['rows']} for {usage['responses']} responses "
-                 f"({'equal' if usage['rows'] == usage['responses'] else 'NOT equal'})")
+    lines.append(f"usage rows {usage['rows']} for {usage['responses']} responses of the {report['workers']}-worker proxy "
+                 f"({'equal' if usage['rows'] == usage['responses'] else 'NOT equal'}; "
+                 f"{'through' if usage['through_stream'] else 'NOT through'} the control plane's event stream)")
     lines.append(f"failed requests: {report['failed']}; exit codes {report['exit_codes']}; "
                  f"{'OK' if report['ok'] else 'FAILED'}")
     return "\n".join(lines)

@@ -205,6 +205,7 @@ class Stack:
     process: subprocess.Popen | None = None
     log_path: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. PROJECTIONIST_PROXY_METRICS_PORT
 
     @property
     def db_path(self) -> Path:
@@ -296,6 +297,7 @@ class Stack:
             PROJECTIONIST_TRAKT_CLIENT_ID=TRAKT_CLIENT_ID,
             PROJECTIONIST_TRAKT_CLIENT_SECRET=TRAKT_CLIENT_SECRET,
         )
+        self.env.update(self.extra_env)
         self.log_path = self.home / "stack.log"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "launcher", "run"], env=self.env, cwd=REPO,
@@ -331,10 +333,10 @@ class Stack:
             raise AssertionError(f"the stack did not stop within {timeout}s:\n{self.logs()}")
 
 
-def make_stack(home: Path, fakes) -> Stack:
+def make_stack(home: Path, fakes, edit: Callable[[dict], None] | None = None) -> Stack:
     home.mkdir(parents=True, exist_ok=True)
     plex_port = free_port()
-    rules = write_test_rules(home / "rules.yaml", plex_port)
+    rules = write_test_rules(home / "rules.yaml", plex_port, edit)
     return Stack(home=home, rules_path=rules, proxy_port=free_port(), plex_port=plex_port,
                  control_port=free_port(), dashboard_port=free_port(), fakes=fakes)
 
