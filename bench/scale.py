@@ -36,7 +36,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _load import cache_outcome, load_arguments, run_benchmark, run_load  # noqa: E402
+from _load import cache_outcome, load_arguments, run_benchmark, run_load, run_wrk, wrk_available  # noqa: E402
 from _stack import (ControlProcess, MitmdumpProcess, ProxyProcess, RedisServer, UpstreamProcess,  # noqa: E402
                     tmdb_default_limit)
 
@@ -73,51 +73,58 @@ def usage_rows(proxy: ProxyProcess) -> int:
         return conn.execute("SELECT count(*) FROM usage_events").fetchone()[0]
 
 
-async def hits(args, proxy: ProxyProcess, baseline_rps: float) -> tuple[dict, int, int]:
-    """Hit req/s through one proxy's port; (figures, responses, failures)."""
-    run = await run_load(f"http://api.themoviedb.org{HIT_PATH}?api_key=bench", connections=args.connections,
-                         duration=args.duration, warmup=args.warmup, proxy=proxy.proxy_url,
-                         classify=lambda r: cache_outcome(r.headers.get("Cache-Status")))
-    figures = {"rps": round(run.rps, 1), "x_mitmdump": round(run.rps / max(baseline_rps, 1e-9), 2),
-               "p99_ms": run.p99_ms or 0, "hit_ratio": round(run.classes.get("hit", 0) / max(1, run.completed), 4)}
-    return figures, run.completed, run.failed + run.errors
+async def load(args, url: str, proxy: str | None = None, exact: bool = False):
+    """Throughput with wrk when installed (it leaves the cores to the workers), else with the
+    aiohttp generator; `exact`: the aiohttp one, which accounts for every response."""
+    if wrk_available() and not exact:
+        return await run_wrk(url, connections=args.connections, duration=args.duration, warmup=args.warmup, proxy=proxy)
+    return await run_load(url, connections=args.connections, duration=args.duration, warmup=args.warmup, proxy=proxy,
+                          classify=lambda r: cache_outcome(r.headers.get("Cache-Status")))
+
+
+def start_proxy(stack: ExitStack, upstream: UpstreamProcess, redis_url: str, workers: int) -> ProxyProcess:
+    proxy = ProxyProcess({"tmdb": upstream.url}, with_redis(redis_url), workers=workers).start()
+    stack.callback(proxy.cleanup)
+    stack.callback(proxy.stop)  # (a no-op once stopped)
+    return proxy
 
 
 async def bench(args) -> dict:
-    report: dict = {"workers": max(WORKERS), "connections": args.connections}
+    report: dict = {"workers": max(WORKERS), "connections": args.connections,
+                    "load_generator": "wrk" if wrk_available() else "aiohttp (install wrk for the workers' figures)"}
+    hit_url = f"http://api.themoviedb.org{HIT_PATH}?api_key=bench"
     with ExitStack() as stack:
         redis_server = stack.enter_context(RedisServer())
         upstream = stack.enter_context(UpstreamProcess())
         mitmdump = stack.enter_context(MitmdumpProcess(upstream.url))
-        failed = 0
+        exits = []
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            baseline = await run_load(f"{mitmdump.url}{HIT_PATH}?api_key=bench", connections=args.connections,
-                                      duration=args.duration, warmup=args.warmup)
+            baseline = await load(args, f"{mitmdump.url}{HIT_PATH}?api_key=bench")
             report["mitmdump_rps"] = round(baseline.rps, 1)
-            failed += baseline.failed
+            failed = baseline.failed
 
-            # Hits through 1, 2 and 4 workers; the 4-worker proxy stays for the rest.
+            # Hits through 1, 2 and 4 workers behind one port (each proxy primed first).
             throughput = {}
             for count in WORKERS:
-                proxy = ProxyProcess({"tmdb": upstream.url}, with_redis(redis_server.url), workers=count).start()
-                stack.callback(proxy.cleanup)
-                stack.callback(proxy.stop)  # (once stopped, a no-op)
-                control = ControlProcess(proxy).start() if count == max(WORKERS) else None
-                if control is not None:
-                    stack.callback(control.stop)
-                responses = 0
-                status, _ = await get(session, proxy, HIT_PATH)  # primed (from Redis after the first run)
-                responses += 1
+                proxy = start_proxy(stack, upstream, redis_server.url, count)
+                status, _ = await get(session, proxy, HIT_PATH)
                 assert status == 200, status
-                figures, completed, failures = await hits(args, proxy, baseline.rps)
-                throughput[count], failed = figures, failed + failures
-                responses += completed
-                if control is None:
-                    report.setdefault("exit_codes", []).append(proxy.stop())
-                    proxy.cleanup()
+                run = await load(args, hit_url, proxy=proxy.proxy_url)
+                failed += run.failed + run.errors
+                throughput[count] = {"rps": round(run.rps, 1), "x_mitmdump": round(run.rps / max(baseline.rps, 1e-9), 2),
+                                     "p99_ms": round(run.p99_ms or 0, 1),
+                                     "hit_ratio": round(run.classes.get("hit", 0) / max(1, run.completed), 4)}
+                exits.append(proxy.stop())
             for count in WORKERS[1:]:
                 throughput[count]["x_one_worker"] = round(throughput[count]["rps"] / max(throughput[1]["rps"], 1e-9), 2)
             report["hits"] = throughput
+
+            # The 4-worker proxy with its control plane, every response accounted for.
+            proxy = start_proxy(stack, upstream, redis_server.url, max(WORKERS))
+            control = ControlProcess(proxy).start()
+            stack.callback(control.stop)
+            burst = await load(args, hit_url, proxy=proxy.proxy_url, exact=True)
+            responses, failed = burst.completed, failed + burst.failed + burst.errors
 
             # One fetch per cold key across the workers: each client on a connection of its own.
             cold = "/3/movie/604?bench_delay_ms=300"
@@ -131,8 +138,8 @@ async def bench(args) -> dict:
                               "outcomes": {o: sum(1 for _, x in answers if x == o) for o in {x for _, x in answers}}}
 
             # Two machines: what A fetched is a hit through B.
-            machine_a = stack.enter_context(ProxyProcess({"tmdb": upstream.url}, with_redis(redis_server.url), workers=1))
-            machine_b = stack.enter_context(ProxyProcess({"tmdb": upstream.url}, with_redis(redis_server.url), workers=1))
+            machine_a = start_proxy(stack, upstream, redis_server.url, 1)
+            machine_b = start_proxy(stack, upstream, redis_server.url, 1)
             paths = [f"/3/movie/{1000 + i}" for i in range(SPREAD_URLS)]
             for path in paths:
                 status, _ = await get(session, machine_a, path)
@@ -142,22 +149,23 @@ async def bench(args) -> dict:
             report["spread"] = {"urls": SPREAD_URLS, "hit_ratio_b": round(sum(o == "hit" for _, o in through_b) / SPREAD_URLS, 4)}
 
         # SIGTERM: the workers hand their last rows to the stream, then the control plane drains it.
-        report["exit_codes"] += [proxy.stop(), machine_a.stop(), machine_b.stop(), control.stop()]
+        exits += [proxy.stop(), machine_a.stop(), machine_b.stop(), control.stop()]
         rows = usage_rows(proxy)
         streamed = "a control plane consumes the event stream" in proxy.log_path.read_text(errors="replace")
-        proxy.cleanup()
         report["usage"] = {"rows": rows, "responses": responses, "through_stream": streamed}
         report["failed"] = failed
+        report["exit_codes"] = exits
         report["targets"] = {"one_fetch": report["cold"]["upstream_fetches"] == 1,
                              "b_hits_all": report["spread"]["hit_ratio_b"] == 1.0,
                              "rows_equal_responses": rows == responses and streamed}
-        report["ok"] = failed == 0 and all(code == 0 for code in report["exit_codes"]) and (
+        report["ok"] = failed == 0 and all(code == 0 for code in exits) and (
             not args.strict or all(report["targets"].values()))
     return report
 
 
 def render(report: dict) -> str:
-    lines = [f"mitmdump pass-through (baseline): {report['mitmdump_rps']:,.0f} req/s at {report['connections']} connections"]
+    lines = [f"load generator: {report['load_generator']}",
+             f"mitmdump pass-through (baseline): {report['mitmdump_rps']:,.0f} req/s at {report['connections']} connections"]
     for count, figures in report["hits"].items():
         extra = f", x{figures['x_one_worker']:.2f} one worker" if "x_one_worker" in figures else ""
         lines.append(f"hits, {count} worker(s): {figures['rps']:,.0f} req/s (x{figures['x_mitmdump']:.2f} mitmdump{extra}), "
