@@ -165,8 +165,10 @@ def cmd_proxy(_args: argparse.Namespace) -> int:
 
     from projectionist.logs import setup_logging
 
-    from .workers import Supervisor, WorkersError, metrics_port, worker_count, worker_index
+    from .workers import Supervisor, WorkersError, metrics_port, proxy_command, worker_count, worker_index
 
+    if not sys.flags.optimize:  # started as `projectionist proxy`: the same process, with -O
+        os.execv(sys.executable, [*proxy_command()[:-1], *sys.argv[1:]])
     config = Config.from_env()
     index = worker_index()
     if index is None:  # a worker's ports are its siblings' too
@@ -304,9 +306,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         children["fakes"], overrides = _start_fakes(env)
         env["PROJECTIONIST_UPSTREAMS"] = ",".join(overrides)
         env.update(demo_credentials())
+    from .workers import proxy_command
+
     for service in ("proxy", "control", "dashboard"):
         # Services log to stderr (Datasette's server logs to stdout): stdout carries only the banner.
-        children[service] = subprocess.Popen([sys.executable, "-m", "launcher", service], env=env,
+        command = proxy_command() if service == "proxy" else [sys.executable, "-m", "launcher", service]
+        children[service] = subprocess.Popen(command, env=env,
                                              stdout=sys.stderr, preexec_fn=child_preexec())
 
     stopping = False

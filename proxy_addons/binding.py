@@ -76,6 +76,18 @@ def embedded_ip(host: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1024)
+def _authority_host(authority: str) -> str:
+    return url.parse_authority(authority, check=False)[0]
+
+
+def pretty_host(request: http.Request) -> str:
+    """`Request.pretty_host`, with the parse of the (few, repeating) Host headers memoised: it
+    costs an IDNA round trip per request, which every request's routing and setup check paid."""
+    authority = request.host_header
+    return _authority_host(authority) if authority else request.host
+
+
 def _address_forms(host: str, port: int) -> set[Address]:
     """A connection's host as written and, for a plex.direct name, the IP it resolves to."""
     host = normal_host(host)

@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http, tls
-from mitmproxy.net.http import url
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from projectionist.config import parse_overrides
@@ -115,7 +114,7 @@ class Router:
             if req.authority:  # absolute-form: the connection still goes to base_url (request())
                 req.authority = ""
         else:
-            name, listener = rules.upstream_for_host(_pretty_host(req)), "regular"
+            name, listener = rules.upstream_for_host(binding.pretty_host(req)), "regular"
             if name is not None and self._passed_through(rules, name):
                 return
             if may_ask_peers and self._ask_peers_first(rules, name, req):
@@ -204,17 +203,6 @@ HTTPS_ONLY_KINDS = frozenset({"tmdb", "trakt", "plex-tv"})
 def _address(target: str) -> tuple[str, str, int]:
     parts = urlsplit(target)
     return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-
-
-@functools.lru_cache(maxsize=1024)
-def _authority_host(authority: str) -> str:
-    return url.parse_authority(authority, check=False)[0]
-
-
-def _pretty_host(request: http.Request) -> str:
-    """`Request.pretty_host`, with the parse of the (few, repeating) Host headers memoised."""
-    authority = request.host_header
-    return _authority_host(authority) if authority else request.host
 
 
 def open_proxy_warning(rules: Rules, listen_host: str) -> str | None:

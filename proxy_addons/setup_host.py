@@ -13,6 +13,8 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from projectionist.onboarding import CA_DOWNLOADS, PROBE_PATH, SETUP_HOST, ca_download, probe_answer
 
+from .binding import pretty_host
+
 PAGE = """<!doctype html><html lang="en"><meta charset="utf-8"><title>Projectionist proxy</title>
 <h1>This browser uses the Projectionist proxy</h1>
 <p>Download its certificate authority, then trust it (the control plane's <code>/setup</code> page
@@ -23,7 +25,7 @@ says how, per system and browser):</p>
 
 def is_setup_request(flow: http.HTTPFlow) -> bool:
     return (not isinstance(flow.client_conn.proxy_mode, ReverseMode)
-            and flow.request.pretty_host.lower().rstrip(".") == SETUP_HOST)
+            and pretty_host(flow.request).lower().rstrip(".") == SETUP_HOST)
 
 
 class SetupHost:
