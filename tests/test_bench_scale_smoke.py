@@ -15,7 +15,7 @@ from support import run_bench
 def test_scale_bench_smoke():
     report = run_bench("scale.py", "--duration", "0.5", "--warmup", "0.2", "--connections", "4", "--strict",
                        timeout=240)
-    assert report["ok"] and report["failed"] == 0 and report["exit_codes"] == [0] * 6
+    assert report["ok"] and report["failed"] == 0 and report["exit_codes"] == [0] * 7
     assert report["cold"]["upstream_fetches"] == 1 and sum(report["cold"]["outcomes"].values()) == 200
     assert report["spread"]["hit_ratio_b"] == 1.0
     assert report["usage"]["rows"] == report["usage"]["responses"] > 200 and report["usage"]["through_stream"]

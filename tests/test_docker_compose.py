@@ -198,7 +198,8 @@ def test_env_example_names_every_setting_the_containers_read(compose):
     internal = {"PROJECTIONIST_HOME", "PROJECTIONIST_HOST", "PROJECTIONIST_PROXY_PORT", "PROJECTIONIST_CONTROL_PORT",
                 "PROJECTIONIST_DASHBOARD_PORT", "PROJECTIONIST_PROXY_METRICS_PORT", "PROJECTIONIST_RULES",
                 "PROJECTIONIST_DATASETTE_METADATA", "PROJECTIONIST_DEMO_PORT", "PROJECTIONIST_DASHBOARD_PASSWORD_HASH",
-                "PROJECTIONIST_VENV", "PROJECTIONIST_PROXY_WORKER"}  # (a worker's index, set by its supervisor)
+                "PROJECTIONIST_VENV",
+                "PROJECTIONIST_PROXY_WORKER"}  # a worker's index, set by its supervisor
     assert code - internal <= set(example), sorted(code - internal - set(example))
     passed = set()
     for service in compose["services"].values():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -40,7 +41,7 @@ def _two_free_ports() -> int:
     for _ in range(50):
         port = free_port()
         try:
-            with closing(__import__("socket").create_server(("127.0.0.1", port + 1))):
+            with closing(socket.create_server(("127.0.0.1", port + 1))):
                 return port
         except OSError:
             continue
