@@ -242,9 +242,11 @@ class ProxyProcess(_LoggedProcess):
     """
 
     def __init__(self, overrides: dict[str, str], rules_edit=None, start_timeout: float = 60.0,
-                 log_level: str | None = None, env: dict[str, str] | None = None, workers: int | None = None) -> None:
+                 log_level: str | None = None, env: dict[str, str] | None = None, workers: int | None = 1) -> None:
         self.overrides = overrides
-        self.workers = workers  # --workers (PROJECTIONIST_PROXY_WORKERS); None: the rules' choice
+        # --workers (PROJECTIONIST_PROXY_WORKERS): one process unless asked (with proxy.redis_url
+        # the default would be one per core); None: the rules' or the default choice.
+        self.workers = workers
         self.extra_env = dict(env or {})  # e.g. PROJECTIONIST_TRAKT_CLIENT_ID for the fakes
         self.rules_edit = rules_edit
         self.start_timeout = start_timeout

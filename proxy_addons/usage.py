@@ -40,7 +40,7 @@ def reason_from_cache_status(response: http.Response | None) -> str | None:
 
 
 class UsageRecorder:
-    def __init__(self, watcher: RulesWatcher) -> None:
+    def __init__(self, watcher: RulesWatcher | None = None) -> None:
         self.watcher = watcher  # proxy.redis_url: the rows go to the control plane's writer
         self.writer: UsageWriter | None = None
         self.metrics = RequestMetrics()
@@ -57,7 +57,7 @@ class UsageRecorder:
         open_db(path).conn.close()  # create and migrate before the first request
         if self.writer is not None:
             self.writer.close()
-        self.writer = usage_writer(path, self.watcher.redis_url).start()
+        self.writer = usage_writer(path, self.watcher.redis_url if self.watcher else None).start()
 
     def done(self) -> None:
         if self.writer is not None:

@@ -59,8 +59,8 @@ def playback_report(flow: http.HTTPFlow, info: flowinfo.FlowInfo, kind: str) -> 
 
 
 class ViewingHistory:
-    def __init__(self, watcher: RulesWatcher) -> None:
-        self.watcher = watcher
+    def __init__(self, watcher: RulesWatcher | None = None) -> None:
+        self.watcher = watcher  # its proxy.redis_url: the reports go to the control plane's writer
         self.writer: PlaybackWriter | None = None
 
     def configure(self, updated) -> None:
@@ -69,7 +69,8 @@ class ViewingHistory:
             return
         if self.writer is not None:
             self.writer.close()
-        self.writer = playback_writer(Path(ctx.options.projectionist_db).expanduser(), self.watcher.redis_url).start()
+        self.writer = playback_writer(Path(ctx.options.projectionist_db).expanduser(),
+                                      self.watcher.redis_url if self.watcher else None).start()
 
     def done(self) -> None:
         if self.writer is not None:

@@ -159,8 +159,13 @@ async def test_200_identical_cold_requests_over_four_processes_reach_the_upstrea
             answers = await asyncio.gather(*(get(session, cluster[i % 4]) for i in range(200)))
             assert [a[0] for a in answers] == [200] * 200 and all(a[2] == BODY for a in answers)
             assert upstream.paths == ["/3/movie/603"]
-            collapsed = sum("collapsed" in a[1] for a in answers)
-            assert collapsed >= 150, [a[1] for a in answers][:5]  # the 3 other processes' misses, at least
+            # One answer is the leader's fetch; every other one waited for it (collapsed) or, once
+            # it was stored, found the entry (a hit, when a request came late on a slow machine).
+            outcomes = [("stored" if "stored" in a[1] else "collapsed" if "collapsed" in a[1]
+                         else "hit" if "; hit" in a[1] else a[1]) for a in answers]
+            assert outcomes.count("stored") == 1, outcomes
+            assert outcomes.count("collapsed") + outcomes.count("hit") == 199, outcomes
+            assert outcomes.count("collapsed") >= 100, outcomes
             for proxy in cluster:
                 assert not proxy.logged_errors()
 
