@@ -13,8 +13,8 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 
-from projectionist.metrics import UPSTREAM_ERRORS, RequestMetrics
 from projectionist.event_stream import usage_writer
+from projectionist.metrics import UPSTREAM_ERRORS, RequestMetrics
 from projectionist.store import UsageEvent, UsageWriter, open_db
 
 from . import flowinfo
