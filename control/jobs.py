@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from projectionist.redact import RedactSecrets
 from projectionist.rules import RulesError, RulesFile, load_rules
+from projectionist.shared_tier import redis_url
 from projectionist.store import connect
 
 from .errors import ApiError
@@ -58,7 +59,6 @@ from .openapi import ADMIN, Api, Call
 
 log = logging.getLogger("control.jobs")
 
-REDIS_URL_ENV = "PROJECTIONIST_REDIS_URL"  # the same variable the proxy's rate limiter reads
 LEASE_MARGIN = 30.0  # a lease outlives its run's timeout by this much (a crashed holder frees it)
 RULES_POLL = 2.0  # seconds between looks at rules.yaml (a stat, in a thread) for schedule changes
 
@@ -421,8 +421,7 @@ async def scheduler_context(app: web.Application):
             log.error("rules.yaml cannot be used, jobs use their defaults: %s", live.problem)
     else:
         current, rules = None, read_rules(app)
-    redis_url = os.environ.get(REDIS_URL_ENV) or (rules.proxy.redis_url if rules else None)
-    scheduler = app[JOBS] = JobScheduler(app, REGISTRY, rules, redis_url)
+    scheduler = app[JOBS] = JobScheduler(app, REGISTRY, rules, redis_url(rules.proxy.redis_url if rules else None))
     scheduler.rules_source = current
     scheduler.listeners.append(count_job)  # job runs and durations, by status, for /metrics
     await scheduler.start()

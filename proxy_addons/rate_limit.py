@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -63,6 +62,7 @@ from projectionist.metrics import RATELIMIT_EVENTS, RATELIMIT_WAIT_SECONDS, RATE
 from projectionist.event_stream import rate_limit_writer
 from projectionist.store import UsageWriter
 from projectionist.rules import Limit, Rules, Throttle
+from projectionist.shared_tier import redis_url
 
 from . import flowinfo
 from .local_responses import cors_headers
@@ -71,7 +71,6 @@ from .upstream_fetch import fetch, upstream_session
 
 log = logging.getLogger(__name__)
 
-REDIS_URL_ENV = "PROJECTIONIST_REDIS_URL"
 DEFAULT_MAX_WAIT = 5.0  # for a request under no limit that meets a paused credential
 MAX_RETRIES = 2
 BACKEND_RETRY_AFTER = 5.0  # seconds of local decisions after the shared backend failed
@@ -134,7 +133,7 @@ class RateLimit:
             self._use_backend(rules)
 
     def _use_backend(self, rules: Rules | None) -> None:
-        url = os.environ.get(REDIS_URL_ENV) or (rules.model.proxy.redis_url if rules else None)
+        url = redis_url(rules.model.proxy.redis_url if rules else None)
         current = getattr(self.backend, "url", None)
         if url == current:
             return

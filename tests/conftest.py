@@ -3,6 +3,7 @@ against the fake upstreams; see tests/support.py."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ TESTS = Path(__file__).resolve().parent
 # tests/support.py, and the benchmarks' process helpers (bench/_stack.py), which tests share
 sys.path[:0] = [str(TESTS), str(TESTS.parent / "bench")]
 
+from _stack import RedisServer  # noqa: E402
 from support import FakesThread, make_stack  # noqa: E402
 
 
@@ -48,3 +50,12 @@ def clean_fakes(fakes, stack):
     stack.flush_cache()
     fakes.clear()
     return fakes
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    """A throw-away redis-server on a free port for one test module (skipped without one)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    with RedisServer() as server:
+        yield server

@@ -20,7 +20,7 @@ from _stack import ProxyProcess, RedisServer, UpstreamProcess
 from projectionist import event_stream
 from projectionist.analytics import MetadataBody, PlaybackReport
 from projectionist.limits import RateLimitEvent
-from projectionist.store import UsageEvent
+from projectionist.store import UsageEvent, database_id
 from support import wait_for
 
 
@@ -75,7 +75,7 @@ def test_events_go_through_the_stream_while_a_consumer_runs_and_to_sqlite_when_r
         # No control plane yet: the proxy commits its rows itself, as without Redis.
         _get(proxy, 3)
         wait_for(lambda: _rows(proxy.db_path) == 3, timeout=10)
-        stream = event_stream.stream_name(_database_id(proxy.db_path))
+        stream = event_stream.stream_name(database_id(proxy.db_path))
         consumer = event_stream.EventConsumer(proxy.db_path, first.url, name="test").start()
         try:
             # The proxy sees the heartbeat within CHECK_EVERY; from then on its rows come through Redis.
@@ -111,9 +111,3 @@ def test_events_go_through_the_stream_while_a_consumer_runs_and_to_sqlite_when_r
         assert proxy.stop() == 0
         assert _rows(proxy.db_path) == 14
         assert not proxy.logged_errors()
-
-
-def _database_id(db) -> str:
-    from projectionist.store import database_id
-
-    return database_id(db)

@@ -44,14 +44,6 @@ def _poster() -> bytes:
 POSTER = _poster()
 
 
-@pytest.fixture(scope="module")
-def redis_server():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (.ci/run installs it)")
-    with RedisServer() as server:
-        yield server
-
-
 class CountingUpstream(LocalUpstream):
     """TMDB on 127.0.0.1: answers every /3/ path with a movie after `delay`, counting requests."""
 
