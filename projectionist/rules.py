@@ -24,7 +24,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -93,6 +93,11 @@ def _parse_duration(value: Any) -> Any:
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
 Seconds = Annotated[float, Field(ge=0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+# Per-target memos on the hit path (routes, cache keys): bounded in count, and targets longer
+# than this are worked out each time (a memo of huge query strings would cost more than it saves).
+MEMO_ENTRIES = 2048
+MEMO_MAX_TARGET = 2048
+
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"}
 
 
@@ -733,6 +738,8 @@ class Rules:
     _wildcard_hosts: list[tuple[str, str]] = field(default_factory=list)
     _routes_by_upstream: dict[str, list[CompiledRoute]] = field(default_factory=dict)
     _reverse_listeners: dict[int, str] = field(default_factory=dict)
+    # (upstream, method, request target) -> Match: a player asks for the same targets over and over.
+    _matched: dict[tuple[str, str, str], Match] = field(default_factory=dict)
     # Things that are valid but probably wrong (check-rules prints them): shared rules over private paths.
     warnings: list[RuleProblem] = field(default_factory=list)
 
@@ -795,6 +802,19 @@ class Rules:
             if route.matches(method, path, query):
                 return Match(upstream_name, upstream, route)
         return Match(upstream_name, upstream, None)
+
+    def match_target(self, upstream_name: str, method: str, target: str, query: Callable[[], Mapping[str, str]]) -> Match:
+        """`match` for a request target (path and query), remembered per target; `query()` parses
+        the query, called only when the target is new."""
+        key = (upstream_name, method, target)
+        found = self._matched.get(key)
+        if found is None:
+            found = self.match(upstream_name, method, target.split("?", 1)[0], query())
+            if len(target) <= MEMO_MAX_TARGET:
+                if len(self._matched) >= MEMO_ENTRIES:
+                    self._matched.clear()  # cheaper than LRU bookkeeping on every hit; refills in a moment
+                self._matched[key] = found
+        return found
 
     def reverse_listeners(self) -> dict[int, str]:
         """listen port -> upstream name."""

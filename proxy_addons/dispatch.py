@@ -17,6 +17,13 @@ is done at once (the common case) the layer is resumed right there, inside the s
 `server_event`; when a handler really waits (an upstream fetch, a Redis call) the hook completes
 later exactly as mitmproxy's own `hook_task` would. Order and semantics are unchanged: the layer
 is paused on the hook until it completes either way.
+
+3. Parsing the request line of an absolute-form request (an explicit-proxy client's `GET
+http://host/path HTTP/1.1`) checks and IDNA-decodes the authority and then parses the whole URL
+once more (mitmproxy's own "TODO: we can probably get rid of this check"): 10% of a hit. The
+parse is a pure function of the line's bytes, so `memoize_request_lines` remembers it for the
+lines seen most recently (a player asks for the same targets over and over); a bad line still
+raises, every time.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from collections.abc import Callable, Iterator
 
 from mitmproxy import addonmanager, exceptions, flow, hooks
 from mitmproxy import version as mitmproxy_version
+from mitmproxy.net.http.http1 import read as http1_read
 from mitmproxy.proxy import commands, events, mode_servers
 from mitmproxy.utils import asyncio_utils
 
@@ -183,6 +191,8 @@ EXPECTED_INTERNALS = {
     "server.ConnectionHandler.server_event": "a2b42657ebe8bf6d",
     "server.ConnectionHandler.handle_client": "01f1b7cc991c4711",
     "server.TimeoutWatchdog.disarm": "99af75f94eed883a",
+    "read._read_request_line": "f212df4b4badf61b",
+    "read.read_request_head": "d7a54f7078584448",
 }
 
 
@@ -190,7 +200,8 @@ def _source_digest(dotted: str) -> str | None:
     from mitmproxy.proxy import server
 
     module_name, *path = dotted.split(".")
-    target = {"addonmanager": addonmanager, "mode_servers": mode_servers, "server": server}[module_name]
+    target = {"addonmanager": addonmanager, "mode_servers": mode_servers, "server": server,
+              "read": http1_read}[module_name]
     try:
         for name in path:
             target = getattr(target, name)
@@ -221,12 +232,25 @@ def choose_dispatch(master) -> bool:
         restore_stock_hooks()
         return False
     master.addons = CachedDispatchAddonManager(master)  # before any addon is added
+    memoize_request_lines()
     return install_inline_hooks()
 
 
 def restore_stock_hooks() -> None:
     if mode_servers.ProxyConnectionHandler is InlineHookConnectionHandler:
         mode_servers.ProxyConnectionHandler = InlineHookConnectionHandler.__base__
+    http1_read._read_request_line = inspect.unwrap(http1_read._read_request_line)
+
+
+REQUEST_LINES_REMEMBERED = 2048
+
+
+def memoize_request_lines() -> None:
+    """mitmproxy's request-line parse, remembered per line (process-wide; idempotent).
+    `read_request_head` calls it through the module global, so replacing that is enough."""
+    parse = http1_read._read_request_line
+    if not hasattr(parse, "cache_info"):
+        http1_read._read_request_line = functools.lru_cache(maxsize=REQUEST_LINES_REMEMBERED)(parse)
 
 
 def install_inline_hooks() -> bool:

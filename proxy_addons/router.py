@@ -128,9 +128,9 @@ class Router:
                     {"Content-Type": "text/plain; charset=utf-8"},
                 )
             return
-        # req.query parses lazily: only routes with query conditions pay for it.
-        match = rules.match(name, req.method, req.path.split("?", 1)[0], req.query)
-        private = rules.user_specific(match.upstream.kind, req.path, req.headers)
+        target = req.path
+        match = rules.match_target(name, req.method, target, lambda: req.query)
+        private = rules.user_specific(match.upstream.kind, target, req.headers)
         info = flowinfo.FlowInfo(match=match, listener=listener, user_specific=private)
         if (listener == "regular" and match.upstream.kind == "plex-server"
                 and binding.normal_host(req.host).endswith(binding.PLEX_DIRECT)):

@@ -8,6 +8,7 @@ behave as under mitmproxy's own task-per-hook dispatch.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 
 import aiohttp
@@ -159,3 +160,29 @@ def test_install_is_idempotent_and_targets_mitmproxys_handler():
     assert dispatch.install_inline_hooks()
     assert dispatch.install_inline_hooks()
     assert mode_servers.ProxyConnectionHandler is dispatch.InlineHookConnectionHandler
+
+
+def test_request_lines_are_parsed_once_and_a_bad_line_still_fails_every_time():
+    from mitmproxy.net.http.http1 import read
+
+    dispatch.memoize_request_lines()
+    dispatch.memoize_request_lines()  # idempotent: one memo, not a memo of a memo
+    parse = read._read_request_line
+    assert parse.__wrapped__ is inspect.unwrap(parse)
+    parse.cache_clear()
+    line = b"GET http://api.themoviedb.org/3/movie/603?api_key=x HTTP/1.1"
+    first = read.read_request_head([line, b"Host: api.themoviedb.org"])
+    second = read.read_request_head([line, b"Host: api.themoviedb.org"])
+    assert (first.host, first.port, first.path) == (second.host, second.port, second.path) == (
+        "api.themoviedb.org", 80, "/3/movie/603?api_key=x")
+    assert parse.cache_info().hits == 1
+    for _ in range(2):
+        with pytest.raises(ValueError, match="Bad HTTP request line"):
+            read.read_request_head([b"GET http://exa mple.com:99999/ HTTP/1.1"])
+    from mitmproxy.proxy import mode_servers
+
+    handler = mode_servers.ProxyConnectionHandler
+    dispatch.restore_stock_hooks()
+    assert not hasattr(read._read_request_line, "cache_info")
+    dispatch.memoize_request_lines()  # as the rest of the session runs
+    mode_servers.ProxyConnectionHandler = handler

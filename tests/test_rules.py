@@ -221,3 +221,28 @@ def test_plex_servers_include_exclude_and_their_errors():
         "r.yaml:8:15: upstreams.plex.servers.exclude: Input should be a valid list (got 'abc')",
         "r.yaml:8:29: upstreams.plex.servers.only: unknown key (check its spelling and indentation)",
     ]
+
+
+def test_match_target_remembers_each_target_and_keeps_query_conditions():
+    """The router's per-target memo answers as `match` does: a query condition still decides,
+    and the query is parsed only for a target not seen before."""
+    from urllib.parse import parse_qsl
+
+    rules = load_rules(REPO / "rules.yaml")
+    parsed = []
+
+    def query(target: str):
+        def parse():
+            parsed.append(target)
+            return dict(parse_qsl(target.partition("?")[2]))
+        return parse
+
+    for _ in range(3):
+        for target, route in [("/:/timeline?state=stopped&time=10", "plex.timeline.stopped"),
+                              ("/:/timeline?state=playing&time=10", "plex.timeline"),
+                              ("/library/metadata/1", "plex.metadata")]:
+            found = rules.match_target("plex", "GET", target, query(target))
+            assert found.route_name == route
+            assert found == rules.match("plex", "GET", target.split("?")[0], query(target)())
+    assert len(parsed) == 3 * 3 + 3  # the memo: once per target; the direct `match` above: every time
+    assert load_rules(REPO / "rules.yaml")._matched == {}  # a reload starts with an empty memo

@@ -3,18 +3,23 @@
 Through the embedded proxy's explicit listener with a 200 KB memory bound: a warm-up fills it,
 then Python's traced memory (tracemalloc, the whole process) is measured across 1,500 more unique
 misses. Per-key bookkeeping that grows with the disk (the old in-memory index held ~0.6 KB per
-key, ~0.9 MB here) fails the bound; the bounded miss-reason tables are made small so that they
-are at their bound before the measurement too."""
+key, ~0.9 MB here) fails the bound; the bounded miss-reason tables and the hit path's memos (request lines, routes, keys) are made
+small so that they are at their bound before the measurement too."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
+import inspect
 import tracemalloc
 
 import aiohttp
 from aiohttp import web
 
+from mitmproxy.net.http.http1 import read as http1_read
+
+import projectionist.rules
 from proxy_addons import response_cache
 from support import LocalUpstream, start_embedded_proxy
 
@@ -29,6 +34,8 @@ class Tmdb(LocalUpstream):
 async def test_unique_misses_after_the_memory_bound_keep_memory_flat(tmp_path, monkeypatch):
     monkeypatch.setattr(response_cache, "_KNOWN_URIS_MAX", 200)
     monkeypatch.setattr(response_cache, "_GONE_MAX", 200)
+    monkeypatch.setattr(projectionist.rules, "MEMO_ENTRIES", 200)
+    monkeypatch.setattr(response_cache, "_target_key", functools.lru_cache(200)(response_cache._target_key.__wrapped__))
 
     def edit(rules: dict) -> None:
         rules["limits"] = {}
@@ -38,6 +45,8 @@ async def test_unique_misses_after_the_memory_bound_keep_memory_flat(tmp_path, m
 
     async with Tmdb() as tmdb:
         proxy = await start_embedded_proxy(tmp_path, [f"tmdb={tmdb.url}"], edit)
+        monkeypatch.setattr(http1_read, "_read_request_line",  # memoized by dispatch.choose_dispatch
+                            functools.lru_cache(200)(inspect.unwrap(http1_read._read_request_line)))
         proxy_url = f"http://127.0.0.1:{proxy.ports['regular']}"
         counter = iter(range(1, 10**9))
         try:
