@@ -81,8 +81,10 @@ class Config:
     proxy_port: int = 8080
     control_port: int = 3001
     dashboard_port: int = 8001
-    # The proxy's /metrics and /health listener (loopback; 0: none).
+    # The proxy's operations listener: /metrics, /health and, with Redis, the cached bodies other
+    # machines fetch (0: none; loopback unless the proxies of other machines must reach it).
     proxy_metrics_port: int = 0
+    proxy_metrics_host: str = "127.0.0.1"
     # "name=url" pairs that send an upstream's traffic somewhere else (offline demo, tests).
     upstream_overrides: tuple[str, ...] = field(default_factory=tuple)
 
@@ -138,6 +140,7 @@ class Config:
             control_port=_env_port("PROJECTIONIST_CONTROL_PORT", 3001),
             dashboard_port=_env_port("PROJECTIONIST_DASHBOARD_PORT", 8001),
             proxy_metrics_port=_env_port("PROJECTIONIST_PROXY_METRICS_PORT", 0, allow_zero=True),
+            proxy_metrics_host=os.environ.get("PROJECTIONIST_PROXY_METRICS_HOST", "").strip() or "127.0.0.1",
             upstream_overrides=tuple(p for p in overrides_env.split(",") if p.strip()),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})

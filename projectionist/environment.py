@@ -22,6 +22,9 @@ VARIABLES = {
     "PROJECTIONIST_SECRET_KEY": "vault key(s), comma-separated, newest first (default: <home>/secret.key)",
     "PROJECTIONIST_REDIS_URL": "Redis shared by several processes (rate-limit budgets, job leases)",
     "PROJECTIONIST_PROXY_METRICS_PORT": "port of the proxy's Prometheus metrics (worker i: this + i)",
+    "PROJECTIONIST_PROXY_METRICS_HOST": "address of that listener (default 127.0.0.1; with Redis, other machines "
+                                        "fetch cached bodies too big for Redis there)",
+    "PROJECTIONIST_PEER_HOST": "the name or address other machines reach that listener at (default: its address)",
     "PROJECTIONIST_PROXY_WORKERS": "proxy processes sharing its ports (as --workers; more than 1 needs Redis)",
     "PROJECTIONIST_TMDB_API_KEY": "the server's TMDB v3 key (default: the player's public one)",
     "PROJECTIONIST_TMDB_READ_TOKEN": "the server's TMDB v4 read token (preferred when set)",
@@ -46,7 +49,7 @@ _LOGS = ["PROJECTIONIST_LOG_LEVEL", "PROJECTIONIST_LOG_FORMAT", "PROJECTIONIST_L
 _CREDENTIALS = ["PROJECTIONIST_SECRET_KEY", "PROJECTIONIST_TMDB_API_KEY", "PROJECTIONIST_TMDB_READ_TOKEN",
                 "PROJECTIONIST_TRAKT_CLIENT_ID", "PROJECTIONIST_TRAKT_CLIENT_SECRET"]
 _PROXY = [*_CONFIG, *_LOGS, *_CREDENTIALS, "PROJECTIONIST_REDIS_URL", "PROJECTIONIST_PROXY_METRICS_PORT",
-          "PROJECTIONIST_PROXY_WORKERS"]
+          "PROJECTIONIST_PROXY_METRICS_HOST", "PROJECTIONIST_PEER_HOST", "PROJECTIONIST_PROXY_WORKERS"]
 _CONTROL = [*_CONFIG, *_LOGS, *_CREDENTIALS, "PROJECTIONIST_REDIS_URL", "PROJECTIONIST_ADMINS",
             "PROJECTIONIST_SESSION_TTL", "PROJECTIONIST_SESSION_MAX_AGE", "PROJECTIONIST_AUTH_RATE_LIMIT",
             "PROJECTIONIST_CONTROL_URL", "PROJECTIONIST_TRUST_FORWARDED", "PROJECTIONIST_TRAKT_REFRESH_INTERVAL",

@@ -7,8 +7,10 @@ Redis, on this machine or another, shares:
   says what flush and invalidation select on (`<prefix>e:<route>|<partition>|<uri key>|<key>`; a
   user's partition carries its database's id, since users are numbered per database),
   with Redis' own expiry at the entry's last usable moment (ttl + the longer stale window); Redis'
-  `maxmemory` with an LRU policy bounds the total (docker-compose.yml sets it). Bodies over
-  `cache.shared_max_body_bytes` and memory-only entries (they embed a user's surrogates) stay local.
+  `maxmemory` with an LRU policy bounds the total (docker-compose.yml sets it). Memory-only entries
+  (they embed a user's surrogates) stay local. Bodies over `cache.shared_max_body_bytes` stay where
+  they were fetched, with only their index record shared (`<prefix>i:`, named alike): the others
+  fetch the body from that process (projectionist/peer_bodies.py).
 - **one fetch per cold key**: the process that takes the key's lock (`SET NX PX`, renewed while it
   fetches) fetches; the others wait for the outcome it writes (`<prefix>o:<key>`, kept a few
   seconds, whatever the status), and take the lock over when it lapses without one (a leader that
@@ -36,6 +38,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from .cache_store import Entry
+from .peer_bodies import PeerBodies, digest
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ OUTCOME_TTL_MS = 5_000  # a leader's outcome waits this long for followers
 POLL_INTERVAL = 0.02  # s: how soon a follower first looks for the leader's outcome, doubling ...
 POLL_INTERVAL_MAX = 0.1  # ... up to this
 PUTS_IN_FLIGHT_MAX = 256  # background writes waiting for Redis at most
+HASH_IN_THREAD_BYTES = 256_000  # bigger bodies are hashed off the event loop
 _HEADER = struct.Struct("!I")
 
 
@@ -104,6 +108,20 @@ def decode_outcome(data: bytes) -> Outcome:
                    data[_HEADER.size + length:], float(meta.get("at", 0)))
 
 
+def encode_index(entry: Entry, holder: str, sha256: str) -> bytes:
+    """An index record: where the body is and what it is, then the entry without its body."""
+    ref = json.dumps({"holder": holder, "size": len(entry.body), "sha256": sha256}, separators=(",", ":")).encode()
+    return _HEADER.pack(len(ref)) + ref + encode_entry(dataclasses.replace(entry, body=b""))
+
+
+def decode_index(data: bytes, kind: type[Entry] = Entry) -> tuple[dict, Entry]:
+    (length,) = _HEADER.unpack_from(data)
+    ref = json.loads(data[_HEADER.size:_HEADER.size + length])
+    if not isinstance(ref, dict):
+        raise ValueError("not an index record")
+    return ref, decode_entry(data[_HEADER.size + length:], kind)
+
+
 def _glob(text: str) -> str:
     """`text` matched literally by a Redis MATCH pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
@@ -113,7 +131,8 @@ class SharedTier:
     """The shared entries, locks, outcomes and flush channel of one Redis. Every method fails soft:
     after an error it answers "nothing shared" (None, False, 0) for RETRY_AFTER seconds."""
 
-    def __init__(self, url: str, max_body_bytes: int, database: str, prefix: str = PREFIX, timeout: float = 0.5) -> None:
+    def __init__(self, url: str, max_body_bytes: int, database: str, prefix: str = PREFIX, timeout: float = 0.5,
+                 bodies: PeerBodies | None = None) -> None:
         import redis.asyncio as aioredis  # imported only when configured
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -132,11 +151,14 @@ class SharedTier:
         self._warned_at = 0.0
         self._listener: asyncio.Task | None = None
         self._puts: set[asyncio.Task] = set()  # share_later's writes in flight
+        self.bodies = bodies  # bodies over max_body_bytes: held here, fetched from their holders
+        self.tier = "".join(c if c.isalnum() else "-" for c in prefix).strip("-")  # its name in peer URLs
 
     # --- entries ------------------------------------------------------------------------------
 
-    def name(self, key: str, route: str, partition: str, uri: str) -> str:
-        return f"{self.prefix}e:{route}|{self._partition(partition)}|{uri}|{key}"
+    def name(self, key: str, route: str, partition: str, uri: str, kind: str = "e") -> str:
+        """An entry's name ("e"), or its index record's ("i"): flushes select both alike."""
+        return f"{self.prefix}{kind}:{route}|{self._partition(partition)}|{uri}|{key}"
 
     def _partition(self, partition: str) -> str:
         """A user's partition ("u3") names its database too: only processes sharing that database
@@ -146,25 +168,59 @@ class SharedTier:
     def shareable(self, entry: Entry) -> bool:
         return not entry.memory_only and len(entry.body) <= self.max_body_bytes
 
+    def indexable(self, entry: Entry) -> bool:
+        """Too big to share, but its index record can be: this process is a holder others reach."""
+        return (not entry.memory_only and len(entry.body) > self.max_body_bytes
+                and self.bodies is not None and self.bodies.holder is not None)
+
     async def get(self, key: str, route: str, partition: str, uri: str, kind: type[Entry] = Entry) -> Entry | None:
-        data = await self.call(lambda: self.client.get(self.name(key, route, partition, uri)))
-        if not data:
-            return None
+        """The shared entry, or the body its index record names fetched from its holder."""
+        names = [self.name(key, route, partition, uri), self.name(key, route, partition, uri, "i")]
+        found = await self.call(lambda: self.client.mget(names))
+        data, index = found if found else (None, None)
         try:
-            return decode_entry(data, kind)
+            if data:
+                return decode_entry(data, kind)
+            if not index or self.bodies is None:
+                return None
+            ref, entry = decode_index(index, kind)
+            holder, size, sha256 = str(ref["holder"]), int(ref["size"]), str(ref["sha256"])
         except (ValueError, KeyError, TypeError, struct.error) as exc:  # not ours, or damaged: a miss
             log.warning("shared cache: an unreadable entry (%s) ignored", type(exc).__name__)
             return None
+        if holder == self.bodies.holder:  # this process's own record, of what it no longer has
+            return None
+        body = await self.bodies.fetch(holder, self.tier, key, size, sha256)
+        return dataclasses.replace(entry, body=body) if body is not None else None
 
     async def put(self, key: str, entry: Entry) -> bool:
-        if not self.shareable(entry):
+        """Share the entry (or, too big, its index record) until its last usable moment."""
+        if not (self.shareable(entry) or self.indexable(entry)):
             return False
         expire = entry.ttl + max(entry.stale_while_revalidate, entry.stale_if_error) - entry.age()
         if expire <= 0:
             return False
-        name = self.name(key, entry.route, entry.partition, entry.uri)
-        data = encode_entry(entry)
-        return bool(await self.call(lambda: self.client.set(name, data, px=max(1, int(expire * 1000)))))
+        entry_name, index_name = (self.name(key, entry.route, entry.partition, entry.uri, kind) for kind in "ei")
+        if self.shareable(entry):
+            name, data, other = entry_name, encode_entry(entry), index_name
+        else:
+            body = entry.body
+            sha256 = await asyncio.to_thread(digest, body) if len(body) > HASH_IN_THREAD_BYTES else digest(body)
+            name, data, other = index_name, encode_index(entry, self.bodies.holder, sha256), entry_name
+
+        async def replace() -> bool:  # what the key held in the other form is an older answer
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(name, data, px=max(1, int(expire * 1000)))
+                pipe.delete(other)
+                stored, _ = await pipe.execute()
+            return bool(stored)
+        return bool(await self.call(replace))
+
+    def serve_bodies(self, lookup) -> None:
+        """This process hands the bodies it holds (`await lookup(key)`: bytes or None) to the
+        others (through the operations listener)."""
+        if self.bodies is not None:
+            self.bodies.register(self.tier, lookup)
 
     async def delete_where(self, *, routes: Iterable[str] | None = None, partition: str | None = None,
                            uri: str | None = None, key_prefix: str | None = None) -> int:
@@ -173,9 +229,9 @@ class SharedTier:
         part = _glob(self._partition(partition)) if partition is not None else "*"
         patterns = []
         if routes is not None:
-            patterns = [f"{_glob(self.prefix)}e:{_glob(route)}|{part}|*" for route in routes]
+            patterns = [f"{_glob(self.prefix)}[ei]:{_glob(route)}|{part}|*" for route in routes]
         else:
-            patterns = [f"{_glob(self.prefix)}e:*|{part}|{_glob(uri) if uri else '*'}|"
+            patterns = [f"{_glob(self.prefix)}[ei]:*|{part}|{_glob(uri) if uri else '*'}|"
                         f"{_glob(key_prefix) + '*' if key_prefix is not None else '*'}"]
         # Outcomes are seconds old and name only their key: all go, so that none outlives a flush.
         patterns.append(f"{_glob(self.prefix)}o:*")
@@ -212,7 +268,8 @@ class SharedTier:
     def share_later(self, key: str, entry: Entry) -> None:
         """`put` in the background, off the request; past PUTS_IN_FLIGHT_MAX waiting (a slow Redis),
         entries are not shared rather than queued."""
-        if not self.shareable(entry) or len(self._puts) >= PUTS_IN_FLIGHT_MAX or not self.available():
+        if (not (self.shareable(entry) or self.indexable(entry)) or len(self._puts) >= PUTS_IN_FLIGHT_MAX
+                or not self.available()):
             return
         task = asyncio.get_running_loop().create_task(self.put(key, entry))
         self._puts.add(task)

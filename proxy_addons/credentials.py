@@ -48,6 +48,13 @@ class CredentialStore:
         # The connection is created on the worker thread that will use it.
         self.vault = self._executor.submit(Vault, Path(ctx.options.projectionist_db).expanduser(), box).result()
 
+    async def signatures(self, message: str) -> list[str]:
+        """HMAC-SHA256 of `message` under each of the vault's keys, newest first: the proxies of
+        one deployment share the key, and sign what they ask each other with it (peer_bodies)."""
+        if self.vault is None:
+            return []
+        return await self.call(self.vault.box.lookup_hashes, message)
+
     async def call(self, fn: Callable[..., T], *args) -> T:
         """Run a blocking vault method (e.g. `store.vault.resolve`) off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

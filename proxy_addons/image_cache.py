@@ -65,6 +65,7 @@ from projectionist.images import (
 )
 from projectionist.limits import RateLimited
 from projectionist.metrics import CACHE_EVICTIONS, IMAGE_ENCODES, add_cache_source, remove_cache_source
+from projectionist.peer_bodies import PeerBodies
 from projectionist.rules import ImageRule, ResolvedTimeouts, Rules
 from projectionist.shared_tier import SharedTier, redis_url
 from projectionist.store import database_id
@@ -147,6 +148,7 @@ class ImageCache:
         self.db_path: Path | None = None
         self.index: dict[str, tuple[str, str]] = {}  # key -> (route, partition)
         self.shared: SharedTier | None = None  # Redis, when configured: variants shared by every process
+        self.bodies: PeerBodies | None = None  # set by the runner: variants too big for the shared tier
         self._disk: ThreadPoolExecutor | None = None
         self._ready: asyncio.Event | None = None
         self._inflight: dict[str, asyncio.Task] = {}
@@ -179,7 +181,8 @@ class ImageCache:
         add_flush_handler(self.db_path, self._flush_from_thread)  # control-plane flushes
         if url := redis_url(self.watcher.rules.model.proxy.redis_url):  # read at start, as the response cache
             self.shared = SharedTier(url, self.watcher.rules.model.cache.shared_max_body_bytes, database_id(self.db_path),
-                                     prefix=SHARED_PREFIX)
+                                     prefix=SHARED_PREFIX, bodies=self.bodies)
+            self.shared.serve_bodies(self._held_body)
         self.watcher.subscribe(self._rules_changed)
 
     async def _start(self, directory: Path, max_bytes: int) -> None:
@@ -336,6 +339,13 @@ class ImageCache:
             if entry is not None:
                 self._store(key, entry, share=False)
         return entry
+
+    async def _held_body(self, key: str) -> bytes | None:
+        """The body of a variant this process holds, for another machine its index record sent here."""
+        entry = self.memory.peek(key) if self.memory is not None else None
+        if entry is None and self.store is not None:
+            entry = await asyncio.get_running_loop().run_in_executor(self._disk, self.store.get, key)
+        return entry.body if entry is not None else None
 
     def _target(self, flow: http.HTTPFlow, rule: ImageRule) -> str | None:
         if not rule.optimize:

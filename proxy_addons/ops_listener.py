@@ -1,4 +1,6 @@
-"""The proxy's operations listener: `GET /metrics` (Prometheus text) and `GET /health` (readiness).
+"""The proxy's operations listener: `GET /metrics` (Prometheus text), `GET /health` (readiness)
+and, with a shared tier, `GET /peer/v1/...`: the cached bodies too big for Redis that this process
+holds, for the proxies of other machines (signed requests only; projectionist/peer_bodies.py).
 
 A small aiohttp server of its own, bound to loopback by default and on a port no player uses
 (`projectionist_metrics_port`, from PROJECTIONIST_PROXY_METRICS_PORT; 0 = off), so neither is
@@ -15,6 +17,7 @@ from aiohttp import web
 from mitmproxy import ctx
 
 from projectionist.metrics import exposition
+from projectionist.peer_bodies import ROUTE, PeerBodies
 
 from .rules_watch import RulesWatcher
 
@@ -22,8 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class OpsListener:
-    def __init__(self, watcher: RulesWatcher) -> None:
+    def __init__(self, watcher: RulesWatcher, bodies: PeerBodies | None = None) -> None:
         self.watcher = watcher
+        self.bodies = bodies
         self.runner: web.AppRunner | None = None
         self.port: int | None = None  # bound port (the option may be 0 = off)
         self._starting: asyncio.Task | None = None
@@ -45,6 +49,8 @@ class OpsListener:
         app = web.Application()
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/health", self.health)
+        if self.bodies is not None:
+            app.router.add_get(ROUTE, self.bodies.serve)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
@@ -56,6 +62,8 @@ class OpsListener:
             return
         self.runner = runner
         self.port = site._server.sockets[0].getsockname()[1]
+        if self.bodies is not None and self.watcher.redis_url:
+            self.bodies.listening_at(host, self.port)
         log.info("metrics and health at http://%s:%d/metrics", host, self.port)
 
     async def done(self) -> None:
@@ -64,6 +72,8 @@ class OpsListener:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self.bodies is not None:
+            await self.bodies.close()
 
     async def metrics(self, request: web.Request) -> web.Response:
         body, content_type = await asyncio.to_thread(exposition)

@@ -50,6 +50,7 @@ from projectionist.cache_store import DiskLayer, Entry, MemoryLRU, cache_key, ur
 from projectionist.cache_mirror import CacheMirror
 from projectionist.limits import RateLimited
 from projectionist.metrics import CACHE_EVICTIONS, add_cache_source, remove_cache_source
+from projectionist.peer_bodies import PeerBodies
 from projectionist.rules import MEMO_ENTRIES, MEMO_MAX_TARGET, CacheRule
 from projectionist.shared_tier import Outcome, SharedTier, redis_url
 from projectionist.store import database_id
@@ -144,6 +145,7 @@ class ResponseCache:
         # the cache then goes through its fetch(): a slot first, retries of 429/503 inside it.
         self.upstream_gate = None
         self.warmer = None  # proxy_addons/cache_warmer.py sets itself here (flush target "warm")
+        self.bodies: PeerBodies | None = None  # set by the runner: bodies too big for the shared tier
 
     def load(self, loader) -> None:
         loader.add_option("projectionist_cache", bool, True, "Serve and store cacheable answers (rules.yaml).")
@@ -160,8 +162,9 @@ class ResponseCache:
         self.session = upstream_session()
         if url := redis_url(self.watcher.rules.model.proxy.redis_url):  # read at start: a change needs a restart
             self.shared = SharedTier(url, settings.shared_max_body_bytes,
-                                     database_id(Path(ctx.options.projectionist_db).expanduser()))
+                                     database_id(Path(ctx.options.projectionist_db).expanduser()), bodies=self.bodies)
             self.shared.listen_for_flushes(self._apply_peer_flush)
+            self.shared.serve_bodies(self._held_body)
             log.info("response cache: shared tier on Redis")
         self._spawn(self._tag_legacy_entries())
         self._spawn(self._apply_flush_requests_forever())
@@ -718,6 +721,13 @@ class ResponseCache:
             self._forget([key])
             return None
         return entry
+
+    async def _held_body(self, key: str) -> bytes | None:
+        """The body of an entry this process holds, for another machine its index record sent here."""
+        entry = self.memory.peek(key) if self.memory is not None else None
+        if entry is None and self.disk is not None:
+            entry = await asyncio.get_running_loop().run_in_executor(self._executor, self.disk.get, key)
+        return entry.body if entry is not None and not entry.memory_only else None
 
     async def _tag_legacy_entries(self) -> None:
         """Entries survive restarts on disk, tagged with what they are; those stored before tags

@@ -18,6 +18,7 @@ from mitmproxy.master import Master
 from mitmproxy.proxy import mode_servers
 
 from projectionist.config import Config, parse_overrides
+from projectionist.peer_bodies import PeerBodies
 from projectionist.rules import load_rules
 
 from .binding import Redirects
@@ -63,17 +64,21 @@ def projectionist_addons() -> list:
     watcher = RulesWatcher()
     router = Router(watcher)
     store = CredentialStore()
+    # With Redis, bodies too big to share are fetched from the process that holds them, through
+    # its operations listener, signed with the vault's key.
+    bodies = PeerBodies(store.signatures)
     cache = ResponseCache(watcher)
     cache.plex_connections = router.plex_connections
     warmer = CacheWarmer(watcher, cache)  # the cache calls it (flush target "warm"); it sees sign-ins
     images = ImageCache(watcher, router)
+    cache.bodies = images.bodies = bodies
     peers = router.peers = Peers(watcher, router, store)  # with Redis: what other processes learned
     limiter = RateLimit(watcher, cache, images)
     return [watcher, SetupHost(), router, Listeners(watcher, router), RequestBodyLimit(watcher), store, limiter.retry, Redirects(),
             PlexTokens(store, watcher, router, peers), peers,
             TmdbKey(store, watcher), TraktCredentials(store, watcher), cache, images, limiter,
             LargeBodies(watcher), TimedForward(watcher), HeaderTimeouts(watcher), warmer,
-            UsageRecorder(watcher), ViewingHistory(watcher), OpsListener(watcher), InFlight()]
+            UsageRecorder(watcher), ViewingHistory(watcher), OpsListener(watcher, bodies), InFlight()]
 
 
 def mitmproxy_addons() -> list:
@@ -120,6 +125,7 @@ class EmbeddedProxy:
             projectionist_proxy_port=cfg.proxy_port,
             projectionist_manage_listeners=True,
             projectionist_metrics_port=cfg.proxy_metrics_port if self.metrics_port is None else self.metrics_port,
+            projectionist_metrics_host=cfg.proxy_metrics_host,
         )
         self._task = asyncio.create_task(self.master.run(), name="mitmproxy-master")
         await self._wait_listening(len(opts.mode), timeout)
