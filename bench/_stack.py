@@ -200,6 +200,14 @@ class _LoggedProcess:
     def cpu_seconds(self) -> float | None:
         return process_cpu_seconds(self.proc.pid)
 
+    def wait_logged(self, text: str, timeout: float = 20.0) -> None:
+        """Until the process's log has `text` (something a process does after its ports open)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_path.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{text!r} not logged in {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

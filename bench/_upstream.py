@@ -6,7 +6,8 @@ Run it as its own process so the load generator cannot starve it (see `_stack.st
 
 Routes (any method, bodies pre-encoded so the server costs as little as possible):
     /library/sections*   Plex MediaContainer with four library sections (~2 KB)
-    /3/*                 TMDB v3 movie details (~2 KB); `?bench_delay_ms=N` answers N ms late
+    /3/*                 TMDB v3 movie details (~2 KB); `?bench_delay_ms=N` answers N ms late,
+                         `?bench_pad_kb=N` N KB bigger (a "padding" field)
     /_bench/requests     how many /3/ requests arrived, per path and query (JSON)
     anything else        {"path": ...}
 """
@@ -94,6 +95,9 @@ def make_app() -> web.Application:
         REQUESTS[request.path_qs] += 1
         if delay := request.query.get("bench_delay_ms"):  # a slow origin, for one URL (bench/scale.py)
             await asyncio.sleep(min(float(delay), 10_000) / 1000)
+        if pad := request.query.get("bench_pad_kb"):  # a big answer (bench/scale.py: kept off Redis)
+            padded = dict(TMDB_MOVIE, padding="x" * (min(int(pad), 10_000) * 1000))
+            return web.json_response(padded)
         return web.Response(body=TMDB_MOVIE_BODY, content_type="application/json")
 
     async def counts(_request: web.Request) -> web.Response:

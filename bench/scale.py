@@ -14,7 +14,9 @@ proxy as the baseline. It prints:
 - upstream fetches for 200 concurrent identical cold requests, each on its own connection, over
   4 workers, the origin answering in 300 ms (target 1);
 - the hit ratio through proxy B for 50 URLs first fetched through proxy A, two proxies with homes
-  (disks, databases) of their own: two machines (target 100%);
+  (disks, databases) of their own: two machines (target 100%); and for 10 answers over
+  `cache.shared_max_body_bytes` (64 KB here), which Redis only indexes: B fetches each body from A
+  (the holder) instead of the upstream;
 - usage rows in the 4-worker proxy's SQLite file against the responses its clients received
   (target equal), written by the control plane's one consumer.
 
@@ -26,6 +28,8 @@ the workers, so the req/s ratios say more about the machine than about the worke
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import shutil
 import sqlite3
 import sys
@@ -38,21 +42,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _load import cache_outcome, load_arguments, run_benchmark, run_load, run_wrk, wrk_available  # noqa: E402
 from _stack import (ControlProcess, MitmdumpProcess, ProxyProcess, RedisServer, UpstreamProcess,  # noqa: E402
-                    tmdb_default_limit)
+                    free_port, tmdb_default_limit)
 
 WORKERS = (1, 2, 4)
 COLD_CLIENTS = 200
 SPREAD_URLS = 50
+BIG_URLS = 10
+BIG_PAD_KB = 200  # answers of ~200 KB ...
+MACHINE_SHARED_MAX = 64_000  # ... over the machines' shared_max_body_bytes (and under the stream threshold)
 HIT_PATH = "/3/movie/603"
 
 
-def with_redis(url: str):
+def with_redis(url: str, shared_max_body_bytes: int | None = None):
     """Shared Redis; the default TMDB key's budget out of the way (this measures the cache)."""
     unlimited = tmdb_default_limit("100000/s", 100_000, 0)
 
     def edit(rules: dict) -> None:
         unlimited(rules)
         rules["proxy"]["redis_url"] = url
+        if shared_max_body_bytes is not None:
+            rules["cache"]["shared_max_body_bytes"] = shared_max_body_bytes
     return edit
 
 
@@ -82,10 +91,20 @@ async def load(args, url: str, proxy: str | None = None, exact: bool = False):
                           classify=lambda r: cache_outcome(r.headers.get("Cache-Status")))
 
 
-def start_proxy(stack: ExitStack, upstream: UpstreamProcess, redis_url: str, workers: int) -> ProxyProcess:
-    proxy = ProxyProcess({"tmdb": upstream.url}, with_redis(redis_url), workers=workers).start()
+def start_proxy(stack: ExitStack, upstream: UpstreamProcess, redis_url: str, workers: int,
+                vault_key: str | None = None) -> ProxyProcess:
+    """With `vault_key`: one machine of several, with its ops listener (where the others fetch the
+    bodies too big for Redis that it holds) and the vault key the machines share."""
+    if vault_key is None:
+        proxy = ProxyProcess({"tmdb": upstream.url}, with_redis(redis_url), workers=workers).start()
+    else:
+        proxy = ProxyProcess({"tmdb": upstream.url}, with_redis(redis_url, MACHINE_SHARED_MAX), workers=workers,
+                             env={"PROJECTIONIST_SECRET_KEY": vault_key,
+                                  "PROJECTIONIST_PROXY_METRICS_PORT": str(free_port())}).start()
     stack.callback(proxy.cleanup)
     stack.callback(proxy.stop)  # (a no-op once stopped)
+    if vault_key is not None:
+        proxy.wait_logged("metrics and health at")  # the holder's address is known from here on
     return proxy
 
 
@@ -138,8 +157,9 @@ async def bench(args) -> dict:
                               "outcomes": {o: sum(1 for _, x in answers if x == o) for o in {x for _, x in answers}}}
 
             # Two machines: what A fetched is a hit through B.
-            machine_a = start_proxy(stack, upstream, redis_server.url, 1)
-            machine_b = start_proxy(stack, upstream, redis_server.url, 1)
+            vault_key = base64.urlsafe_b64encode(os.urandom(32)).decode()  # a Fernet key, as secret.key holds
+            machine_a = start_proxy(stack, upstream, redis_server.url, 1, vault_key)
+            machine_b = start_proxy(stack, upstream, redis_server.url, 1, vault_key)
             paths = [f"/3/movie/{1000 + i}" for i in range(SPREAD_URLS)]
             for path in paths:
                 status, _ = await get(session, machine_a, path)
@@ -147,6 +167,18 @@ async def bench(args) -> dict:
             through_b = [await get(session, machine_b, path) for path in paths]
             failed += sum(status != 200 for status, _ in through_b)
             report["spread"] = {"urls": SPREAD_URLS, "hit_ratio_b": round(sum(o == "hit" for _, o in through_b) / SPREAD_URLS, 4)}
+
+            # Answers too big for Redis: held by A, indexed in Redis, fetched by B from A.
+            big = [f"/3/movie/{2000 + i}?bench_pad_kb={BIG_PAD_KB}" for i in range(BIG_URLS)]
+            for path in big:
+                status, _ = await get(session, machine_a, path)
+                failed += status != 200
+            await asyncio.sleep(0.5)  # A's index records are written in the background
+            big_b = [await get(session, machine_b, path) for path in big]
+            failed += sum(status != 200 for status, _ in big_b)
+            seen = await upstream_requests(session, upstream)
+            report["big"] = {"urls": BIG_URLS, "kb": BIG_PAD_KB, "hit_ratio_b": round(sum(o == "hit" for _, o in big_b) / BIG_URLS, 4),
+                             "upstream_fetches": sum(n for url, n in seen.items() if url.startswith("/3/movie/20"))}
 
         # SIGTERM: the workers hand their last rows to the stream, then the control plane drains it.
         exits += [proxy.stop(), machine_a.stop(), machine_b.stop(), control.stop()]
@@ -157,6 +189,8 @@ async def bench(args) -> dict:
         report["exit_codes"] = exits
         report["targets"] = {"one_fetch": report["cold"]["upstream_fetches"] == 1,
                              "b_hits_all": report["spread"]["hit_ratio_b"] == 1.0,
+                             "b_hits_big_from_holder": report["big"]["hit_ratio_b"] == 1.0
+                             and report["big"]["upstream_fetches"] == BIG_URLS,
                              "rows_equal_responses": rows == responses and streamed}
         report["ok"] = failed == 0 and all(code == 0 for code in exits) and (
             not args.strict or all(report["targets"].values()))
@@ -175,6 +209,10 @@ def render(report: dict) -> str:
                  f"{cold['upstream_fetches']} upstream fetch(es) (target 1); outcomes {cold['outcomes']}")
     lines.append(f"proxy B (another home), {report['spread']['urls']} URLs first fetched through proxy A: "
                  f"{report['spread']['hit_ratio_b']:.0%} hits (target 100%)")
+    big = report["big"]
+    lines.append(f"proxy B, {big['urls']} answers of ~{big['kb']} KB first fetched through proxy A (over the "
+                 f"shared-body limit: only indexed in Redis): {big['hit_ratio_b']:.0%} hits, bodies from A; "
+                 f"{big['upstream_fetches']} upstream fetch(es) for {big['urls']} URLs (target: one each)")
     usage = report["usage"]
     lines.append(f"usage rows {usage['rows']} for {usage['responses']} responses of the {report['workers']}-worker proxy "
                  f"({'equal' if usage['rows'] == usage['responses'] else 'NOT equal'}; "
