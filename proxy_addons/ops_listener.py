@@ -49,7 +49,7 @@ class OpsListener:
         app = web.Application()
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/health", self.health)
-        if self.bodies is not None:
+        if self.bodies is not None and self.watcher.redis_url:  # only machines sharing a Redis ask
             app.router.add_get(ROUTE, self.bodies.serve)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -63,7 +63,7 @@ class OpsListener:
         self.runner = runner
         self.port = site._server.sockets[0].getsockname()[1]
         if self.bodies is not None and self.watcher.redis_url:
-            self.bodies.listening_at(host, self.port)
+            self.bodies.listening_at(host, self.port)  # from now on, bodies too big for Redis are indexed
         log.info("metrics and health at http://%s:%d/metrics", host, self.port)
 
     async def done(self) -> None:
