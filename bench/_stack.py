@@ -200,6 +200,18 @@ class _LoggedProcess:
     def cpu_seconds(self) -> float | None:
         return process_cpu_seconds(self.proc.pid)
 
+    def tree_cpu_seconds(self) -> float:
+        """CPU time of the process and its children (a proxy's workers), Linux /proc."""
+        pid = str(self.proc.pid)
+        children = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == pid:
+                    children.append(int(entry.name))
+            except (OSError, IndexError):
+                continue
+        return sum(process_cpu_seconds(p) or 0.0 for p in [self.proc.pid, *children])
+
     def wait_logged(self, text: str, timeout: float = 20.0) -> None:
         """Until the process's log has `text` (something a process does after its ports open)."""
         deadline = time.monotonic() + timeout

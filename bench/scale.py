@@ -27,12 +27,14 @@ the workers, so the req/s ratios say more about the machine than about the worke
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import os
 import shutil
 import sqlite3
 import sys
+import time
 from contextlib import ExitStack, closing
 from pathlib import Path
 
@@ -91,6 +93,19 @@ async def load(args, url: str, proxy: str | None = None, exact: bool = False):
                           classify=lambda r: cache_outcome(r.headers.get("Cache-Status")))
 
 
+async def measured_hits(args, url: str, proxy: ProxyProcess):
+    """`load` through `proxy`, with the CPU its processes (all workers) used in the measured window:
+    (result, cores busy, CPU µs per request). A per-request cost that stays flat as workers are
+    added says the workers scale; what the req/s ratio lacks then is cores (the load generator's
+    and the kernel's share of a small machine)."""
+    if args.warmup > 0:
+        await load(argparse.Namespace(**{**vars(args), "duration": args.warmup, "warmup": 0}), url, proxy.proxy_url)
+    cpu, started = proxy.tree_cpu_seconds(), time.monotonic()
+    run = await load(argparse.Namespace(**{**vars(args), "warmup": 0}), url, proxy.proxy_url)
+    cpu, wall = proxy.tree_cpu_seconds() - cpu, time.monotonic() - started
+    return run, cpu / wall, cpu / max(1, run.completed) * 1e6
+
+
 def start_proxy(stack: ExitStack, upstream: UpstreamProcess, redis_url: str, workers: int,
                 vault_key: str | None = None) -> ProxyProcess:
     """With `vault_key`: one machine of several, with its ops listener (where the others fetch the
@@ -128,10 +143,11 @@ async def bench(args) -> dict:
                 proxy = start_proxy(stack, upstream, redis_server.url, count)
                 status, _ = await get(session, proxy, HIT_PATH)
                 assert status == 200, status
-                run = await load(args, hit_url, proxy=proxy.proxy_url)
+                run, cores, cpu_us = await measured_hits(args, hit_url, proxy)
                 failed += run.failed + run.errors
                 throughput[count] = {"rps": round(run.rps, 1), "x_mitmdump": round(run.rps / max(baseline.rps, 1e-9), 2),
-                                     "p99_ms": round(run.p99_ms or 0, 1),
+                                     "p99_ms": round(run.p99_ms or 0, 1), "proxy_cores": round(cores, 2),
+                                     "cpu_us_per_request": round(cpu_us),
                                      "hit_ratio": round(run.classes.get("hit", 0) / max(1, run.completed), 4)}
                 exits.append(proxy.stop())
             for count in WORKERS[1:]:
@@ -203,7 +219,8 @@ def render(report: dict) -> str:
     for count, figures in report["hits"].items():
         extra = f", x{figures['x_one_worker']:.2f} one worker" if "x_one_worker" in figures else ""
         lines.append(f"hits, {count} worker(s): {figures['rps']:,.0f} req/s (x{figures['x_mitmdump']:.2f} mitmdump{extra}), "
-                     f"p99 {figures['p99_ms']:.1f} ms, {figures['hit_ratio']:.1%} hits")
+                     f"p99 {figures['p99_ms']:.1f} ms, {figures['hit_ratio']:.1%} hits; the workers used "
+                     f"{figures['proxy_cores']:.2f} cores, {figures['cpu_us_per_request']} µs CPU per request")
     cold = report["cold"]
     lines.append(f"{cold['clients']} identical cold requests over {report['workers']} workers: "
                  f"{cold['upstream_fetches']} upstream fetch(es) (target 1); outcomes {cold['outcomes']}")
