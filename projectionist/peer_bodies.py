@@ -17,6 +17,7 @@ any of the vault's current keys verifies, so a key rotation does not break the e
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -38,6 +39,7 @@ CLOCK_SKEW = 30  # s: ... give or take the machines' clocks
 CONNECT_TIMEOUT = 1.0  # s: a holder that does not accept in this time is gone
 FETCH_TIMEOUT = 30.0  # s: a whole body, however big
 WARN_EVERY = 60.0  # s: per holder
+HASH_IN_THREAD_BYTES = 256_000  # bigger bodies are hashed off the event loop
 
 BodyLookup = Callable[[str], Awaitable[bytes | None]]  # key -> the body this process holds
 # message -> its HMAC-SHA256 under each of the vault's keys, newest first ([] without a vault)
@@ -54,7 +56,10 @@ def advertised_host(bound_host: str) -> str:
     return bound_host
 
 
-def digest(body: bytes) -> str:
+async def digest(body: bytes) -> str:
+    """SHA-256 hex of a body; a big one in a thread (a few ms per MB would stall every request)."""
+    if len(body) > HASH_IN_THREAD_BYTES:
+        return await asyncio.to_thread(lambda: hashlib.sha256(body).hexdigest())
     return hashlib.sha256(body).hexdigest()
 
 
@@ -113,7 +118,7 @@ class PeerBodies:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self._warn(holder, f"{type(exc).__name__}: {exc}")
             return None
-        if len(body) != size or digest(body) != sha256:  # another body by now, or damaged on the way
+        if len(body) != size or await digest(body) != sha256:  # another body by now, or damaged on the way
             return None
         return bytes(body)
 

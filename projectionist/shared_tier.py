@@ -51,7 +51,6 @@ OUTCOME_TTL_MS = 5_000  # a leader's outcome waits this long for followers
 POLL_INTERVAL = 0.02  # s: how soon a follower first looks for the leader's outcome, doubling ...
 POLL_INTERVAL_MAX = 0.1  # ... up to this
 PUTS_IN_FLIGHT_MAX = 256  # background writes waiting for Redis at most
-HASH_IN_THREAD_BYTES = 256_000  # bigger bodies are hashed off the event loop
 _HEADER = struct.Struct("!I")
 
 
@@ -204,9 +203,7 @@ class SharedTier:
         if self.shareable(entry):
             name, data, other = entry_name, encode_entry(entry), index_name
         else:
-            body = entry.body
-            sha256 = await asyncio.to_thread(digest, body) if len(body) > HASH_IN_THREAD_BYTES else digest(body)
-            name, data, other = index_name, encode_index(entry, self.bodies.holder, sha256), entry_name
+            name, data, other = index_name, encode_index(entry, self.bodies.holder, await digest(entry.body)), entry_name
 
         async def replace() -> bool:  # what the key held in the other form is an older answer
             async with self.client.pipeline(transaction=True) as pipe:
