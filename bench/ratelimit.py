@@ -181,6 +181,8 @@ async def scenario(name: str, args, upstream: UpstreamThread, processes: int, re
         exit_codes = [p.stop() for p in procs]  # SIGTERM: the event writers flush
         waited = queued_ms([p.db_path for p in procs])
         errors_logged = [e for p in procs for e in p.logged_errors()]
+        # A process whose Redis call failed decided on its own budget meanwhile (by design): say so.
+        fallbacks = sum(p.log_path.read_text(errors="replace").count("rate-limit backend ") for p in procs)
     finally:
         for p in procs:
             p.stop()
@@ -193,7 +195,7 @@ async def scenario(name: str, args, upstream: UpstreamThread, processes: int, re
             "configured_rate": args.rate, "budget_rate": args.rate * budgets, **figures,
             "ratio": _round3(figures["sustained_rate"] / args.rate if figures["sustained_rate"] else None),
             **result, "queue_delay_ms": _distribution(delays), "queued": len(waited), "proxy_exit_codes": exit_codes,
-            "errors_logged": errors_logged}
+            "errors_logged": errors_logged, "backend_fallbacks": fallbacks}
 
 
 async def bench(args) -> dict:

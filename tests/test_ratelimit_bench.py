@@ -23,6 +23,9 @@ def test_ratelimit_bench_smoke():
         assert s["statuses"]["200"] == s["requests"], (name, s)  # each admitted request reached the upstream once
         assert s["proxy_exit_codes"] == [0] * s["processes"], (name, s)
         bursts = 2 * (s["processes"] if s["shared_state"] == "in-process" else 1)  # alone: a budget each
-        assert s["requests"] <= bursts + s["budget_rate"] * s["wall_s"] + 1, (name, s)
+        rate = s["budget_rate"]
+        if s["backend_fallbacks"]:  # a Redis call failed (logged): that process decided alone meanwhile
+            bursts, rate = 2 * s["processes"], s["configured_rate"] * s["processes"]
+        assert s["requests"] <= bursts + rate * s["wall_s"] + 1, (name, s)
         assert s["queue_delay_ms"]["max"] is not None and s["queue_delay_ms"]["max"] <= 1000 + 50, (name, s)
     assert "429" not in scenarios["one process, light"]["statuses"]
