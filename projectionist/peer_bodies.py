@@ -10,7 +10,8 @@ like any shared one. The holder answers from its own layers (memory, then disk).
 gone, or no longer has the entry, is a miss as before: the upstream is asked. (The workers of one
 machine share the disk layer already; this is for the other machines.)
 
-Requests are signed: an HMAC-SHA256 of the path and an expiry under the vault's key, which the
+Requests are signed: an HMAC-SHA256 of the holder, the path and an expiry under the vault's key
+(a signed request is good at that holder only, whoever else it is shown to), which the
 machines of one deployment share already (they decrypt each other's transcode-session tokens);
 any of the vault's current keys verifies, so a key rotation does not break the exchange.
 """
@@ -83,8 +84,8 @@ class PeerBodies:
         """A tier whose bodies this process serves with `lookup`."""
         self._lookups[tier] = lookup
 
-    async def _signatures(self, path: str, expires: int) -> list[str]:
-        return await self._sign(f"peer-body\n{path}\n{expires}")
+    async def _signatures(self, holder: str, path: str, expires: int) -> list[str]:
+        return await self._sign(f"peer-body\n{holder}{path}\n{expires}")
 
     # --- fetching a body from its holder ----------------------------------------------------
 
@@ -94,7 +95,7 @@ class PeerBodies:
             return None
         path = f"{PATH_PREFIX}{tier}/{key}"
         expires = int(time.time()) + SIGNATURE_LIFETIME
-        signatures = await self._signatures(path, expires)
+        signatures = await self._signatures(holder, path, expires)
         if not signatures:
             return None
         url = f"{holder}{path}?expires={expires}&sig={signatures[0]}"
@@ -148,7 +149,9 @@ class PeerBodies:
         return web.Response(body=body, content_type="application/octet-stream", headers={"Cache-Control": "no-store"})
 
     async def _verify(self, path: str, expires: int, signature: str) -> bool:
-        expected = await self._signatures(path, expires)
+        if self.holder is None:
+            return False
+        expected = await self._signatures(self.holder, path, expires)
         return any(hmac.compare_digest(s, signature) for s in expected)
 
     async def close(self) -> None:

@@ -739,7 +739,7 @@ class Rules:
     _routes_by_upstream: dict[str, list[CompiledRoute]] = field(default_factory=dict)
     _reverse_listeners: dict[int, str] = field(default_factory=dict)
     # (upstream, method, request target) -> Match: a player asks for the same targets over and over.
-    _matched: dict[tuple[str, str, str], Match] = field(default_factory=dict)
+    _matched: dict[tuple[str, str, str], Match] = field(default_factory=dict, compare=False, repr=False)
     # Things that are valid but probably wrong (check-rules prints them): shared rules over private paths.
     warnings: list[RuleProblem] = field(default_factory=list)
 

@@ -6,8 +6,8 @@ each proxy's explicit listener.
 - An answer over `cache.shared_max_body_bytes` is held by the proxy that fetched it. Redis holds
   only its index record, and a second machine's miss is answered with the holder's body: a hit,
   the upstream asked once. The same goes for an image variant.
-- The holder's endpoint answers signed requests only. A machine with another vault key is refused
-  and asks the upstream.
+- The holder's endpoint answers signed requests only, signed for it (shown to another holder, a
+  signature is refused). A machine with another vault key is refused and asks the upstream.
 - A record whose digest does not match, or whose holder is gone, is a miss: the upstream is asked,
   and nothing hangs.
 - A flush removes the index records too.
@@ -16,7 +16,6 @@ each proxy's explicit listener.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import struct
 import time
@@ -25,12 +24,11 @@ import aiohttp
 import pytest
 import redis
 import requests
-from aiohttp import web
 from cryptography.fernet import Fernet
 
 from _stack import ProxyProcess, free_port
-from support import LocalUpstream
-from test_shared_tier import flush_requested, wait_applied
+from projectionist.vault import SecretBox
+from test_shared_tier import CountingUpstream, flush_requested, wait_applied
 
 pytestmark = [pytest.mark.e2e]
 
@@ -38,35 +36,6 @@ SHARED_MAX = 5_000
 BIG = json.dumps({"id": 603, "title": "The Matrix", "credits": [{"name": f"person {i}", "character": "x" * 40}
                                                                 for i in range(3000)]}).encode()
 TIER = "projectionist-cache"
-
-
-def _poster() -> bytes:
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (780, 1170), (20, 40, 60))
-    draw = ImageDraw.Draw(image)
-    for i in range(0, 1170, 7):
-        draw.line([(0, i), (780, 1170 - i)], fill=(200, 120 + i % 100, 40 + i % 60), width=3)
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=95)
-    return out.getvalue()
-
-
-POSTER = _poster()
-
-
-class Tmdb(LocalUpstream):
-    """api.themoviedb.org and image.tmdb.org on 127.0.0.1: a big movie answer, a real JPEG."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.paths: list[str] = []
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.paths.append(request.path)
-        if request.path.startswith("/t/p/"):
-            return web.Response(body=POSTER, content_type="image/jpeg")
-        return web.Response(body=BIG, content_type="application/json")
 
 
 @contextlib.contextmanager
@@ -114,7 +83,7 @@ async def test_a_body_too_big_for_redis_is_served_to_another_machine_by_its_hold
     r = redis.Redis.from_url(redis_server.url)
     r.flushdb()
     key = Fernet.generate_key().decode()
-    async with Tmdb() as upstream, aiohttp.ClientSession() as session:
+    async with CountingUpstream(BIG) as upstream, aiohttp.ClientSession() as session:
         with machine(upstream.url, redis_server.url, key) as a, machine(upstream.url, redis_server.url, key) as b:
             status, cache_status, body = await get(session, a, "/3/movie/603")
             assert (status, body) == (200, BIG) and "stored" in cache_status, cache_status
@@ -135,6 +104,14 @@ async def test_a_body_too_big_for_redis_is_served_to_another_machine_by_its_hold
             assert requests.get(url, timeout=5).status_code == 403
             assert requests.get(url, params={"expires": int(time.time()) + 30, "sig": "0" * 64}, timeout=5).status_code == 403
             assert BIG not in requests.get(url, timeout=5).content
+            # Signed as B signs for holder A (the vault key): A answers; the same signature shown
+            # to B is refused, since it names A.
+            path = f"/peer/v1/{TIER}/{entry_key}"
+            expires = int(time.time()) + 30
+            signature = SecretBox([key.encode()]).lookup_hash(f"peer-body\nhttp://127.0.0.1:{a.ops_port}{path}\n{expires}")
+            signed = {"expires": expires, "sig": signature}
+            assert requests.get(url, params=signed, timeout=5).content == BIG
+            assert requests.get(f"http://127.0.0.1:{b.ops_port}{path}", params=signed, timeout=5).status_code == 403
 
             # A record whose digest is not the body's: the body is refused, the upstream asked.
             status, _, _ = await get(session, a, "/3/movie/604")
@@ -175,7 +152,7 @@ async def test_a_machine_with_another_vault_key_or_a_gone_holder_asks_the_upstre
     r = redis.Redis.from_url(redis_server.url)
     r.flushdb()
     key = Fernet.generate_key().decode()
-    async with Tmdb() as upstream, aiohttp.ClientSession() as session:
+    async with CountingUpstream(BIG) as upstream, aiohttp.ClientSession() as session:
         with machine(upstream.url, redis_server.url, key) as a, \
                 machine(upstream.url, redis_server.url, Fernet.generate_key().decode()) as stranger:
             await get(session, a, "/3/movie/603")

@@ -45,19 +45,21 @@ POSTER = _poster()
 
 
 class CountingUpstream(LocalUpstream):
-    """TMDB on 127.0.0.1: answers every /3/ path with a movie after `delay`, counting requests."""
+    """TMDB on 127.0.0.1: answers every /3/ path with a movie (`body`) after `delay`, and every
+    image.tmdb.org path with a real JPEG poster, counting requests."""
 
-    def __init__(self) -> None:
+    def __init__(self, body: bytes = BODY) -> None:
         super().__init__()
         self.paths: list[str] = []
         self.delay = 0.0
+        self.body = body
 
     async def handle(self, request: web.Request) -> web.Response:
         self.paths.append(request.path)
         await asyncio.sleep(self.delay)
         if request.path.startswith("/t/p/"):  # image.tmdb.org: a real JPEG poster
             return web.Response(body=POSTER, content_type="image/jpeg")
-        return web.Response(body=BODY, content_type="application/json")
+        return web.Response(body=self.body, content_type="application/json")
 
 
 @contextlib.contextmanager
