@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -147,6 +148,12 @@ class UpstreamProcess:
 
     def cpu_seconds(self) -> float | None:
         return process_cpu_seconds(self.proc.pid)
+
+    def requests_seen(self) -> dict[str, int]:
+        """How many /3/ requests arrived so far, per path and query (`/_bench/requests`). Called
+        between load windows only: it blocks."""
+        with urllib.request.urlopen(f"{self.url}/_bench/requests", timeout=10) as r:
+            return json.load(r)
 
     def start(self) -> UpstreamProcess:
         self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,

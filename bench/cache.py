@@ -103,17 +103,21 @@ async def throughput(args, report: dict) -> None:
         with MitmdumpProcess(upstream.url) as mitmdump, ProxyProcess(overrides={"tmdb": upstream.url}) as proxy:
             primed = await _prime(proxy.proxy_url)
             rounds: dict[str, list[dict]] = {"mitmdump": [], "hit": []}
+            upstream_during_hits = 0  # the hit rounds' requests that reached the upstream
             for _ in range(args.rounds):
                 rounds["mitmdump"].append(await measure(
                     "mitmdump", mitmdump.url + TMDB_PATH, args, headers=TMDB_HEADERS,
                     procs={"upstream": upstream, "proxy": mitmdump}))
+                before = sum(upstream.requests_seen().values())
                 rounds["hit"].append(await measure(
                     "hit", TMDB_URL, args, proxy=proxy.proxy_url, headers=TMDB_HEADERS,
                     procs={"upstream": upstream, "proxy": proxy}, classify=_classify))
+                upstream_during_hits += sum(upstream.requests_seen().values()) - before
             report["rounds"] = [_ratio(h["rps"], m["rps"]) for m, h in zip(rounds["mitmdump"], rounds["hit"])]
             for name, measured in rounds.items():
                 modes[name] = _median_round(measured)
             modes["hit"]["primed_with"] = primed
+            modes["hit"]["upstream_requests"] = upstream_during_hits
             if args.profile:
                 report["profile"] = await _profile(proxy, args)
             exits["mitmdump"] = mitmdump.stop()
@@ -451,6 +455,8 @@ def evaluate(report: dict, args) -> None:
             problems.append(f"{name}: no request completed in the measured window")
     if hit is not None and hit.get("classes") != {"hit": hit["completed"]}:
         problems.append(f"hit: not every response was a cache hit: {hit.get('classes')}")
+    if hit is not None and hit.get("upstream_requests"):
+        problems.append(f"hit: {hit['upstream_requests']} requests reached the upstream during the hit rounds")
     if pt is not None and pt.get("classes", {}).get("hit"):
         problems.append(f"passthrough: the cache answered: {pt.get('classes')}")
     if not rep.get("ran"):
@@ -500,6 +506,7 @@ def render(report: dict) -> str:
         "  direct = upstream alone; mitmdump = stock mitmdump reverse pass-through (no scripts);",
         "  passthrough = Projectionist, same route with its cache rule removed; hit = Projectionist cache hits",
         "  mitmdump and hit: their median round (req/s, latency, CPU); responses and errors: all rounds",
+        f"  requests the upstream saw during the hit rounds: {report['modes'].get('hit', {}).get('upstream_requests', '-')}",
         "",
     ]
     r, v = report["ratios"], report["verdicts"]

@@ -74,11 +74,6 @@ async def get(session: aiohttp.ClientSession, proxy: ProxyProcess, path: str) ->
         return r.status, cache_outcome(r.headers.get("Cache-Status"))
 
 
-async def upstream_requests(session: aiohttp.ClientSession, upstream: UpstreamProcess) -> dict[str, int]:
-    async with session.get(f"{upstream.url}/_bench/requests") as r:
-        return await r.json()
-
-
 def usage_rows(proxy: ProxyProcess) -> int:
     with closing(sqlite3.connect(proxy.db_path, timeout=30)) as conn:
         return conn.execute("SELECT count(*) FROM usage_events").fetchone()[0]
@@ -167,7 +162,7 @@ async def bench(args) -> dict:
                 answers = await asyncio.gather(*(get(each_new, proxy, cold) for _ in range(COLD_CLIENTS)))
             responses += len(answers)
             failed += sum(status != 200 for status, _ in answers)
-            seen = await upstream_requests(session, upstream)
+            seen = upstream.requests_seen()
             report["cold"] = {"clients": COLD_CLIENTS,
                               "upstream_fetches": sum(n for url, n in seen.items() if url.startswith("/3/movie/604?")),
                               "outcomes": {o: sum(1 for _, x in answers if x == o) for o in {x for _, x in answers}}}
@@ -192,7 +187,7 @@ async def bench(args) -> dict:
             await asyncio.sleep(0.5)  # A's index records are written in the background
             big_b = [await get(session, machine_b, path) for path in big]
             failed += sum(status != 200 for status, _ in big_b)
-            seen = await upstream_requests(session, upstream)
+            seen = upstream.requests_seen()
             report["big"] = {"urls": BIG_URLS, "kb": BIG_PAD_KB, "hit_ratio_b": round(sum(o == "hit" for _, o in big_b) / BIG_URLS, 4),
                              "upstream_fetches": sum(n for url, n in seen.items() if url.startswith("/3/movie/20"))}
 

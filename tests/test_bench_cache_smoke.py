@@ -26,7 +26,8 @@ def test_cache_bench_smoke():
     hit = modes["hit"]
     assert hit["classes"] == {"hit": hit["completed"]}, hit["classes"]
     assert hit["primed_with"].startswith("Projectionist") and "fwd=uri-miss" in hit["primed_with"]
-    assert hit["cpu_us_per_request"].get("upstream", 0) == 0
+    # Counted by the upstream itself: its process's CPU over a window is not zero even when idle.
+    assert hit["upstream_requests"] == 0, hit["upstream_requests"]
     assert "hit" not in modes["passthrough"]["classes"], modes["passthrough"]["classes"]
 
     ratios = report["ratios"]
