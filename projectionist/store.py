@@ -1004,7 +1004,6 @@ class UsageWriter:
     crash of the process, so `kill -9` loses at most the rows of the last ~interval, a clean stop none.
     """
 
-    _STOP = object()
     WARN_EVERY = 60.0  # seconds between two warnings about failing writes
 
     def __init__(self, db_path: Path | str, *, interval: float = 0.05, batch_size: int = 500,
@@ -1018,6 +1017,8 @@ class UsageWriter:
         self._warned_at = -self.WARN_EVERY
         self._failures = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
         self._started = False
 
@@ -1029,60 +1030,44 @@ class UsageWriter:
 
     def record(self, event: UsageEvent) -> None:
         self._queue.put(event)
+        if self._queue.qsize() >= self.batch_size:  # a burst: flush now, not at the interval
+            self._wake.set()
 
     def close(self, timeout: float = 10.0) -> None:
         if self._started and self._thread.is_alive():
-            self._queue.put(self._STOP)
+            self._closing = True
+            self._wake.set()
             self._thread.join(timeout)
 
     def _run(self) -> None:
         conn = connect(self.db_path)
         pending: list[UsageEvent] = []
-        stopping = False
         try:
-            while not stopping:
-                deadline = time.monotonic() + self.interval
-                while len(pending) < self.batch_size:
-                    timeout = deadline - time.monotonic()
-                    if timeout <= 0:
+            while True:
+                # Woken once per interval (or per full batch), not once per row: a thread woken for
+                # every row takes the GIL from the event loop thousands of times a second.
+                self._wake.wait(self.interval)
+                self._wake.clear()
+                stopping = self._closing
+                pending.extend(_drain(self._queue))
+                while pending:
+                    batch = pending[:self.batch_size]
+                    if not self._write_or_warn(conn, batch):
                         break
-                    try:
-                        item = self._queue.get(timeout=timeout)
-                    except queue.Empty:
-                        break
-                    if item is self._STOP:
-                        stopping = True
-                        break
-                    pending.append(item)
-                if stopping:  # drain what arrived before the stop marker
-                    pending.extend(_drain(self._queue))
-                if pending and self._write_or_warn(conn, pending):
-                    self.written += len(pending)
-                    USAGE_ROWS_WRITTEN.inc(len(pending))
-                    pending = []
+                    del pending[:len(batch)]
+                    self.written += len(batch)
+                    USAGE_ROWS_WRITTEN.inc(len(batch))
                     self._failures = 0
-                    continue
-                while not stopping:  # failing: the queue still empties into the bounded list
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is self._STOP:
-                        stopping = True
-                    else:
-                        pending.append(item)
                 if len(pending) > self.max_pending:  # the database has been failing for a while
                     excess = len(pending) - self.max_pending
                     del pending[:excess]
                     self.dropped += excess
                     USAGE_ROWS_DROPPED.inc(excess)
-            if pending:  # a last try on shutdown
-                if self._write_or_warn(conn, pending):
-                    self.written += len(pending)
-                    USAGE_ROWS_WRITTEN.inc(len(pending))
-                else:
-                    USAGE_ROWS_DROPPED.inc(len(pending))
-                    log.error("usage writer: %d rows could not be written at shutdown", len(pending))
+                if stopping:
+                    break
+            if pending:  # the last try, on shutdown, failed
+                USAGE_ROWS_DROPPED.inc(len(pending))
+                log.error("usage writer: %d rows could not be written at shutdown", len(pending))
         finally:
             conn.close()
 
@@ -1129,9 +1114,7 @@ def _drain(q: queue.SimpleQueue) -> list:
     items = []
     while True:
         try:
-            item = q.get_nowait()
+            items.append(q.get_nowait())
         except queue.Empty:
             return items
-        if item is not UsageWriter._STOP:
-            items.append(item)
 
