@@ -8,6 +8,7 @@ addons load into a stock mitmdump too: `mitmdump -s proxy_addons/script.py --set
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -128,7 +129,12 @@ class EmbeddedProxy:
             projectionist_metrics_host=cfg.proxy_metrics_host,
         )
         self._task = asyncio.create_task(self.master.run(), name="mitmproxy-master")
-        await self._wait_listening(len(opts.mode), timeout)
+        try:
+            await self._wait_listening(len(opts.mode), timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.stop()  # release whatever did bind, so a retry (or the caller) starts clean
+            raise
         return self
 
     async def _wait_listening(self, expected: int, timeout: float) -> None:
@@ -141,6 +147,10 @@ class EmbeddedProxy:
             running = [s for s in ps.servers if s.is_running]
             if len(running) >= expected and not ps.servers.is_updating:
                 return
+            failed = [s for s in ps.servers if s.last_exception is not None]
+            if failed and not ps.servers.is_updating:
+                # Fail now, with the cause (say EADDRINUSE), rather than at the timeout.
+                raise failed[0].last_exception
             if asyncio.get_running_loop().time() > deadline:
                 raise RuntimeError(f"proxy listeners did not start: {[s.mode.full_spec for s in ps.servers]}")
             await asyncio.sleep(0.02)

@@ -8,6 +8,7 @@ the fake upstreams, which run in a thread of the test process so tests can read 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
@@ -162,11 +163,20 @@ async def start_embedded_proxy(home: Path, overrides: Sequence[str], edit: Calla
     from proxy_addons.runner import EmbeddedProxy
 
     rules = home / "rules.yaml"
+    choose_port = not rules.exists() and plex_listen is None
     if not rules.exists():
         write_test_rules(rules, plex_listen or free_port(), edit)
     config = Config(home=home, rules_path=rules, datasette_metadata=home / "unused.yml", proxy_port=0,
                     upstream_overrides=tuple(overrides))
-    return await EmbeddedProxy(config).start()
+    for attempt in range(3):
+        try:
+            return await EmbeddedProxy(config).start()
+        except OSError as e:
+            # free_port's port can be taken by another process before the proxy binds it; a port
+            # chosen here is chosen again (a caller's own port is the caller's to retry).
+            if e.errno != errno.EADDRINUSE or not choose_port or attempt == 2:
+                raise
+            write_test_rules(rules, free_port(), edit)
 
 
 class HangingUpstream(LocalUpstream):
