@@ -19,8 +19,9 @@ Redis, on this machine or another, shares:
   publishes it; every other process drops its own memory and disk entries likewise.
 
 The format is JSON metadata + the body bytes, never pickle: what Redis holds is data, not code.
-Redis failing (down, slow) costs one warning: each process serves from its own layers and fetches
-on its own until Redis answers again (retried every RETRY_AFTER seconds).
+Redis failing (down, or not answering a PING either) costs one warning: each process serves from
+its own layers and fetches on its own until Redis answers again (retried every RETRY_AFTER seconds).
+A single late reply is that command's miss, not an outage.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ LOCK_MS = 3_000  # a leader's lock lapses this long after its process stopped re
 OUTCOME_TTL_MS = 5_000  # a leader's outcome waits this long for followers
 POLL_INTERVAL = 0.02  # s: how soon a follower first looks for the leader's outcome, doubling ...
 POLL_INTERVAL_MAX = 0.1  # ... up to this
+CONFIRM_TIMEOUT = 2.0  # s: the PING that decides whether a late reply means Redis is down
 PUTS_IN_FLIGHT_MAX = 256  # background writes waiting for Redis at most
 _HEADER = struct.Struct("!I")
 
@@ -136,6 +138,7 @@ class SharedTier:
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
         from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
 
         self.url = url
         self.prefix = prefix
@@ -148,6 +151,8 @@ class SharedTier:
                                               retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
         self._down_until = 0.0
         self._warned_at = 0.0
+        self._aioredis, self._timeout_error = aioredis, RedisTimeoutError
+        self._confirming: asyncio.Task | None = None  # the PING that checks a late reply
         self._listener: asyncio.Task | None = None
         self._puts: set[asyncio.Task] = set()  # share_later's writes in flight
         self.bodies = bodies  # bodies over max_body_bytes: held here, fetched from their holders
@@ -389,9 +394,36 @@ class SharedTier:
             return failed
         try:
             return await operation()
+        except (TimeoutError, self._timeout_error) as exc:
+            self._suspect(exc)
+            return failed
         except Exception as exc:  # noqa: BLE001 - any Redis failure: this process goes on alone
             self._failed(exc)
             return failed
+
+    def _suspect(self, exc: Exception) -> None:
+        """A command whose replies (its retry's too) came later than the socket timeout: Redis may
+        be gone, or paused, or this process's event loop was too busy to read them in time (a burst
+        of new connections on a loaded machine). One PING,
+        given longer, tells them apart; only a PING that fails too takes the shared tier away, since
+        that turns one cluster-wide fetch into one per process."""
+        if self._confirming is not None:
+            return
+
+        async def confirm() -> None:
+            # A client of its own: the PING gets CONFIRM_TIMEOUT, not the commands' socket timeout.
+            prober = self._aioredis.Redis.from_url(self.url, socket_timeout=CONFIRM_TIMEOUT,
+                                                   socket_connect_timeout=CONFIRM_TIMEOUT)
+            try:
+                await prober.ping()
+            except Exception:  # noqa: BLE001 - no answer again: down
+                self._failed(exc)
+            else:
+                log.debug("shared cache: a Redis reply came late (%s); Redis answers", type(exc).__name__)
+            finally:
+                self._confirming = None
+                await prober.aclose()
+        self._confirming = asyncio.get_running_loop().create_task(confirm())
 
     def _failed(self, exc: Exception) -> None:
         now = time.monotonic()
@@ -402,7 +434,7 @@ class SharedTier:
                         type(exc).__name__, exc)
 
     async def close(self) -> None:
-        for task in list(self._puts):
+        for task in [*self._puts, *([self._confirming] if self._confirming else [])]:
             task.cancel()
         if self._listener is not None:
             self._listener.cancel()

@@ -152,7 +152,7 @@ async def test_200_identical_cold_requests_over_four_processes_reach_the_upstrea
         with proxies(4, upstream.url, redis_server.url) as cluster:
             answers = await asyncio.gather(*(get(session, cluster[i % 4]) for i in range(200)))
             assert [a[0] for a in answers] == [200] * 200 and all(a[2] == BODY for a in answers)
-            assert upstream.paths == ["/3/movie/603"]
+            assert upstream.paths == ["/3/movie/603"], [p.log_tail(20) for p in cluster]
             # One answer is the leader's fetch; every other one waited for it (collapsed) or, once
             # it was stored, found the entry (a hit, when a request came late on a slow machine).
             outcomes = [("stored" if "stored" in a[1] else "collapsed" if "collapsed" in a[1]
@@ -281,3 +281,46 @@ async def test_a_users_entries_are_shared_only_by_processes_of_the_same_database
     finally:
         for tier in (here, same_db, other_db):
             await tier.close()
+
+
+async def test_a_late_reply_from_a_redis_that_still_answers_is_no_outage(redis_server):
+    """A reply later than the socket timeout from a Redis that answers a PING (Redis paused a
+    moment, or, under load, this process's event loop busy past the timeout while the reply waits
+    in the socket): that command fails, the shared tier stays. Were it dropped, every process
+    would fetch a cold key on its own."""
+    from projectionist.shared_tier import SharedTier
+
+    tier = SharedTier(redis_server.url, 1 << 20, "db")
+    try:
+        assert await tier.call(tier.client.ping)  # connected
+        # Longer than the command's two tries (its one retry included) of 0.5 s each.
+        redis.Redis.from_url(redis_server.url).execute_command("CLIENT", "PAUSE", 1300, "ALL")
+        assert await tier.call(lambda: tier.client.set("projectionist:test:late", "1"), failed="late") == "late"
+        await asyncio.sleep(1.0)  # the PING that checks it, answered once the pause ends
+        assert tier.available()
+        assert await tier.lead("late-key") is True
+    finally:
+        await tier.close()
+
+
+async def test_a_redis_that_stops_answering_takes_the_tier_away():
+    """A Redis that accepts connections but answers nothing (a hung server): the late replies are
+    confirmed by a PING that gets no answer either, and the process goes on alone."""
+    from projectionist.shared_tier import CONFIRM_TIMEOUT, SharedTier
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)
+        await asyncio.sleep(60)
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    tier = SharedTier(f"redis://127.0.0.1:{port}/0", 1 << 20, "db")
+    try:
+        assert await tier.lead("key") is False  # no reply in time: not this process's lock
+        deadline = time.monotonic() + CONFIRM_TIMEOUT + 2
+        while tier.available():
+            assert time.monotonic() < deadline, "a Redis that answers nothing still counts as up"
+            await asyncio.sleep(0.05)
+        assert await tier.lead("key") is None  # Redis is down: fetch locally
+    finally:
+        await tier.close()
+        server.close()
