@@ -181,13 +181,25 @@ def cmd_proxy(_args: argparse.Namespace) -> int:
         raise StartError(str(exc)) from None
     if count > 1 and index is None:
         setup_logging("proxy")
+        ensure_proxy_ca(config)
         return Supervisor(count).run()
     setup_logging("proxy" if index is None else f"proxy-{index}")
     try:
         asyncio.run(serve(config, share_ports=index is not None, metrics_port=metrics_port(config, index)))
-    except RuntimeError as exc:  # a listener that did not start (a port taken since the check)
+    except (RuntimeError, OSError) as exc:  # a listener that did not start (a port taken since the check)
         raise StartError(f"the proxy did not start: {exc}") from None
     return 0
+
+
+def ensure_proxy_ca(config: Config) -> None:
+    """mitmproxy creates its CA on first start when there is none; workers starting together would
+    each create one, and all but the last written would sign certificates nobody trusts. The
+    supervisor creates it once, as mitmproxy's tlsconfig would (CertStore.from_store)."""
+    from mitmproxy import certs
+    from mitmproxy.options import CONF_BASENAME, KEY_SIZE
+
+    config.ensure_dirs()
+    certs.CertStore.from_store(config.mitmproxy_confdir, CONF_BASENAME, KEY_SIZE)
 
 
 def cmd_control(_args: argparse.Namespace) -> int:
