@@ -127,6 +127,9 @@ class PlaybackWriter(UsageWriter):
         self._thread.name = "playback-writer"
         self.clock = clock
         self.open: dict[tuple, Play] = {}  # (user, client) -> the open play
+        # (user, client) -> its last stopped play: with workers, a report can reach this writer after
+        # the stop that followed it (another worker's batch came first); it belongs to that play.
+        self.stopped: dict[tuple, Play] = {}
         self.dirty: dict[int, Play] = {}  # id(play) -> play, rows to write
         self.media: list[dict] = []
         self.marks: list[PlaybackReport] = []  # scrobbles/unscrobbles to apply in SQL
@@ -221,6 +224,9 @@ class PlaybackWriter(UsageWriter):
         if play is None:
             if r.state == "stopped":
                 return  # the end of a play we never saw start
+            last = self.stopped.get(key)
+            if last is not None and last.rating_key == r.rating_key and r.ts <= (last.stopped_at or 0):
+                return  # a late report of a play already stopped: no new play
             play = Play(user_id=r.user_id, rating_key=r.rating_key, player=r.player, client_hash=chash,
                         started_at=r.ts, last_seen_at=r.ts, state=r.state or "playing")
             self.open[key] = play
@@ -231,9 +237,14 @@ class PlaybackWriter(UsageWriter):
                     play.watched_ms += step * 1000
                 elif play.state == "paused":
                     play.paused_ms += step * 1000
+            late = r.ts < play.last_seen_at  # older than what this play already knows
             play.last_seen_at = max(play.last_seen_at, r.ts)
-            play.state = r.state or play.state
+            if not late:
+                play.state = r.state or play.state
             play.player = play.player or r.player
+            if late and r.state != "stopped":
+                self.dirty[id(play)] = play
+                return
         if r.position_ms is not None:
             play.position_ms = r.position_ms
         if r.duration_ms:
@@ -249,11 +260,15 @@ class PlaybackWriter(UsageWriter):
         self.dirty[id(play)] = play
         if self.open.get(key) is play:
             del self.open[key]
+        self.stopped[key] = play
 
     def _sweep(self, now: float) -> None:
         for key, play in list(self.open.items()):
             if now - play.last_seen_at > SESSION_GAP:
                 self._close(key, play, play.last_seen_at)
+        for key, play in list(self.stopped.items()):
+            if now - (play.stopped_at or 0) > MAX_STEP:  # later than this, no report is a late one
+                del self.stopped[key]
 
     def _mark(self, conn: sqlite3.Connection, r: PlaybackReport) -> None:
         """Scrobble: the latest play of that item by that user (within 6 h) is watched; without

@@ -238,6 +238,25 @@ def test_timeline_reports_become_play_sessions(db):
     assert play["player"] == "Plex Web / Chrome"
 
 
+def test_reports_that_arrive_out_of_order_are_one_play_in_its_latest_state(db):
+    """With workers, each batches its reports: one worker's batch can reach the writer after the
+    other's. A late report neither rewinds the play nor, after its stop, opens another one."""
+    path, conn = db
+    writer = PlaybackWriter(path, clock=lambda: HOUR + 100)
+    a = [report(HOUR), report(HOUR + 10, position=10_000), report(HOUR + 30, "paused", 30_000)]
+    b = [report(HOUR + 20, position=20_000), report(HOUR + 40, "paused", 30_000), report(HOUR + 50, "stopped", 40_000)]
+    late = [report(HOUR + 25, position=25_000), report(HOUR + 35, "paused", 30_000)]
+    assert writer._write(conn, [a[0], a[1], a[2], b[0]])  # b[0] is older than a[2]
+    (play,) = plays(conn)
+    assert play["state"] == "paused" and play["position_ms"] == 30_000
+    assert writer._write(conn, [b[1], b[2]]) and writer._write(conn, late)
+    (play,) = plays(conn)
+    assert (play["state"], play["position_ms"], play["stopped_at"]) == ("stopped", 40_000, HOUR + 50)
+    # The same item played again afterwards is a play of its own.
+    assert writer._write(conn, [report(HOUR + 60, position=0)])
+    assert [p["stopped_at"] for p in plays(conn)] == [HOUR + 50, None]
+
+
 def test_sessions_split_on_another_item_a_gap_or_a_restart(db):
     path, conn = db
     now = [HOUR]
