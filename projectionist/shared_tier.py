@@ -151,7 +151,7 @@ class SharedTier:
                                               retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
         self._down_until = 0.0
         self._warned_at = 0.0
-        self._aioredis, self._timeout_error = aioredis, RedisTimeoutError
+        self._timeout_error = RedisTimeoutError  # redis is imported only when configured
         self._confirming: asyncio.Task | None = None  # the PING that checks a late reply
         self._listener: asyncio.Task | None = None
         self._puts: set[asyncio.Task] = set()  # share_later's writes in flight
@@ -404,16 +404,18 @@ class SharedTier:
     def _suspect(self, exc: Exception) -> None:
         """A command whose replies (its retry's too) came later than the socket timeout: Redis may
         be gone, or paused, or this process's event loop was too busy to read them in time (a burst
-        of new connections on a loaded machine). One PING,
-        given longer, tells them apart; only a PING that fails too takes the shared tier away, since
-        that turns one cluster-wide fetch into one per process."""
+        of new connections on a loaded machine). One PING, given longer, tells them apart; only a
+        PING that fails too takes the shared tier away, since that turns one cluster-wide fetch
+        into one per process."""
         if self._confirming is not None:
             return
 
         async def confirm() -> None:
+            import redis.asyncio as aioredis
+
             # A client of its own: the PING gets CONFIRM_TIMEOUT, not the commands' socket timeout.
-            prober = self._aioredis.Redis.from_url(self.url, socket_timeout=CONFIRM_TIMEOUT,
-                                                   socket_connect_timeout=CONFIRM_TIMEOUT)
+            prober = aioredis.Redis.from_url(self.url, socket_timeout=CONFIRM_TIMEOUT,
+                                             socket_connect_timeout=CONFIRM_TIMEOUT)
             try:
                 await prober.ping()
             except Exception:  # noqa: BLE001 - no answer again: down
