@@ -154,6 +154,47 @@ async def test_an_intercepted_flow_waits_for_resume(proxy):
     assert await asyncio.wait_for(pending, 5) == (200, "upstream saw x-added-after-wait=None")
 
 
+async def test_an_answers_head_and_body_leave_in_one_write_and_pipelined_answers_keep_their_order(proxy, monkeypatch):
+    base, recorder, _ = proxy
+    recorder.mode = "answer"
+    writes: list[bytes] = []
+    original = asyncio.StreamWriter.write
+
+    def counting(self, data):
+        writes.append(bytes(data))
+        return original(self, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", counting)
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    request = b"GET /x HTTP/1.1\r\nHost: example.com\r\n\r\n"
+    writer.write(request * 3)  # pipelined: three requests in one segment
+    received = b""
+    while received.count(b"from the addon") < 3:
+        chunk = await asyncio.wait_for(reader.read(65536), 5)
+        assert chunk, received
+        received += chunk
+    writer.close()
+    answers = [w for w in writes if w.startswith(b"HTTP/1.1 200")]
+    assert len(answers) == 3 and all(w.endswith(b"\r\n\r\nfrom the addon") for w in answers), writes
+    assert received == b"".join(answers)
+
+
+def test_a_lean_fork_shares_what_mitmproxys_fork_shares():
+    from mitmproxy import connection
+    from mitmproxy.proxy import context
+
+    client = connection.Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2), timestamp_start=0)
+    parent = dispatch.LeanForkContext(client, options.Options())
+    parent.layers = ["a layer"]
+    stock, lean = context.Context.fork(parent), parent.fork()
+    assert type(lean) is dispatch.LeanForkContext
+    for forked in (stock, lean):
+        assert (forked.client, forked.options, forked.server) == (parent.client, parent.options, parent.server)
+        assert forked.layers == parent.layers and forked.layers is not parent.layers
+    assert vars(lean).keys() == vars(stock).keys()
+
+
 def test_install_is_idempotent_and_targets_mitmproxys_handler():
     from mitmproxy.proxy import mode_servers
 
