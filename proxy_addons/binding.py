@@ -36,6 +36,7 @@ from mitmproxy.net.http import url
 from projectionist.rules import Rules
 
 from . import flowinfo
+from .header_lookup import host_header
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def _authority_host(authority: str) -> str:
 def pretty_host(request: http.Request) -> str:
     """`Request.pretty_host`, with the parse of the (few, repeating) Host headers memoised: it
     costs an IDNA round trip per request, which every request's routing and setup check paid."""
-    authority = request.host_header
+    authority = host_header(request)
     return _authority_host(authority) if authority else request.host
 
 
@@ -188,8 +189,8 @@ def misdirection(flow: http.HTTPFlow, rules: Rules, name: str | None) -> tuple[s
     """(upstream, reason) when the Host, the target and the SNI of an explicit-proxy request do not
     agree and one of them names an upstream of ours; None when they agree or none is ours."""
     req = flow.request
-    if req.host_header:
-        host, port = _parse_authority(req.host_header)
+    if authority := host_header(req):
+        host, port = _parse_authority(authority)
     else:
         host, port = normal_host(req.host), req.port
     port = port or default_port(req.scheme)

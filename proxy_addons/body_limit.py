@@ -23,6 +23,7 @@ from mitmproxy import ctx, http
 from mitmproxy.net.http import http1
 
 from . import flowinfo
+from .header_lookup import header
 from .local_responses import cors_headers
 from .rules_watch import RulesWatcher
 
@@ -54,12 +55,12 @@ class RequestBodyLimit:
             return
         request = flow.request
         limit = info.match.max_body(rules.model.proxy)
-        length = request.headers.get("content-length")
+        length = header(request.headers, b"content-length")
         if length is not None and length.strip().isdigit():
             if int(length) > limit:
                 self._refuse(flow, info, limit, int(length))
             return
-        if "chunked" in request.headers.get("transfer-encoding", "").lower():
+        if "chunked" in (header(request.headers, b"transfer-encoding") or "").lower():
             request.stream = _cut_off_at(flow, limit, info.route)
 
     def _refuse(self, flow: http.HTTPFlow, info, limit: int, length: int) -> None:

@@ -12,6 +12,8 @@ import json
 
 from mitmproxy import http
 
+from .header_lookup import header
+
 PLEX_SERVER_401 = b"<html><head><title>Unauthorized</title></head><body><h1>401 Unauthorized</h1></body></html>"
 PLEX_TV_ERROR_JSON = {"errors": [{"code": 1001, "message": "User could not be authenticated", "status": 401}]}
 PLEX_TV_ERROR_XML = (b'<?xml version="1.0" encoding="UTF-8"?>\n<errors>\n'
@@ -21,7 +23,7 @@ TRAKT_401 = {"error": "invalid_grant", "error_description": "The access token pr
 
 
 def cors_headers(request: http.Request, upstream_kind: str) -> dict[str, str]:
-    origin = request.headers.get("Origin")
+    origin = header(request.headers, b"origin")
     if not origin:
         return {}
     if upstream_kind in ("tmdb", "tmdb-images", "trakt"):

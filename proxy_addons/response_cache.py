@@ -56,6 +56,7 @@ from projectionist.shared_tier import Outcome, SharedTier, redis_url
 from projectionist.store import database_id
 
 from . import anonymous, flowinfo
+from .header_lookup import header
 from .local_responses import cors_headers, gateway_error
 from .rules_watch import RulesWatcher
 from .upstream_fetch import Fetched, fetch, upstream_session
@@ -540,14 +541,11 @@ class ResponseCache:
 
     def _response(self, flow: http.HTTPFlow, info, fetched: Fetched, status_detail: str,
                   age: int | None = None) -> http.Response:
-        headers = http.Headers([(k, v) for k, v in fetched.headers if k.lower() != b"access-control-allow-origin"])
-        for name, value in cors_headers(flow.request, info.match.upstream.kind).items():
-            if name == "Vary":
-                value = ", ".join(filter(None, [headers.get("Vary"), value]))
-            headers[name] = value
+        settings = cors_headers(flow.request, info.match.upstream.kind)
         if age is not None:
-            headers["Age"] = str(age)
-        headers["Cache-Status"] = f"Projectionist; {status_detail}"
+            settings["Age"] = str(age)
+        settings["Cache-Status"] = f"Projectionist; {status_detail}"
+        headers = http.Headers(answer_fields(fetched.headers, settings))
         response = http.Response(b"HTTP/1.1", fetched.status, b"", headers, None, None, time.time(), time.time())
         response.raw_content = b"" if flow.request.method == "HEAD" else fetched.body
         return response
@@ -802,9 +800,42 @@ def _target_key(upstream: str, method: str, target: str, vary: tuple[tuple[str, 
     return cache_key(upstream, method, path, http_url.decode(query.partition("#")[0]), dict(vary), partition)
 
 
+def answer_fields(stored: Iterable[tuple[bytes, bytes]], settings: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """A stored answer's header fields for one client: the upstream's Access-Control-Allow-Origin
+    dropped, each of `settings` set as `Headers[name] = value` sets it (the first field of that
+    name takes the value, the others go, a new name goes last), a Vary setting joined to the
+    stored Vary values (folded, as `Headers.get` folds them). One pass over the fields instead of one per setting: this runs on every hit."""
+    wanted = {name.lower().encode(): value for name, value in settings.items()}
+    fields: list[tuple[bytes, bytes]] = []
+    stored_vary: list[bytes] = []
+    placed: dict[bytes, int] = {}  # lower-case name -> index in `fields` of a set field
+    for name, value in stored:
+        lower = name.lower()
+        if lower == b"access-control-allow-origin":
+            continue
+        if lower == b"vary":
+            stored_vary.append(value)
+        if lower in wanted:
+            if lower not in placed:
+                placed[lower] = len(fields)
+                fields.append((name, b""))
+            continue
+        fields.append((name, value))
+    for name, value in settings.items():
+        lower = name.lower().encode()
+        raw = value.encode("utf-8", "surrogateescape")
+        if lower == b"vary" and (folded := b", ".join(stored_vary)):
+            raw = folded + b", " + raw if raw else folded
+        if lower in placed:
+            fields[placed[lower]] = (fields[placed[lower]][0], raw)
+        else:
+            fields.append((name.encode(), raw))
+    return fields
+
+
 def _asks_no_cache(request: http.Request) -> bool:
     """The client asked for a fresh answer (RFC 9111 request `no-cache`; Pragma for HTTP/1.0)."""
-    value = request.headers.get("Cache-Control") or request.headers.get("Pragma")
+    value = header(request.headers, b"cache-control") or header(request.headers, b"pragma")
     return value is not None and "no-cache" in value.lower()
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from mitmproxy import http
 
 from . import flowinfo
+from .header_lookup import header
 from .rules_watch import RulesWatcher
 
 _DOCUMENT_TYPES = ("application/json", "text/", "application/xml", "application/javascript")
@@ -36,9 +37,9 @@ class LargeBodies:
 
     @staticmethod
     def _is_large(response: http.Response, threshold: int) -> bool:
-        if response.headers.get("content-type", "").lower().startswith(_DOCUMENT_TYPES):
+        if (header(response.headers, b"content-type") or "").lower().startswith(_DOCUMENT_TYPES):
             return False
-        length = response.headers.get("content-length")
+        length = header(response.headers, b"content-length")
         return length is None or (length.isdigit() and int(length) > threshold)
 
 

@@ -7,6 +7,7 @@ only appends to a queue.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from projectionist.metrics import UPSTREAM_ERRORS, RequestMetrics
 from projectionist.store import UsageEvent, UsageWriter, open_db
 
 from . import flowinfo
+from .header_lookup import header
 from .rules_watch import RulesWatcher
 
 log = logging.getLogger(__name__)
@@ -28,9 +30,12 @@ _RECORDED = "projectionist.recorded"
 def reason_from_cache_status(response: http.Response | None) -> str | None:
     """"Projectionist; fwd=uri-miss; fwd-status=200; detail=evicted" -> "uri-miss:evicted"; None
     for a hit or no Cache-Status (answers of addons that set their own, e.g. the image cache)."""
-    value = response.headers.get("Cache-Status") if response is not None else None
-    if not value:
-        return None
+    value = header(response.headers, b"cache-status") if response is not None else None
+    return _reason(value) if value else None
+
+
+@functools.lru_cache(maxsize=1024)  # a pure function of the value; hits repeat theirs within a ttl second
+def _reason(value: str) -> str | None:
     params = dict(p.strip().partition("=")[::2] for p in value.split(";")[1:])
     fwd = params.get("fwd")
     if not fwd:

@@ -309,3 +309,31 @@ async def test_entries_survive_a_restart_and_are_mirrored_without_urls(tmp_path,
     assert len(key_hash) == 64 and size > 0 and hits >= 1
     db_bytes = (tmp_path / "projectionist.db").read_bytes()
     assert b"secret-looking-value" not in db_bytes and b"/3/movie" not in db_bytes
+
+
+@pytest.mark.parametrize("stored", [
+    [],
+    [(b"Content-Type", b"application/json")],
+    [(b"content-type", b"application/json"), (b"Access-Control-Allow-Origin", b"https://app.plex.tv"),
+     (b"Vary", b"Accept-Encoding"), (b"age", b"7"), (b"X-Plex-Protocol", b"1.0"), (b"vary", b"Accept"),
+     (b"Cache-Status", b"upstream; hit"), (b"ACCESS-CONTROL-EXPOSE-HEADERS", b"X-Total"), (b"Age", b"8")],
+    [(b"Vary", b""), (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2")],
+    [(b"vary", b""), (b"Vary", b"Accept")],
+])
+@pytest.mark.parametrize("settings", [
+    {"Cache-Status": "Projectionist; hit; ttl=3"},
+    {"Access-Control-Allow-Origin": "*", "Age": "3", "Cache-Status": "Projectionist; hit; ttl=3"},
+    {"Access-Control-Allow-Origin": "https://app.plex.tv", "Vary": "Origin", "Access-Control-Expose-Headers": "*",
+     "Age": "0", "Cache-Status": "Projectionist; fwd=uri-miss"},
+])
+def test_answer_fields_set_headers_as_mitmproxys_headers_would(stored, settings):
+    from mitmproxy import http
+
+    from proxy_addons.response_cache import answer_fields
+
+    expected = http.Headers([(k, v) for k, v in stored if k.lower() != b"access-control-allow-origin"])
+    for name, value in settings.items():
+        if name == "Vary":
+            value = ", ".join(filter(None, [expected.get("Vary"), value]))
+        expected[name] = value
+    assert answer_fields(stored, settings) == list(expected.fields)
