@@ -22,6 +22,7 @@ unrecorded (or refused, by `proxy.unknown_hosts`).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 import stat
 from collections.abc import Callable, Iterator, Mapping
@@ -674,6 +675,15 @@ def _compile_paths(patterns: str | list[str]) -> re.Pattern[str]:
 _USER_PATH_RES = {kind: _compile_paths(list(paths)) for kind, paths in USER_PATHS.items()}
 
 
+@functools.lru_cache(maxsize=MEMO_ENTRIES)  # a pure function of the target; a player repeats its targets
+def _user_specific_target(kind: str, path: str) -> bool:
+    """The target part of `Rules.user_specific`: a user's credential in the query, or a user's path."""
+    if "?" in path and any(param in path.lower() for param in USER_CREDENTIAL_PARAMS.get(kind, ())):
+        return True
+    private = _USER_PATH_RES.get(kind)
+    return private is not None and private.match(path.split("?", 1)[0]) is not None
+
+
 @dataclass(frozen=True)
 class CompiledRoute:
     rule: Route
@@ -787,10 +797,8 @@ class Rules:
         is the request target with its query (credentials in the query count too)."""
         if any(name in headers for name in USER_CREDENTIAL_HEADERS.get(kind, ())):
             return True
-        if "?" in path and any(param in path.lower() for param in USER_CREDENTIAL_PARAMS.get(kind, ())):
-            return True
-        private = _USER_PATH_RES.get(kind)
-        return private is not None and private.match(path.split("?", 1)[0]) is not None
+        return _user_specific_target(kind, path) if len(path) <= MEMO_MAX_TARGET else (
+            _user_specific_target.__wrapped__(kind, path))
 
     def reverse_listener(self, port: int) -> str | None:
         """The upstream whose reverse listener is on `port` (per request: no copy)."""
