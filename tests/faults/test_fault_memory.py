@@ -36,6 +36,8 @@ async def test_unique_misses_after_the_memory_bound_keep_memory_flat(tmp_path, m
     monkeypatch.setattr(response_cache, "_GONE_MAX", 200)
     monkeypatch.setattr(projectionist.rules, "MEMO_ENTRIES", 200)
     monkeypatch.setattr(response_cache, "_target_key", functools.lru_cache(200)(response_cache._target_key.__wrapped__))
+    monkeypatch.setattr(projectionist.rules, "_user_specific_target",
+                        functools.lru_cache(200)(projectionist.rules._user_specific_target.__wrapped__))
 
     def edit(rules: dict) -> None:
         rules["limits"] = {}
