@@ -51,6 +51,7 @@ LOCK_MS = 3_000  # a leader's lock lapses this long after its process stopped re
 OUTCOME_TTL_MS = 5_000  # a leader's outcome waits this long for followers
 POLL_INTERVAL = 0.02  # s: how soon a follower first looks for the leader's outcome, doubling ...
 POLL_INTERVAL_MAX = 0.1  # ... up to this
+RESUBSCRIBE_AFTER = 0.2  # s: after the flush listener's subscription timed out (a busy moment, not an outage)
 CONFIRM_TIMEOUT = 2.0  # s: the PING that decides whether a late reply means Redis is down
 PUTS_IN_FLIGHT_MAX = 256  # background writes waiting for Redis at most
 _HEADER = struct.Struct("!I")
@@ -379,6 +380,9 @@ class SharedTier:
                                 log.exception("shared cache: applying a flush of another process failed")
             except asyncio.CancelledError:
                 raise
+            except (TimeoutError, self._timeout_error) as exc:  # late, as in `call`: down only if a PING fails too
+                self._suspect(exc)
+                await asyncio.sleep(RESUBSCRIBE_AFTER)
             except Exception as exc:  # noqa: BLE001 - Redis down: listen again once it answers
                 self._failed(exc)
                 await asyncio.sleep(RETRY_AFTER)

@@ -8,11 +8,13 @@ leader killed mid-fetch is taken over; a dead Redis leaves every process serving
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import io
 import shutil
 import signal
 import sqlite3
+import sys
 import time
 
 import aiohttp
@@ -51,11 +53,13 @@ class CountingUpstream(LocalUpstream):
     def __init__(self, body: bytes = BODY) -> None:
         super().__init__()
         self.paths: list[str] = []
+        self.times: list[float] = []  # time.monotonic() of each request, beside `paths`
         self.delay = 0.0
         self.body = body
 
     async def handle(self, request: web.Request) -> web.Response:
         self.paths.append(request.path)
+        self.times.append(time.monotonic())
         await asyncio.sleep(self.delay)
         if request.path.startswith("/t/p/"):  # image.tmdb.org: a real JPEG poster
             return web.Response(body=POSTER, content_type="image/jpeg")
@@ -63,14 +67,14 @@ class CountingUpstream(LocalUpstream):
 
 
 @contextlib.contextmanager
-def proxies(count: int, upstream: str, redis_url: str):
+def proxies(count: int, upstream: str, redis_url: str, log_level: str | None = None):
     """`count` proxy processes, TMDB sent to `upstream`, sharing `redis_url`."""
     def edit(rules: dict) -> None:
         rules["proxy"]["redis_url"] = redis_url
     started: list[ProxyProcess] = []
     try:
         for _ in range(count):
-            started.append(ProxyProcess({"tmdb": upstream, "tmdb-images": upstream}, edit).start())
+            started.append(ProxyProcess({"tmdb": upstream, "tmdb-images": upstream}, edit, log_level=log_level).start())
         yield started
     finally:
         for proxy in started:
@@ -144,19 +148,40 @@ async def test_a_stale_entry_is_refreshed_by_one_process_for_all(redis_server):
             assert len(upstream.paths) == 2, upstream.paths  # the first fetch and one refresh
 
 
+def _explain_fetches(cluster: list[ProxyProcess], upstream: CountingUpstream, sent: float, answers) -> None:
+    """On stderr (pytest shows it whole with the failure): when each upstream fetch came, every
+    process's Cache-Status tally and its log lines about the cache, Redis and errors."""
+    print("upstream fetches at", [round(t - sent, 3) for t in upstream.times], file=sys.stderr)
+    for index, proxy in enumerate(cluster):
+        mine = [_outcome(a[1]) for i, a in enumerate(answers) if i % len(cluster) == index]
+        print(f"--- process {index}: {collections.Counter(mine)}", file=sys.stderr)
+        for line in proxy.log_tail(100_000).splitlines():
+            if any(word in line for word in ("shared", "redis", "Redis", '"warning"', '"error"', "cache")) and (
+                    "MAINT_NOTIFICATIONS" not in line):  # redis-py's handshake with a Redis older than 8
+                print(line[:400], file=sys.stderr)
+
+
+def _outcome(cache_status: str) -> str:
+    return ("stored" if "stored" in cache_status else "collapsed" if "collapsed" in cache_status
+            else "hit" if "; hit" in cache_status else cache_status)
+
+
 async def test_200_identical_cold_requests_over_four_processes_reach_the_upstream_once(redis_server):
     redis.Redis.from_url(redis_server.url).flushdb()
     async with CountingUpstream() as upstream, aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0)) as session:
         upstream.delay = 0.5
-        with proxies(4, upstream.url, redis_server.url) as cluster:
+        # DEBUG: a failure shows each process's dealings with Redis (a late reply, a PING).
+        with proxies(4, upstream.url, redis_server.url, log_level="DEBUG") as cluster:
+            sent = time.monotonic()
             answers = await asyncio.gather(*(get(session, cluster[i % 4]) for i in range(200)))
             assert [a[0] for a in answers] == [200] * 200 and all(a[2] == BODY for a in answers)
-            assert upstream.paths == ["/3/movie/603"], [p.log_tail(20) for p in cluster]
+            if upstream.paths != ["/3/movie/603"]:
+                _explain_fetches(cluster, upstream, sent, answers)
+            assert upstream.paths == ["/3/movie/603"], [t - sent for t in upstream.times]
             # One answer is the leader's fetch; every other one waited for it (collapsed) or, once
             # it was stored, found the entry (a hit, when a request came late on a slow machine).
-            outcomes = [("stored" if "stored" in a[1] else "collapsed" if "collapsed" in a[1]
-                         else "hit" if "; hit" in a[1] else a[1]) for a in answers]
+            outcomes = [_outcome(a[1]) for a in answers]
             assert outcomes.count("stored") == 1, outcomes
             assert outcomes.count("collapsed") + outcomes.count("hit") == 199, outcomes
             assert outcomes.count("collapsed") >= 100, outcomes
@@ -324,3 +349,30 @@ async def test_a_redis_that_stops_answering_takes_the_tier_away():
     finally:
         await tier.close()
         server.close()
+
+
+async def test_a_late_reply_to_the_flush_listener_is_no_outage_and_it_subscribes_again(redis_server):
+    """The flush listener subscribes while Redis is paused (or while its process is too busy to
+    read the reply: the last worker to start, as the first requests arrive): the tier stays, and
+    the listener subscribes again in a moment, so another process's flushes still reach it."""
+    from projectionist.shared_tier import SharedTier
+
+    here, there = SharedTier(redis_server.url, 1 << 20, "db"), SharedTier(redis_server.url, 1 << 20, "db")
+    applied: list[tuple[str, str | None]] = []
+
+    async def apply(target: str, value: str | None) -> None:
+        applied.append((target, value))
+    try:
+        redis.Redis.from_url(redis_server.url).execute_command("CLIENT", "PAUSE", 1300, "ALL")
+        here.listen_for_flushes(apply)
+        await asyncio.sleep(2.5)  # the pause ends; a PING checks the late reply; the listener subscribes
+        assert here.available(), "a late reply to the listener took the shared tier away"
+        deadline = time.monotonic() + 5
+        while not applied:
+            assert time.monotonic() < deadline, "the listener did not subscribe again"
+            await there.publish_flush("route", "tmdb.details")
+            await asyncio.sleep(0.1)
+        assert applied[0] == ("route", "tmdb.details")
+    finally:
+        for tier in (here, there):
+            await tier.close()
