@@ -155,27 +155,22 @@ class _InlineHooks:
 
     def handle_event(self, event: events.Event) -> Iterator[commands.Command]:
         pending = deque([event])
-        unsent: commands.SendData | None = None  # SendData commands joined so far (see above)
+        unsent: list[commands.SendData] = []  # consecutive SendData for one TCP connection (see above)
         while pending:
             for command in self.layer.handle_event(pending.popleft()):
                 if isinstance(command, commands.SendData) and command.connection.transport_protocol == "tcp":
-                    if unsent is None:
-                        unsent = command
-                    elif unsent.connection is command.connection:
-                        unsent = commands.SendData(unsent.connection, unsent.data + command.data)
-                    else:
-                        yield unsent
-                        unsent = command
+                    if unsent and unsent[0].connection is not command.connection:
+                        yield _joined(unsent)
+                    unsent.append(command)
                     continue
-                if unsent is not None:
-                    yield unsent
-                    unsent = None
+                if unsent:
+                    yield _joined(unsent)
                 if not isinstance(command, commands.StartHook):
                     yield command
                 elif self._run_hook(command) and command.blocking:
                     pending.append(events.HookCompleted(command))
-        if unsent is not None:
-            yield unsent
+        if unsent:
+            yield _joined(unsent)
 
     def _run_hook(self, hook: commands.StartHook) -> bool:
         """Start the hook's handlers eagerly; True if they are already done, else the hook completes
@@ -202,6 +197,14 @@ class _InlineHooks:
                 await data.wait_for_resume()
         if hook.blocking:
             await self.handler.server_event(events.HookCompleted(hook))
+
+
+def _joined(unsent: list[commands.SendData]) -> commands.SendData:
+    """The list's SendData commands (all for one connection) as one; the list is emptied."""
+    joined = unsent[0] if len(unsent) == 1 else commands.SendData(unsent[0].connection,
+                                                                   b"".join(c.data for c in unsent))
+    unsent.clear()
+    return joined
 
 
 def _log_hook_error(handler, hook: commands.StartHook, exc: BaseException) -> None:

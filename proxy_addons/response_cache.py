@@ -804,8 +804,9 @@ def answer_fields(stored: Iterable[tuple[bytes, bytes]], settings: dict[str, str
     """A stored answer's header fields for one client: the upstream's Access-Control-Allow-Origin
     dropped, each of `settings` set as `Headers[name] = value` sets it (the first field of that
     name takes the value, the others go, a new name goes last), a Vary setting joined to the
-    stored Vary values (folded, as `Headers.get` folds them). One pass over the fields instead of one per setting: this runs on every hit."""
-    wanted = {name.lower().encode(): value for name, value in settings.items()}
+    stored Vary values (folded, as `Headers.get` folds them). One pass over the fields instead of
+    one per setting: this runs on every hit."""
+    wanted = {name.lower().encode() for name in settings}
     fields: list[tuple[bytes, bytes]] = []
     stored_vary: list[bytes] = []
     placed: dict[bytes, int] = {}  # lower-case name -> index in `fields` of a set field

@@ -227,3 +227,28 @@ def test_request_lines_are_parsed_once_and_a_bad_line_still_fails_every_time():
     assert not hasattr(read._read_request_line, "cache_info")
     dispatch.memoize_request_lines()  # as the rest of the session runs
     mode_servers.ProxyConnectionHandler = handler
+
+
+def test_consecutive_sends_join_per_tcp_connection_and_keep_their_order():
+    from mitmproxy import connection
+    from mitmproxy.proxy import commands
+
+    def conn(protocol: str = "tcp") -> connection.Client:
+        return connection.Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2), timestamp_start=0,
+                                 transport_protocol=protocol)
+
+    client, server, udp = conn(), conn(), conn("udp")
+    log = commands.Log("between")
+
+    class Layer:
+        context = None
+
+        def handle_event(self, event):
+            yield from [commands.SendData(client, b"head "), commands.SendData(client, b"body"),
+                        commands.SendData(server, b"request"), log, commands.SendData(client, b"more"),
+                        commands.SendData(udp, b"datagram 1"), commands.SendData(udp, b"datagram 2")]
+
+    sent = list(dispatch._InlineHooks(Layer(), handler=None).handle_event(object()))
+    assert [(c.connection, c.data) if isinstance(c, commands.SendData) else c for c in sent] == [
+        (client, b"head body"), (server, b"request"), log, (client, b"more"),
+        (udp, b"datagram 1"), (udp, b"datagram 2")]
