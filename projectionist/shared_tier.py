@@ -382,7 +382,7 @@ class SharedTier:
                 raise
             except (TimeoutError, self._timeout_error) as exc:  # late, as in `call`: down only if a PING fails too
                 self._suspect(exc)
-                await asyncio.sleep(RESUBSCRIBE_AFTER)
+                await asyncio.sleep(RESUBSCRIBE_AFTER if self.available() else RETRY_AFTER)
             except Exception as exc:  # noqa: BLE001 - Redis down: listen again once it answers
                 self._failed(exc)
                 await asyncio.sleep(RETRY_AFTER)
