@@ -109,6 +109,8 @@ class Supervisor:
         for index in range(self.count):
             self._start(index)
         log.info("proxy: %d workers started", self.count, extra={"fields": {"pids": self.pids()}})
+        if (hint := queue_migration_hint()) is not None:
+            log.info(hint)
         while not self._stopping:
             self._tend(time.monotonic())
             time.sleep(0.2)
@@ -148,6 +150,23 @@ class Supervisor:
                 log.error("proxy worker (pid %d) did not stop in %.0f s; killed", worker.pid, STOP_TIMEOUT)
                 worker.kill()
                 worker.wait()
+
+
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def queue_migration_hint(path: str = MIGRATE_REQ) -> str | None:
+    """Advice when Linux will reset, not hand over, the connections a dying worker had accepted
+    into its listening sockets' queues but not yet taken (SO_REUSEPORT keeps one queue per
+    socket). The setting is the machine's (its network namespace's): suggested, never changed."""
+    try:
+        with open(path) as setting:
+            if setting.read().strip() != "0":
+                return None
+    except OSError:  # not Linux, or a kernel older than 5.14: nothing to suggest
+        return None
+    return ("proxy: when a worker dies, connections still waiting in its accept queue are reset; "
+            "`sysctl -w net.ipv4.tcp_migrate_req=1` has the kernel move them to the other workers")
 
 
 def _exit_text(code: int) -> str:

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -97,6 +98,21 @@ def _ready(stack, index: int) -> bool:
 def worker_pids(stack) -> list[int]:
     supervisor = next(p for p in _children(stack.process.pid) if "launcher proxy" in _cmdline(p))
     return sorted(p for p in _children(supervisor) if "launcher proxy" in _cmdline(p))
+
+
+def exited_at(pid: int, timeout: float = 10.0) -> float:
+    """time.monotonic() once `pid` has exited: a zombie (its files, listening sockets among
+    them, closed) or reaped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    break
+        except OSError:
+            break
+        time.sleep(0.001)
+    return time.monotonic()
 
 
 def fresh(url: str, **kw) -> requests.Response:
@@ -233,6 +249,7 @@ def test_kill_9_of_one_worker_loses_no_request_of_the_other_and_it_comes_back(wo
         time.sleep(1.0)
         killed[0] = time.monotonic()
         os.kill(before[0], signal.SIGKILL)
+        closed = exited_at(before[0])
         killed_at = len(results)
         back = wait_for(lambda: len(pids := worker_pids(stack)) == WORKERS and pids != before and pids,
                         timeout=15, what="the killed worker restarted")
@@ -241,10 +258,18 @@ def test_kill_9_of_one_worker_loses_no_request_of_the_other_and_it_comes_back(wo
     finally:
         stop.set()
         thread.join(20)
-    failures = [r for r in results if r != 200]
-    # Only the one request the killed worker had in hand may fail; every other one is answered.
-    assert len(failures) <= 1, (failed_at, len(results), killed_at,  # (sent, failed) s after the kill
-                                [line for line in stack.logs().splitlines() if "listening" in line or "worker" in line])
+    # What the killed worker had taken may fail: the request in hand, and new connections the
+    # kernel had queued on its sockets until they closed (SO_REUSEPORT: a queue per socket; reset
+    # unless net.ipv4.tcp_migrate_req=1). Every request sent once they closed is answered.
+    gone = closed - killed[0]
+    late = [f for f in failed_at if f[0] > gone]
+    explanation = (f"killed worker's sockets closed {gone:.3f} s after the kill; failures (sent, failed, what) "
+                   f"s after it: {failed_at}; {len(results)} requests, {killed_at} before the kill; supervisor: "
+                   f"{[line for line in stack.logs().splitlines() if 'listening' in line or 'worker' in line]}")
+    if late or len(failed_at) > 3:
+        print(explanation, file=sys.stderr)  # whole, where the assertion message would be cut
+    assert not late, "a request sent after the killed worker's sockets closed failed (see stderr)"
+    assert len(failed_at) <= 3, "more than the killed worker's own requests failed (see stderr)"
     assert len(results) > 20
     assert before[1] in back and before[0] not in back
     assert "proxy worker 0" in stack.logs() or "proxy worker 1" in stack.logs()
@@ -272,3 +297,14 @@ def test_segments_of_a_transcode_started_through_one_worker_play_through_any(wor
     client = redis.Redis.from_url(redis_server.url)
     stored = b"".join(client.get(k) or b"" for k in client.scan_iter(match="projectionist:peers:*transcode:*"))
     assert stored and PLEX_SERVER_TOKEN.encode() not in stored
+
+
+def test_the_supervisor_suggests_migrating_a_dead_workers_queue_only_when_linux_resets_it(tmp_path):
+    from launcher.workers import queue_migration_hint
+
+    setting = tmp_path / "tcp_migrate_req"
+    setting.write_text("0\n")
+    assert "sysctl -w net.ipv4.tcp_migrate_req=1" in queue_migration_hint(str(setting))
+    setting.write_text("1\n")
+    assert queue_migration_hint(str(setting)) is None
+    assert queue_migration_hint(str(tmp_path / "absent")) is None  # not Linux, or older than 5.14
