@@ -314,6 +314,10 @@ class ResponseCache:
         """With the key's lock: fetch, store (shared before the lock goes), hand the outcome over.
         A leader that finished a moment ago left its outcome, or a fresh shared entry: that is the
         answer, not a new fetch."""
+        if (held := self.memory.peek(key)) is not None and held.fresh():
+            # Another request of this process followed the leader and stored its answer meanwhile.
+            await self.shared.release(key)
+            return Fetch(Fetched(held.status, held.headers, held.body), True, held.ttl - held.age(), collapsed=True)
         replaced = self._went_stale_at(key)
         if (recent := await self.shared.outcome(key, replaced)) is not None:
             await self.shared.release(key)

@@ -261,7 +261,8 @@ def test_kill_9_of_one_worker_loses_no_request_of_the_other_and_it_comes_back(wo
     # What the killed worker had taken may fail: the request in hand, and new connections the
     # kernel had queued on its sockets until they closed (SO_REUSEPORT: a queue per socket; reset
     # unless net.ipv4.tcp_migrate_req=1). Every request sent once they closed is answered.
-    gone = closed - killed[0]
+    # (The group leader turns zombie before its other threads have closed the files: a margin.)
+    gone = closed - killed[0] + 0.5
     late = [f for f in failed_at if f[0] > gone]
     explanation = (f"killed worker's sockets closed {gone:.3f} s after the kill; failures (sent, failed, what) "
                    f"s after it: {failed_at}; {len(results)} requests, {killed_at} before the kill; supervisor: "
