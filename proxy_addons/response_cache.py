@@ -312,12 +312,12 @@ class ResponseCache:
     async def _lead(self, key: str, uri: str, flow: http.HTTPFlow, stale_ok: bool,
                     background: bool | None = None) -> Fetch | Exception:
         """With the key's lock: fetch, store (shared before the lock goes), hand the outcome over.
-        A leader that finished a moment ago left its outcome, or a fresh shared entry: that is the
-        answer, not a new fetch."""
+        A fresh entry here (another request of this process followed the leader and stored its
+        answer meanwhile), a leader that finished a moment ago left its outcome, or a fresh shared
+        entry: that is the answer, not a new fetch."""
         if (held := self.memory.peek(key)) is not None and held.fresh():
-            # Another request of this process followed the leader and stored its answer meanwhile.
             await self.shared.release(key)
-            return Fetch(Fetched(held.status, held.headers, held.body), True, held.ttl - held.age(), collapsed=True)
+            return _collapsed(held)
         replaced = self._went_stale_at(key)
         if (recent := await self.shared.outcome(key, replaced)) is not None:
             await self.shared.release(key)
@@ -327,7 +327,7 @@ class ResponseCache:
         if stored is not None and stored.fresh() and stored.stored_at > replaced:  # refreshed since this one looked
             await self.shared.release(key)
             self._put(key, uri, stored, share=False)
-            return Fetch(Fetched(stored.status, stored.headers, stored.body), True, stored.ttl - stored.age(), collapsed=True)
+            return _collapsed(stored)
         async with self.shared.leading(key):
             outcome = await self._fetch_and_store(key, uri, flow, stale_ok, share=False, background=background)
         if isinstance(outcome, Fetch):
@@ -802,6 +802,11 @@ def _target_key(upstream: str, method: str, target: str, vary: tuple[tuple[str, 
     it again each time (5% of a hit). The query is split as mitmproxy's `Request.query` does."""
     path, _, query = target.partition("?")
     return cache_key(upstream, method, path, http_url.decode(query.partition("#")[0]), dict(vary), partition)
+
+
+def _collapsed(entry: Entry) -> Fetch:
+    """A fresh stored entry as the outcome of a fetch another request made."""
+    return Fetch(Fetched(entry.status, entry.headers, entry.body), True, entry.ttl - entry.age(), collapsed=True)
 
 
 def answer_fields(stored: Iterable[tuple[bytes, bytes]], settings: dict[str, str]) -> list[tuple[bytes, bytes]]:
